@@ -1,0 +1,191 @@
+"""Adapter files: our safetensors format, and exports to diffusers and kohya LoRAs.
+
+Our file keeps the PLP parts (`<layer>.A/.B/.C/.D`) or, for the LoRA baselines,
+`<layer>.up/.down`, plus every setting in the safetensors metadata under `b4m`
+(JSON). Only safetensors is ever read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .config import ConfigError, PLPConfig
+
+FORMAT_VERSION = "1"
+METHODS = ("b4m", "lora", "joint", "merge", "ziplora")
+
+
+@dataclass
+class Adapter:
+    """A trained adapter: its tensors and what it is.
+
+    kind: `content`, `style` or `fused`; method: `b4m` (PLP) or a baseline.
+    For `b4m`, `plp` holds the PLP settings; every method has `rank` and `alpha`
+    (scale = alpha / rank).
+    """
+
+    kind: str
+    method: str
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+    plp: PLPConfig | None = None
+    base_model: str = ""
+    base_model_hash: str = ""
+    tokens: dict[str, str] = field(default_factory=dict)  # {"content": "sks", "style": "zwx"}
+    words: dict[str, str] = field(default_factory=dict)  # {"content": "dog", "style": "watercolor"}
+    steps: int = 0
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("content", "style", "fused"):
+            raise ConfigError(f"adapter kind must be content, style or fused, got {self.kind!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"adapter method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "b4m" and self.plp is None:
+            raise ConfigError("a b4m adapter needs its PLP settings")
+
+    # ------------------------------------------------------------------ views
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def layer_names(self) -> list[str]:
+        suffix = ".A" if self.method == "b4m" else ".up"
+        return sorted(k[: -len(suffix)] for k in self.tensors if k.endswith(suffix))
+
+    @property
+    def targets(self) -> str:
+        return self.plp.targets if self.plp else self.extra.get("targets", "attn")
+
+    def low_rank(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per layer (W_up, W_down, scale): the ordinary LoRA this adapter is."""
+        out = {}
+        for name in self.layer_names:
+            t = self.tensors
+            if self.method == "b4m":
+                up = torch.cat([t[f"{name}.A"], t[f"{name}.B"]], dim=0)
+                down = torch.cat([t[f"{name}.C"], t[f"{name}.D"]], dim=1)
+            else:
+                up, down = t[f"{name}.up"], t[f"{name}.down"]
+            out[name] = (up, down, self.scale)
+        return out
+
+    def metadata(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "method": self.method,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "plp": self.plp.to_dict() if self.plp else None,
+            "targets": self.targets,
+            "base_model": self.base_model,
+            "base_model_hash": self.base_model_hash,
+            "tokens": self.tokens,
+            "words": self.words,
+            "steps": self.steps,
+            "seed": self.seed,
+            "extra": self.extra,
+        }
+
+    # ------------------------------------------------------------------- files
+    def to_bytes(self) -> bytes:
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
+        return st_save(tensors, metadata={"b4m": json.dumps(self.metadata(), sort_keys=True)})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(self.to_bytes())
+        tmp.replace(path)  # never leave a half-written adapter behind
+        return path
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Adapter":
+        try:
+            tensors = st_load(data)
+            meta = _read_metadata(data)
+        except Exception as exc:  # safetensors raises several types on garbage
+            raise ConfigError(f"not a safetensors adapter file: {exc}") from exc
+        return cls._from_parts(tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Adapter":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"adapter file not found: {path}")
+        return cls.from_bytes(path.read_bytes())
+
+    @classmethod
+    def _from_parts(cls, tensors: dict, meta: dict | None) -> "Adapter":
+        if not meta:
+            raise ConfigError("the file has no b4m metadata: it is not an adapter made by b4m "
+                              "(plain LoRA files can be used with diffusers directly)")
+        plp = PLPConfig.from_dict(meta["plp"]) if meta.get("plp") else None
+        extra = dict(meta.get("extra") or {})
+        extra.setdefault("targets", meta.get("targets", "attn"))
+        return cls(kind=meta["kind"], method=meta["method"], tensors=tensors, rank=int(meta["rank"]),
+                   alpha=float(meta["alpha"]), plp=plp, base_model=meta.get("base_model", ""),
+                   base_model_hash=meta.get("base_model_hash", ""), tokens=meta.get("tokens") or {},
+                   words=meta.get("words") or {}, steps=int(meta.get("steps", 0)),
+                   seed=int(meta.get("seed", 0)), extra=extra)
+
+    # ----------------------------------------------------------------- exports
+    def to_diffusers(self) -> dict[str, torch.Tensor]:
+        """`unet.<layer>.lora.down.weight` / `.lora.up.weight`, scale baked into `up`.
+
+        `StableDiffusionPipeline.load_lora_weights` and the SDXL one accept this.
+        """
+        out = {}
+        for name, (up, down, scale) in self.low_rank().items():
+            out[f"unet.{name}.lora.down.weight"] = down.float().contiguous()
+            out[f"unet.{name}.lora.up.weight"] = (up.float() * scale).contiguous()
+        return out
+
+    def to_kohya(self) -> dict[str, torch.Tensor]:
+        """`lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha` (ComfyUI, A1111)."""
+        out = {}
+        for name, (up, down, scale) in self.low_rank().items():
+            key = "lora_unet_" + name.replace(".", "_")
+            rank = down.shape[0]
+            out[f"{key}.lora_down.weight"] = down.float().contiguous()
+            out[f"{key}.lora_up.weight"] = up.float().contiguous()
+            out[f"{key}.alpha"] = torch.tensor(float(scale * rank))
+        return out
+
+    def export(self, fmt: str) -> bytes:
+        meta = {"b4m": json.dumps(self.metadata(), sort_keys=True)}
+        if fmt == "diffusers":
+            return st_save(self.to_diffusers(), metadata=meta)
+        if fmt == "kohya":
+            meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
+                         "ss_network_alpha": str(self.alpha), "ss_base_model_version": self.base_model})
+            return st_save(self.to_kohya(), metadata=meta)
+        if fmt in ("b4m", "native"):
+            return self.to_bytes()
+        raise ConfigError(f"export format must be b4m, diffusers or kohya, got {fmt!r}")
+
+
+def _read_metadata(data: bytes) -> dict | None:
+    # safetensors header: 8-byte little-endian length, then JSON with "__metadata__".
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    raw = (header.get("__metadata__") or {}).get("b4m")
+    return json.loads(raw) if raw else None
+
+
+def read_metadata(path: str | Path) -> dict | None:
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("b4m")
+    return json.loads(raw) if raw else None

@@ -1,0 +1,105 @@
+"""Settings of a PLP adapter and of the training stages.
+
+Everything an adapter needs to be rebuilt bit-for-bit lives in `PLPConfig`; it is
+written into every adapter file so two adapters can be checked for composability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+BasisMode = Literal["exact", "paper", "random"]
+ContentHalf = Literal["up", "down"]
+TargetSet = Literal["attn", "cross"]
+Kind = Literal["content", "style", "fused"]
+
+BASIS_MODES = ("exact", "paper", "random")
+CONTENT_HALVES = ("up", "down")
+TARGET_SETS = ("attn", "cross")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or two adapters cannot be combined."""
+
+
+@dataclass(frozen=True)
+class PLPConfig:
+    """Shape of a partly learnable projection (DESIGN.md section 1)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    rho: float = 0.5
+    basis_mode: BasisMode = "exact"
+    basis_seed: int = 0
+    content_half: ContentHalf = "up"
+    targets: TargetSet = "attn"
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"rank must be >= 1, got {self.rank}")
+        if self.basis_mode == "exact" and self.rank < 2:
+            raise ConfigError("basis_mode 'exact' needs rank >= 2 (two orthogonal halves)")
+        if not 0.0 <= self.rho < 1.0:
+            raise ConfigError(f"rho must be in [0, 1), got {self.rho}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0, got {self.alpha}")
+        if self.basis_mode not in BASIS_MODES:
+            raise ConfigError(f"basis_mode must be one of {BASIS_MODES}, got {self.basis_mode!r}")
+        if self.content_half not in CONTENT_HALVES:
+            raise ConfigError(f"content_half must be one of {CONTENT_HALVES}, got {self.content_half!r}")
+        if self.targets not in TARGET_SETS:
+            raise ConfigError(f"targets must be one of {TARGET_SETS}, got {self.targets!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def half_for(self, kind: str) -> str:
+        """Which trainable half ('up' = B, 'down' = D) holds a concept of this kind."""
+        if kind == "content":
+            return self.content_half
+        if kind == "style":
+            return "down" if self.content_half == "up" else "up"
+        raise ConfigError(f"kind must be 'content' or 'style', got {kind!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PLPConfig":
+        names = cls.__dataclass_fields__.keys()
+        return cls(**{k: d[k] for k in names if k in d})
+
+
+@dataclass
+class TrainConfig:
+    """One training run (break stage, make stage or a baseline)."""
+
+    steps: int = 300
+    learning_rate: float = 1e-3
+    # The released code trains the auxiliary half 10x slower; 1.0 treats both alike.
+    aux_lr_factor: float = 1.0
+    weight_decay: float = 0.0
+    batch_size: int = 1  # primary samples a step; MCP adds one row per auxiliary set
+    resolution: int | None = None  # None: the model's own sample size
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    max_grad_norm: float | None = 1.0
+    center_crop: bool = True
+    random_flip: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps}")
+        if self.learning_rate <= 0:
+            raise ConfigError("learning_rate must be > 0")
+        if self.aux_lr_factor < 0:
+            raise ConfigError("aux_lr_factor must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError("batch_size must be >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

@@ -1,0 +1,127 @@
+"""Reference images, identifier tokens and prompt templates.
+
+A `Concept` is what the user hands over: a few images of one content (with its class
+word) or one style (with its style word), and the identifier token that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import ConfigError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+DEFAULT_TOKENS = {"content": "sks", "style": "zwx"}
+# {content} / {style} expand to "<token> <word>"; a sidecar caption may use them too.
+DEFAULT_TEMPLATES = {"content": "a photo of {content}", "style": "a picture in {style} style"}
+
+
+def concept_phrase(token: str, word: str) -> str:
+    return f"{token} {word}".strip()
+
+
+@dataclass
+class Concept:
+    """Reference images of one content or one style."""
+
+    kind: str  # "content" | "style"
+    images: list[Image.Image]
+    word: str  # class word ("dog") or style word ("watercolor")
+    token: str = ""
+    captions: list[str | None] = field(default_factory=list)
+    template: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("content", "style"):
+            raise ConfigError(f"concept kind must be content or style, got {self.kind!r}")
+        if not self.images:
+            raise ConfigError(f"no images given for the {self.kind}")
+        if not self.word or not self.word.strip():
+            raise ConfigError(f"a {self.kind} needs a {'class' if self.kind == 'content' else 'style'} word")
+        self.token = self.token or DEFAULT_TOKENS[self.kind]
+        self.template = self.template or DEFAULT_TEMPLATES[self.kind]
+        if not self.captions:
+            self.captions = [None] * len(self.images)
+        if len(self.captions) != len(self.images):
+            raise ConfigError("one caption per image (or none)")
+
+    @property
+    def phrase(self) -> str:
+        return concept_phrase(self.token, self.word)
+
+    def prompts(self) -> list[str]:
+        """One training prompt per image: the caption if given, else the template."""
+        out = []
+        for cap in self.captions:
+            text = cap or self.template
+            if "{" + self.kind + "}" not in text:
+                text = f"{self.template}, {text}"
+            out.append(text.replace("{" + self.kind + "}", self.phrase))
+        return out
+
+
+def load_image_folder(folder: str | Path, max_images: int = 100) -> tuple[list[Image.Image], list[str | None]]:
+    """Images of a folder (sorted by name) with optional same-stem `.txt` captions."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConfigError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise ConfigError(f"not a folder: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    images, captions = [], []
+    for p in files:
+        if p.suffix.lower() == ".txt":
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ConfigError(f"not an image file: {p} (PNG, JPEG, WebP or BMP expected)")
+        images.append(open_image(p))
+        cap = p.with_suffix(".txt")
+        captions.append(cap.read_text().strip() if cap.is_file() else None)
+    if not images:
+        raise ConfigError(f"no images in {folder}")
+    if len(images) > max_images:
+        raise ConfigError(f"{len(images)} images in {folder}; at most {max_images}")
+    return images, captions
+
+
+def open_image(path_or_file) -> Image.Image:
+    try:
+        with Image.open(path_or_file) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ConfigError(f"cannot read image {getattr(path_or_file, 'name', path_or_file)}: {exc}") from exc
+
+
+def load_concept(kind: str, folder: str | Path, word: str, token: str = "", template: str = "") -> Concept:
+    images, captions = load_image_folder(folder)
+    return Concept(kind=kind, images=images, word=word, token=token, captions=captions, template=template)
+
+
+@dataclass
+class Prepared:
+    """One image ready for the UNet: pixels in [-1, 1] and SDXL's size/crop facts."""
+
+    pixels: torch.Tensor  # 3 x H x W
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def preprocess(image: Image.Image, resolution: int, center_crop: bool = True) -> Prepared:
+    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]."""
+    w, h = image.size
+    s = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    im = image.convert("RGB").resize((nw, nh), Image.Resampling.BICUBIC)
+    if center_crop:
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    else:
+        left = top = 0
+    im = im.crop((left, top, left + resolution, top + resolution))
+    arr = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return Prepared(arr, (h, w), (round(top / s), round(left / s)))

@@ -1,0 +1,146 @@
+"""Putting adapter layers into a diffusers UNet, taking them out, merging them in.
+
+Works on any `UNet2DConditionModel` (SD 1.x/2.x and SDXL): targets are found by
+walking diffusers' `Attention` modules, not by hard-coded names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from .config import ConfigError, PLPConfig
+from .layers import LowRankLinear, PLPLinear
+
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
+    """Names of the linear layers an adapter of this target set covers.
+
+    `attn`: every attention's q, k, v and output projection (the released code);
+    `cross`: cross-attention only (the paper's text).
+    """
+    if targets not in ("attn", "cross"):
+        raise ConfigError(f"targets must be 'attn' or 'cross', got {targets!r}")
+    names = []
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if targets == "cross" and not getattr(module, "is_cross_attention", False):
+            continue
+        for proj in PROJECTIONS:
+            layer = module.get_submodule(proj)
+            if isinstance(layer, (nn.Linear, LowRankLinear)):
+                names.append(f"{name}.{proj}")
+    if not names:
+        raise ConfigError("the model has no attention layers to adapt")
+    return names
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def inject(unet: nn.Module, names: Iterable[str],
+           factory: Callable[[str, nn.Linear], LowRankLinear]) -> dict[str, LowRankLinear]:
+    """Replace each named `nn.Linear` with `factory(name, linear)`; returns the new layers."""
+    remove_adapters(unet)
+    layers = {}
+    for name in names:
+        base = unet.get_submodule(name)
+        if not isinstance(base, nn.Linear):
+            raise ConfigError(f"{name} is not a linear layer")
+        layer = factory(name, base)
+        _set_submodule(unet, name, layer)
+        layers[name] = layer
+    return layers
+
+
+def inject_plp(unet: nn.Module, config: PLPConfig) -> dict[str, PLPLinear]:
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    names = target_layer_names(unet, config.targets)
+    return inject(unet, names, lambda name, base: PLPLinear(base, config, name))
+
+
+def adapter_layers(unet: nn.Module) -> dict[str, LowRankLinear]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def remove_adapters(unet: nn.Module) -> None:
+    """Put the original linear layers back (their weights untouched)."""
+    for name, layer in list(adapter_layers(unet).items()):
+        _set_submodule(unet, name, layer.base)
+
+
+def plp_state_dict(layers: dict[str, PLPLinear]) -> dict[str, torch.Tensor]:
+    """A, B, C, D of every layer, detached copies on the CPU in float32."""
+    out = {}
+    for name, layer in layers.items():
+        for part in ("A", "B", "C", "D"):
+            out[f"{name}.{part}"] = getattr(layer, part).detach().float().cpu().contiguous()
+    return out
+
+
+def load_plp_state_dict(layers: dict[str, PLPLinear], state: dict[str, torch.Tensor],
+                        parts: Iterable[str] = ("B", "D")) -> None:
+    """Copy the named halves from `state` into the injected layers (shapes checked)."""
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for part in parts:
+                key = f"{name}.{part}"
+                if key not in state:
+                    raise ConfigError(f"adapter has no tensor {key}: built for another model or target set")
+                dst = getattr(layer, part)
+                if dst.shape != state[key].shape:
+                    raise ConfigError(f"{key}: shape {tuple(state[key].shape)} != model's {tuple(dst.shape)}")
+                dst.copy_(state[key].to(dst.device, dst.dtype))
+
+
+class MergedWeights:
+    """Adds low-rank updates into base weights and takes them out again exactly.
+
+    Unmerging restores a saved copy of each touched weight instead of subtracting, so
+    switching adapters many times never drifts (and works in fp16/bf16).
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self._saved: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def merge(self, updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """`updates`: layer name -> (up, down, scale)."""
+        self.unmerge()
+        for name, (up, down, scale) in updates.items():
+            linear = self.unet.get_submodule(name)
+            if isinstance(linear, LowRankLinear):
+                linear = linear.base
+            w = linear.weight
+            delta = scale * (up.to(w.device, torch.float32) @ down.to(w.device, torch.float32))
+            if delta.shape != w.shape:
+                raise ConfigError(f"{name}: update {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
+            self._saved[name] = w.detach().clone()
+            w.copy_((w.float() + delta).to(w.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for name, saved in self._saved.items():
+            linear = self.unet.get_submodule(name)
+            if isinstance(linear, LowRankLinear):
+                linear = linear.base
+            linear.weight.copy_(saved)
+        self._saved.clear()
+
+    @property
+    def merged(self) -> bool:
+        return bool(self._saved)

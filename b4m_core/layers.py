@@ -1,0 +1,229 @@
+"""Adapter layers wrapping an `nn.Linear`: PLP (the method), plain LoRA, ZipLoRA.
+
+Every layer computes `base(x) + scale * up @ (down @ x)` through two small matmuls,
+never the full `m x n` update, so it costs what a LoRA of the same rank costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, PLPConfig
+
+
+# --------------------------------------------------------------------------- bases
+def _layer_seed(basis_seed: int, layer_name: str, m: int, n: int, rank: int) -> int:
+    key = f"{basis_seed}|{layer_name}|{m}x{n}|r{rank}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def make_bases(config: PLPConfig, layer_name: str, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen `A` (dm x r) and `C` (r x dn) for one layer.
+
+    A pure function of (basis seed, layer name, shape, rank, mode): drawn in float64 on
+    the CPU from a generator seeded by a hash, so every process on every machine gets
+    the same bits and any content adapter composes with any style adapter.
+    """
+    r = config.rank
+    dm, dn = math.floor(config.rho * m), math.floor(config.rho * n)
+    g = torch.Generator(device="cpu").manual_seed(_layer_seed(config.basis_seed, layer_name, m, n, r))
+    f64 = dict(dtype=torch.float64, generator=g)
+    if config.basis_mode == "exact":
+        # A = G_A Q1^T, C = Q2 G_C with Q orthonormal: A C = G_A (Q1^T Q2) G_C = 0.
+        q, _ = torch.linalg.qr(torch.randn(r, r, **f64))
+        h = r // 2
+        q1, q2 = q[:, :h], q[:, h:]
+        a = (torch.randn(dm, h, **f64) / math.sqrt(h)) @ q1.T
+        c = q2 @ (torch.randn(r - h, dn, **f64) / math.sqrt(max(n, 1)))
+    elif config.basis_mode == "paper":
+        # The released code: rows of one random orthogonal matrix for both projections.
+        # Their truncations are not orthogonal, so A C is small but not zero. Layers that
+        # are not square use an orthogonal matrix of the larger side.
+        size = max(m, n, 2 * r)
+        o, _ = torch.linalg.qr(torch.randn(size, size, **f64))
+        c = o[:r, :dn] * math.sqrt(size / max(n, 1))
+        a = o[r : 2 * r, :dm].T * math.sqrt(size / max(n, 1))
+    else:  # random: the "w/o Orth" ablation
+        a = torch.randn(dm, r, **f64) / math.sqrt(r)
+        c = torch.randn(r, dn, **f64) / math.sqrt(max(n, 1))
+    return a.float().contiguous(), c.float().contiguous()
+
+
+# ------------------------------------------------------------ gradient routing
+class _RoutedLinear(torch.autograd.Function):
+    """`x @ w.T` whose weight gradient only sums over the rows where `row_mask` is 1.
+
+    The input gradient flows from every row: this is exactly "that row used a detached
+    copy of `w`", in one forward and one backward pass.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+        w_c = w.to(x.dtype)
+        ctx.save_for_backward(x, w_c, row_mask)
+        ctx.w_dtype = w.dtype
+        return x @ w_c.T
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_out: torch.Tensor):
+        x, w, row_mask = ctx.saved_tensors
+        grad_x = grad_out @ w if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            shape = (row_mask.shape[0],) + (1,) * (grad_out.dim() - 1)
+            g = grad_out * row_mask.to(grad_out.dtype).view(shape)
+            grad_w = (g.reshape(-1, g.shape[-1]).T @ x.reshape(-1, x.shape[-1])).to(ctx.w_dtype)
+        return grad_x, grad_w, None
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    if row_mask is None or not (torch.is_grad_enabled() and w.requires_grad):
+        return F.linear(x, w.to(x.dtype))
+    return _RoutedLinear.apply(x, w, row_mask)
+
+
+# ------------------------------------------------------------------- layers
+class LowRankLinear(nn.Module):
+    """Base of all adapter layers: wraps a frozen `nn.Linear` and adds `scale * up @ down`."""
+
+    def __init__(self, base: nn.Linear, scale: float):
+        super().__init__()
+        self.base = base
+        self.scale = float(scale)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.enabled = True
+
+    def up_weight(self) -> torch.Tensor:  # m x R
+        raise NotImplementedError
+
+    def down_weight(self) -> torch.Tensor:  # R x n
+        raise NotImplementedError
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.down_weight().to(x.dtype)), self.up_weight().to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.scale * self.delta_forward(x)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The full `m x n` update; for merging and tests only, never in training."""
+        return self.scale * (self.up_weight().float() @ self.down_weight().float())
+
+
+class PLPLinear(LowRankLinear):
+    """Partly learnable projection: `W_up = [A; B]`, `W_down = [C, D]`, `A`, `C` frozen.
+
+    `route` (a bool tensor over the batch, or None) makes the layer route gradients
+    for MCP: rows marked True update only the `primary` half, the other rows only the
+    other half, as if each row saw the other half detached.
+    """
+
+    def __init__(self, base: nn.Linear, config: PLPConfig, layer_name: str):
+        super().__init__(base, config.scale)
+        m, n, r = base.out_features, base.in_features, config.rank
+        self.layer_name = layer_name
+        self.rank = r
+        self.dm, self.dn = math.floor(config.rho * m), math.floor(config.rho * n)
+        a, c = make_bases(config, layer_name, m, n)
+        dev = base.weight.device
+        self.register_buffer("A", a.to(dev))
+        self.register_buffer("C", c.to(dev))
+        # B = 0, D = 0: the adapter starts as the identity; A, C != 0 keep gradients alive.
+        self.B = nn.Parameter(torch.zeros(m - self.dm, r, device=dev))
+        self.D = nn.Parameter(torch.zeros(r, n - self.dn, device=dev))
+        self.route: torch.Tensor | None = None
+        self.primary: str = "up"  # which half the rows marked True train
+
+    def up_weight(self) -> torch.Tensor:
+        return torch.cat([self.A, self.B], dim=0)
+
+    def down_weight(self) -> torch.Tensor:
+        return torch.cat([self.C, self.D], dim=1)
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.route is None:
+            return super().delta_forward(x)
+        mask_up = self.route if self.primary == "up" else ~self.route
+        mask_down = ~mask_up
+        # h = C x[:dn] + D x[dn:]; out = [A h ; B h], each trainable matmul routed.
+        h = F.linear(x[..., : self.dn], self.C.to(x.dtype)) + _linear(x[..., self.dn :], self.D, mask_down)
+        return torch.cat([F.linear(h, self.A.to(x.dtype)), _linear(h, self.B, mask_up)], dim=-1)
+
+    def half(self, name: str) -> nn.Parameter:
+        return self.B if name == "up" else self.D
+
+
+class LoRALinear(LowRankLinear):
+    """Plain LoRA (the baselines, and any adapter applied unfused for inference)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, up: torch.Tensor | None = None,
+                 down: torch.Tensor | None = None, trainable: bool = True):
+        super().__init__(base, alpha / rank)
+        dev = base.weight.device
+        if down is None:
+            down = torch.empty(rank, base.in_features)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+        if up is None:
+            up = torch.zeros(base.out_features, rank)
+        if up.shape != (base.out_features, rank) or down.shape != (rank, base.in_features):
+            raise ConfigError(
+                f"adapter shapes {tuple(up.shape)} / {tuple(down.shape)} do not fit a "
+                f"{base.out_features}x{base.in_features} layer at rank {rank}")
+        self.rank = rank
+        self.up = nn.Parameter(up.float().to(dev), requires_grad=trainable)
+        self.down = nn.Parameter(down.float().to(dev), requires_grad=trainable)
+
+    def up_weight(self) -> torch.Tensor:
+        return self.up
+
+    def down_weight(self) -> torch.Tensor:
+        return self.down
+
+
+class ZipLoRALinear(LowRankLinear):
+    """Two frozen LoRAs mixed by learnt per-column merger vectors (ZipLoRA).
+
+    `dW = dW1 diag(m1) + dW2 diag(m2)`. `mode` selects the merged layer or one of the
+    two source LoRAs alone (the distillation targets).
+    """
+
+    def __init__(self, base: nn.Linear, up1, down1, scale1, up2, down2, scale2):
+        super().__init__(base, 1.0)
+        dev = base.weight.device
+        self.register_buffer("up1", (up1.float() * scale1).to(dev))
+        self.register_buffer("down1", down1.float().to(dev))
+        self.register_buffer("up2", (up2.float() * scale2).to(dev))
+        self.register_buffer("down2", down2.float().to(dev))
+        self.m1 = nn.Parameter(torch.ones(base.in_features, device=dev))
+        self.m2 = nn.Parameter(torch.ones(base.in_features, device=dev))
+        self.mode = "merged"
+
+    def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        one = lambda u, d, mvec: F.linear(F.linear(x * mvec.to(dt), d.to(dt)), u.to(dt))
+        if self.mode == "first":
+            return F.linear(F.linear(x, self.down1.to(dt)), self.up1.to(dt))
+        if self.mode == "second":
+            return F.linear(F.linear(x, self.down2.to(dt)), self.up2.to(dt))
+        return one(self.up1, self.down1, self.m1) + one(self.up2, self.down2, self.m2)
+
+    def up_weight(self) -> torch.Tensor:
+        return torch.cat([self.up1, self.up2], dim=1)
+
+    def down_weight(self) -> torch.Tensor:
+        return torch.cat([self.down1 * self.m1, self.down2 * self.m2], dim=0)
+
+    def overlap(self) -> torch.Tensor:
+        """ZipLoRA's |m1 . m2| term: merger vectors should pick different columns."""
+        return (self.m1 * self.m2).abs().sum()

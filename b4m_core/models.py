@@ -1,0 +1,110 @@
+"""Loading a base model once, and what the training loop needs from it.
+
+One code path serves SD 1.x/2.x and SDXL: both are ordinary diffusers pipelines;
+SDXL is recognised by its second text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import DiffusionPipeline
+
+from .config import ConfigError
+
+# Short names for bases that ship with the project (the micro model registers here).
+BASE_REGISTRY: dict[str, Callable[[], str]] = {}
+
+
+def register_base(name: str, resolver: Callable[[], str]) -> None:
+    BASE_REGISTRY[name] = resolver
+
+
+def resolve_base(base: str) -> str:
+    if base in BASE_REGISTRY:
+        return BASE_REGISTRY[base]()
+    return base
+
+
+@dataclass
+class BaseModel:
+    """A loaded pipeline plus the facts about it adapters are checked against."""
+
+    pipe: DiffusionPipeline
+    model_id: str
+    model_hash: str
+    is_sdxl: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text conditioning exactly as the pipeline computes it at inference."""
+        if self.is_sdxl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+            return embeds, pooled
+        embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
+        return embeds, None
+
+
+def model_hash(pipe: DiffusionPipeline) -> str:
+    """A cheap fingerprint of the UNet: its config plus a sample of every attention weight.
+
+    Enough to tell two base models apart without hashing gigabytes of SDXL weights.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
+    for name, p in sorted(pipe.unet.named_parameters()):
+        if "attn" in name and name.endswith("weight"):
+            h.update(name.encode())
+            h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base(base: str, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None) -> BaseModel:
+    """Load a base model from a local diffusers folder or a hub id (or a registered name)."""
+    model_id = base
+    path = resolve_base(base)
+    if os.path.sep in path or path.startswith("."):
+        if not Path(path).is_dir():
+            raise ConfigError(f"base model folder not found: {path}")
+        if not (Path(path) / "model_index.json").is_file():
+            raise ConfigError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    device = torch.device(device) if device is not None else default_device()
+    if dtype is None:
+        dtype = torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load base model {base!r}: {exc}") from exc
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    return BaseModel(pipe=pipe, model_id=model_id, model_hash=model_hash(pipe), is_sdxl=is_sdxl,
+                     device=device, dtype=dtype)

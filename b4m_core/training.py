@@ -1,0 +1,560 @@
+"""Training loops: the break stage (PLP + MCP), the make stage, and the LoRA baselines.
+
+All stages share one loop (`TrainingSession`): cached VAE latents and text conditioning
+(the encoders are frozen), one seeded CPU generator for every random draw (so a run is
+repeatable and a resumed run continues the same stream), AdamW, optional autocast on
+CUDA, progress and cancel hooks between steps, and checkpoints as safetensors bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .adapter import Adapter
+from .config import ConfigError, PLPConfig, TrainConfig
+from .data import Concept, preprocess
+from .injection import adapter_layers, inject, inject_plp, plp_state_dict, remove_adapters, target_layer_names
+from .layers import LoRALinear, PLPLinear, ZipLoRALinear
+from .models import BaseModel
+
+
+class TrainingCanceled(Exception):
+    """The cancel check said stop; nothing is returned."""
+
+
+class IncompatibleAdapters(ConfigError):
+    """Two adapters cannot be composed."""
+
+
+@dataclass
+class Hooks:
+    """How a caller watches and steers a run (the worker maps these to its job row)."""
+
+    progress: Callable[[int, int, float], None] | None = None  # (step, total, loss)
+    should_cancel: Callable[[], bool] | None = None
+    checkpoint: Callable[[int, bytes], None] | None = None  # (step, state) every N steps
+    resume: bytes | None = None  # a state given to `checkpoint` earlier
+
+
+# ---------------------------------------------------------------- sample cache
+class SampleSet:
+    """One concept's images as cached latent distributions and text conditioning."""
+
+    def __init__(self, base: BaseModel, concept: Concept, resolution: int, center_crop: bool):
+        self.concept = concept
+        prepared = [preprocess(im, resolution, center_crop) for im in concept.images]
+        pixels = torch.stack([p.pixels for p in prepared]).to(base.device, base.dtype)
+        vae = base.pipe.vae
+        with torch.no_grad():
+            dist = vae.encode(pixels).latent_dist
+        self.mean, self.std = dist.mean.float(), dist.std.float()
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.embeds, self.pooled = base.encode_prompts(concept.prompts())
+        self.time_ids = None
+        if base.is_sdxl:
+            self.time_ids = torch.tensor(
+                [[*p.original_size, *p.crop_top_left, resolution, resolution] for p in prepared],
+                dtype=torch.float32, device=base.device)
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def draw(self, idx: torch.Tensor, gen: torch.Generator) -> dict:
+        eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean.device)
+        latents = (self.mean[idx] + self.std[idx] * eps - self.shift) * self.scaling
+        out = {"latents": latents, "embeds": self.embeds[idx]}
+        if self.pooled is not None:
+            out["pooled"], out["time_ids"] = self.pooled[idx], self.time_ids[idx]
+        return out
+
+
+def _cat(parts: list[dict]) -> dict:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class RowGroup:
+    """Rows drawn from one sample set in each step, and the weight of their mean loss."""
+
+    samples: SampleSet
+    count: int
+    weight: float
+    primary: bool = True  # for MCP routing: rows that train the primary half
+
+
+class TrainingSession:
+    """One optimisation run over row groups; stage classes configure it."""
+
+    def __init__(self, base: BaseModel, params: list[dict], groups: list[RowGroup], cfg: TrainConfig,
+                 route_layers: list[PLPLinear] | None = None,
+                 target_fn: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 extra_loss: Callable[[], torch.Tensor] | None = None):
+        self.base, self.cfg, self.groups = base, cfg, groups
+        self.route_layers = route_layers or []
+        self.target_fn, self.extra_loss = target_fn, extra_loss
+        self.params = [p for g in params for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+        self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.step = 0
+        dev = base.device
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+        self.use_autocast = dev.type == "cuda" and self.autocast_dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda") if self.use_autocast and cfg.mixed_precision == "fp16" else None
+
+    # one batch: rows of every group, drawn from the session's generator
+    def draw(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        parts, weights, route = [], [], []
+        for g in self.groups:
+            idx = torch.randint(len(g.samples), (g.count,), generator=self.gen)
+            parts.append(g.samples.draw(idx, self.gen))
+            weights += [g.weight / g.count] * g.count
+            route += [g.primary] * g.count
+        dev = self.base.device
+        return _cat(parts), torch.tensor(weights, device=dev), torch.tensor(route, device=dev)
+
+    def row_losses(self, batch: dict, route: torch.Tensor) -> torch.Tensor:
+        latents = batch["latents"]
+        noise = torch.randn(latents.shape, generator=self.gen).to(latents.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen)
+        t = t.to(latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        if self.target_fn is not None:
+            target = self.target_fn(batch, noisy, t, noise)
+        elif self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        for layer in self.route_layers:
+            layer.route = route
+        try:
+            with torch.autocast(self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                enabled=self.use_autocast):
+                pred = self.predict(batch, noisy, t)
+        finally:
+            pass  # the route stays set through backward (gradient checkpointing recomputes)
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def predict(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dt = self.base.dtype
+        kwargs = {}
+        if "pooled" in batch:
+            kwargs["added_cond_kwargs"] = {"text_embeds": batch["pooled"].to(dt), "time_ids": batch["time_ids"].to(dt)}
+        return self.base.unet(noisy.to(dt), t, encoder_hidden_states=batch["embeds"].to(dt), **kwargs).sample
+
+    def train_step(self) -> float:
+        batch, weights, route = self.draw()
+        loss = (self.row_losses(batch, route) * weights).sum()
+        if self.extra_loss is not None:
+            loss = loss + self.extra_loss()
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        for layer in self.route_layers:
+            layer.route = None
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss.detach())
+
+    def run(self, hooks: Hooks | None = None) -> None:
+        hooks = hooks or Hooks()
+        if hooks.resume:
+            self.load_state(hooks.resume)
+        unet = self.base.unet
+        if self.cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        try:
+            while self.step < self.cfg.steps:
+                if hooks.should_cancel and hooks.should_cancel():
+                    raise TrainingCanceled(f"canceled at step {self.step}")
+                loss = self.train_step()
+                if hooks.progress:
+                    hooks.progress(self.step, self.cfg.steps, loss)
+                every = self.cfg.checkpoint_every
+                if hooks.checkpoint and every and self.step % every == 0 and self.step < self.cfg.steps:
+                    hooks.checkpoint(self.step, self.state())
+        finally:
+            for layer in self.route_layers:
+                layer.route = None
+            if self.cfg.gradient_checkpointing:
+                unet.disable_gradient_checkpointing()
+
+    # checkpoints: safetensors, so a resumed job never unpickles anything
+    def state(self) -> bytes:
+        tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(self.params)}
+        for i, p in enumerate(self.params):
+            for k, v in self.optimizer.state.get(p, {}).items():
+                tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        tensors["rng"] = self.gen.get_state()
+        meta = {"step": str(self.step), "n_params": str(len(self.params))}
+        if self.scaler:
+            meta["scaler"] = json.dumps({"scale": float(self.scaler.get_scale())})
+        return st_save(tensors, metadata=meta)
+
+    def load_state(self, data: bytes) -> None:
+        tensors = st_load(data)
+        n = int(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["n_params"])
+        if n != len(self.params):
+            raise ConfigError("checkpoint belongs to a different run (parameter count differs)")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                src = tensors[f"param.{i}"]
+                if src.shape != p.shape:
+                    raise ConfigError("checkpoint belongs to a different run (shapes differ)")
+                p.copy_(src.to(p.device))
+        state = {}
+        for i, p in enumerate(self.params):
+            keys = [k for k in tensors if k.startswith(f"opt.{i}.")]
+            if keys:
+                state[i] = {k.split(".", 2)[2]: tensors[k].to(p.device) if tensors[k].dim() else tensors[k]
+                            for k in keys}
+        sd = self.optimizer.state_dict()
+        sd["state"] = state
+        self.optimizer.load_state_dict(sd)
+        self.gen.set_state(tensors["rng"])
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+        self.step = int(header["__metadata__"]["step"])
+
+
+def _resolution(base: BaseModel, cfg: TrainConfig) -> int:
+    return cfg.resolution or base.resolution
+
+
+def _meta(base: BaseModel) -> dict:
+    return {"base_model": base.model_id, "base_model_hash": base.model_hash}
+
+
+# ---------------------------------------------------------------- break stage
+class BreakStage:
+    """Train a content or style PLP adapter with MCP (DESIGN.md section 1).
+
+    Each step: `batch_size` rows of the concept (they train the concept's half) and one
+    row from each of the `k` auxiliary sets (they train the other half), in one forward
+    and one backward pass: L = L_primary + (1/k) sum_i L_aux_i.
+    """
+
+    def __init__(self, base: BaseModel, concept: Concept, aux: list[Concept], plp: PLPConfig, cfg: TrainConfig):
+        for a in aux:
+            if a.kind == concept.kind:
+                raise ConfigError(f"auxiliary sets of a {concept.kind} must be of the opposite kind, got {a.kind}")
+        self.base, self.concept, self.aux, self.plp, self.cfg = base, concept, aux, plp, cfg
+        self.layers = inject_plp(base.unet, plp)
+        self.primary_half = plp.half_for(concept.kind)
+        self.other_half = "down" if self.primary_half == "up" else "up"
+        for layer in self.layers.values():
+            layer.primary = self.primary_half
+        res = _resolution(base, cfg)
+        groups = [RowGroup(SampleSet(base, concept, res, cfg.center_crop), cfg.batch_size, 1.0, True)]
+        k = len(aux)
+        for a in aux:
+            groups.append(RowGroup(SampleSet(base, a, res, cfg.center_crop), 1, 1.0 / k, False))
+        primary = [layer.half(self.primary_half) for layer in self.layers.values()]
+        other = [layer.half(self.other_half) for layer in self.layers.values()]
+        train_other = k > 0 and cfg.aux_lr_factor > 0
+        for p in other:
+            p.requires_grad_(train_other)
+        params = [{"params": primary, "lr": cfg.learning_rate}]
+        if train_other:
+            params.append({"params": other, "lr": cfg.learning_rate * cfg.aux_lr_factor})
+        self.session = TrainingSession(base, params, groups, cfg, route_layers=list(self.layers.values()))
+
+    def train(self, hooks: Hooks | None = None) -> Adapter:
+        try:
+            self.session.run(hooks)
+            return self.adapter()
+        finally:
+            remove_adapters(self.base.unet)
+
+    def adapter(self) -> Adapter:
+        c = self.concept
+        return Adapter(kind=c.kind, method="b4m", tensors=plp_state_dict(self.layers), rank=self.plp.rank,
+                       alpha=self.plp.alpha, plp=self.plp, tokens={c.kind: c.token}, words={c.kind: c.word},
+                       steps=self.cfg.steps, seed=self.cfg.seed,
+                       extra={"aux": [a.phrase for a in self.aux], "aux_lr_factor": self.cfg.aux_lr_factor,
+                              "learning_rate": self.cfg.learning_rate}, **_meta(self.base))
+
+
+# ---------------------------------------------------------------- make stage
+def check_composable(content: Adapter, style: Adapter) -> None:
+    """Raise `IncompatibleAdapters` naming the first thing that keeps two adapters apart."""
+    if content.kind == style.kind:
+        raise IncompatibleAdapters(f"both adapters are {content.kind} adapters: fuse one content with one style")
+    if content.kind != "content" or style.kind != "style":
+        raise IncompatibleAdapters(f"expected a content and a style adapter, got {content.kind} and {style.kind}")
+    for a in (content, style):
+        if a.method != "b4m":
+            raise IncompatibleAdapters(f"the {a.kind} adapter was made by {a.method!r}, not b4m: use a baseline fusion")
+    if content.base_model_hash != style.base_model_hash:
+        raise IncompatibleAdapters(f"adapters were trained on different base models "
+                                   f"({content.base_model} vs {style.base_model})")
+    c, s = content.plp, style.plp
+    for attr, label in (("basis_seed", "basis seed"), ("basis_mode", "basis mode"), ("rank", "rank"),
+                        ("rho", "rho"), ("content_half", "content_half"), ("targets", "target set"),
+                        ("alpha", "alpha")):
+        if getattr(c, attr) != getattr(s, attr):
+            raise IncompatibleAdapters(f"adapters differ in {label}: {getattr(c, attr)!r} vs {getattr(s, attr)!r}")
+    if content.layer_names != style.layer_names:
+        raise IncompatibleAdapters("adapters cover different layers")
+    for name in content.layer_names:
+        for part in ("A", "C"):
+            if not torch.equal(content.tensors[f"{name}.{part}"], style.tensors[f"{name}.{part}"]):
+                raise IncompatibleAdapters(f"frozen bases differ at {name}.{part}")
+
+
+def compose(content: Adapter, style: Adapter) -> Adapter:
+    """The bare composition: shared bases, content half from one, style half from the other."""
+    check_composable(content, style)
+    plp = content.plp
+    content_part = "B" if plp.content_half == "up" else "D"
+    style_part = "D" if content_part == "B" else "B"
+    tensors = {}
+    for name in content.layer_names:
+        tensors[f"{name}.A"] = content.tensors[f"{name}.A"].clone()
+        tensors[f"{name}.C"] = content.tensors[f"{name}.C"].clone()
+        tensors[f"{name}.{content_part}"] = content.tensors[f"{name}.{content_part}"].clone()
+        tensors[f"{name}.{style_part}"] = style.tensors[f"{name}.{style_part}"].clone()
+    return Adapter(kind="fused", method="b4m", tensors=tensors, rank=plp.rank, alpha=plp.alpha, plp=plp,
+                   base_model=content.base_model, base_model_hash=content.base_model_hash,
+                   tokens={**content.tokens, **style.tokens}, words={**content.words, **style.words},
+                   steps=0, seed=0)
+
+
+def _concept_for(adapter: Adapter, concept: Concept) -> Concept:
+    """The reference set, named with the identifier and word the adapter learnt."""
+    kind = concept.kind
+    return Concept(kind=kind, images=concept.images, captions=concept.captions, template=concept.template,
+                   word=adapter.words.get(kind, concept.word), token=adapter.tokens.get(kind, concept.token))
+
+
+def _check_base(base: BaseModel, *adapters: Adapter) -> None:
+    for a in adapters:
+        if a.base_model_hash and a.base_model_hash != base.model_hash:
+            raise IncompatibleAdapters(f"the {a.kind} adapter was trained on {a.base_model!r}, "
+                                       f"not on the loaded base {base.model_id!r}")
+
+
+class MakeStage:
+    """Compose, then fine-tune both halves on both reference sets (no routing)."""
+
+    def __init__(self, base: BaseModel, content: Adapter, style: Adapter, content_set: Concept,
+                 style_set: Concept, cfg: TrainConfig):
+        self.fused = compose(content, style)
+        _check_base(base, content, style)
+        self.base, self.cfg = base, cfg
+        self.layers = inject_plp(base.unet, self.fused.plp)
+        from .injection import load_plp_state_dict
+
+        load_plp_state_dict(self.layers, self.fused.tensors, parts=("A", "B", "C", "D"))
+        res = _resolution(base, cfg)
+        self.content_set = _concept_for(content, content_set)
+        self.style_set = _concept_for(style, style_set)
+        groups = [RowGroup(SampleSet(base, self.content_set, res, cfg.center_crop), cfg.batch_size, 1.0),
+                  RowGroup(SampleSet(base, self.style_set, res, cfg.center_crop), cfg.batch_size, 1.0)]
+        params = [{"params": [p for l in self.layers.values() for p in (l.B, l.D)]}]
+        self.session = TrainingSession(base, params, groups, cfg)
+
+    def train(self, hooks: Hooks | None = None) -> Adapter:
+        try:
+            self.session.run(hooks)
+            out = self.fused
+            out.tensors = plp_state_dict(self.layers)
+            out.steps, out.seed = self.cfg.steps, self.cfg.seed
+            return out
+        finally:
+            remove_adapters(self.base.unet)
+
+
+# ---------------------------------------------------------------- baselines
+class LoRAStage:
+    """Plain LoRA on one or more reference sets: a single-concept LoRA or joint DB+LoRA."""
+
+    def __init__(self, base: BaseModel, concepts: list[Concept], rank: int, alpha: float, targets: str,
+                 cfg: TrainConfig, kind: str, method: str):
+        self.base, self.concepts, self.cfg = base, concepts, cfg
+        self.rank, self.alpha, self.targets, self.kind, self.method = rank, alpha, targets, kind, method
+        for p in base.unet.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(cfg.seed)  # the kaiming draw of every `down`
+        self.layers = inject(base.unet, target_layer_names(base.unet, targets),
+                             lambda name, lin: LoRALinear(lin, rank, alpha))
+        res = _resolution(base, cfg)
+        groups = [RowGroup(SampleSet(base, c, res, cfg.center_crop), cfg.batch_size, 1.0) for c in concepts]
+        params = [{"params": [p for l in self.layers.values() for p in (l.up, l.down)]}]
+        self.session = TrainingSession(base, params, groups, cfg)
+
+    def train(self, hooks: Hooks | None = None) -> Adapter:
+        try:
+            self.session.run(hooks)
+            tensors = {}
+            for name, l in self.layers.items():
+                tensors[f"{name}.up"] = l.up.detach().float().cpu()
+                tensors[f"{name}.down"] = l.down.detach().float().cpu()
+            return Adapter(kind=self.kind, method=self.method, tensors=tensors, rank=self.rank, alpha=self.alpha,
+                           tokens={c.kind: c.token for c in self.concepts},
+                           words={c.kind: c.word for c in self.concepts}, steps=self.cfg.steps,
+                           seed=self.cfg.seed, extra={"targets": self.targets}, **_meta(self.base))
+        finally:
+            remove_adapters(self.base.unet)
+
+
+def direct_merge(content: Adapter, style: Adapter, weights: tuple[float, float] = (1.0, 1.0)) -> Adapter:
+    """Eq. 3: W0 + l1 dW1 + l2 dW2, stored exactly as one LoRA of rank r1 + r2."""
+    _check_pair(content, style)
+    lc, ls = content.low_rank(), style.low_rank()
+    tensors = {}
+    for name in sorted(set(lc) | set(ls)):
+        ups, downs = [], []
+        for lr_, w in ((lc, weights[0]), (ls, weights[1])):
+            if name in lr_:
+                up, down, scale = lr_[name]
+                ups.append(up.float() * scale * w)
+                downs.append(down.float())
+        tensors[f"{name}.up"] = torch.cat(ups, dim=1)
+        tensors[f"{name}.down"] = torch.cat(downs, dim=0)
+    rank = max(t.shape[0] for k, t in tensors.items() if k.endswith(".down"))
+    return _fused_baseline(content, style, "merge", tensors, rank, extra={"weights": list(weights)})
+
+
+def _check_pair(content: Adapter, style: Adapter) -> None:
+    if content.kind != "content" or style.kind != "style":
+        raise IncompatibleAdapters(f"expected a content and a style adapter, got {content.kind} and {style.kind}")
+    if content.base_model_hash != style.base_model_hash:
+        raise IncompatibleAdapters("adapters were trained on different base models")
+
+
+def _fused_baseline(content: Adapter, style: Adapter, method: str, tensors: dict, rank: int, extra: dict,
+                    steps: int = 0, seed: int = 0) -> Adapter:
+    # Scales are baked into `up`, so alpha = rank gives scale 1. Layers of different
+    # ranks are padded with zero columns so the file has one rank.
+    for name in [k[:-5] for k in tensors if k.endswith(".down")]:
+        up, down = tensors[f"{name}.up"], tensors[f"{name}.down"]
+        if down.shape[0] < rank:
+            pad = rank - down.shape[0]
+            tensors[f"{name}.up"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
+            tensors[f"{name}.down"] = torch.cat([down, down.new_zeros(pad, down.shape[1])], dim=0)
+    return Adapter(kind="fused", method=method, tensors=tensors, rank=rank, alpha=float(rank),
+                   base_model=content.base_model, base_model_hash=content.base_model_hash,
+                   tokens={**content.tokens, **style.tokens}, words={**content.words, **style.words},
+                   steps=steps, seed=seed, extra={"targets": content.targets, **extra})
+
+
+class ZipLoRAStage:
+    """ZipLoRA: learn per-column merger vectors so the merged adapter reproduces each
+    source LoRA on its own prompts, with |m1 . m2| pushing them onto different columns."""
+
+    def __init__(self, base: BaseModel, content: Adapter, style: Adapter, content_set: Concept,
+                 style_set: Concept, cfg: TrainConfig, overlap_weight: float = 0.01):
+        _check_pair(content, style)
+        _check_base(base, content, style)
+        self.base, self.content, self.style, self.cfg = base, content, style, cfg
+        lc, ls = content.low_rank(), style.low_rank()
+        names = sorted(set(lc) & set(ls))
+        if not names:
+            raise IncompatibleAdapters("the two adapters share no layers")
+        for p in base.unet.parameters():
+            p.requires_grad_(False)
+
+        def factory(name, lin):
+            (u1, d1, s1), (u2, d2, s2) = lc[name], ls[name]
+            return ZipLoRALinear(lin, u1, d1, s1, u2, d2, s2)
+
+        self.layers = inject(base.unet, names, factory)
+        res = _resolution(base, cfg)
+        cset, sset = _concept_for(content, content_set), _concept_for(style, style_set)
+        groups = [RowGroup(SampleSet(base, cset, res, cfg.center_crop), cfg.batch_size, 1.0),
+                  RowGroup(SampleSet(base, sset, res, cfg.center_crop), cfg.batch_size, 1.0)]
+        params = [{"params": [p for l in self.layers.values() for p in (l.m1, l.m2)]}]
+        self.session = TrainingSession(base, params, groups, cfg, target_fn=self._targets,
+                                       extra_loss=lambda: overlap_weight * sum(
+                                           l.overlap() for l in self.layers.values()) / len(self.layers))
+        self._n_content = cfg.batch_size
+
+    @torch.no_grad()
+    def _targets(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        out = []
+        n = self._n_content
+        for mode, rows in (("first", slice(0, n)), ("second", slice(n, None))):
+            for l in self.layers.values():
+                l.mode = mode
+            sub = {k: v[rows] for k, v in batch.items()}
+            out.append(self.session.predict(sub, noisy[rows], t[rows]).float())
+        for l in self.layers.values():
+            l.mode = "merged"
+        return torch.cat(out)
+
+    def train(self, hooks: Hooks | None = None) -> Adapter:
+        try:
+            self.session.run(hooks)
+            tensors = {}
+            for name, l in self.layers.items():
+                tensors[f"{name}.up"] = l.up_weight().detach().float().cpu()
+                tensors[f"{name}.down"] = l.down_weight().detach().float().cpu()
+            rank = max(t.shape[0] for k, t in tensors.items() if k.endswith(".down"))
+            return _fused_baseline(self.content, self.style, "ziplora", tensors, rank, extra={},
+                                   steps=self.cfg.steps, seed=self.cfg.seed)
+        finally:
+            remove_adapters(self.base.unet)
+
+
+# ------------------------------------------------------- one call shape for all
+CONCEPT_METHODS = ("b4m", "lora")
+FUSION_METHODS = ("b4m", "joint", "merge", "ziplora")
+
+
+def train_concept(base: BaseModel, concept: Concept, method: str = "b4m", aux: list[Concept] | None = None,
+                  plp: PLPConfig | None = None, cfg: TrainConfig | None = None,
+                  hooks: Hooks | None = None) -> Adapter:
+    """Break stage (`b4m`) or a plain LoRA (`lora`, the baselines' first stage)."""
+    plp, cfg = plp or PLPConfig(), cfg or TrainConfig()
+    if method == "b4m":
+        return BreakStage(base, concept, list(aux or []), plp, cfg).train(hooks)
+    if method == "lora":
+        return LoRAStage(base, [concept], plp.rank, plp.alpha, plp.targets, cfg, concept.kind, "lora").train(hooks)
+    raise ConfigError(f"concept method must be one of {CONCEPT_METHODS}, got {method!r}")
+
+
+def fuse(base: BaseModel, content: Adapter | None, style: Adapter | None, content_set: Concept,
+         style_set: Concept, method: str = "b4m", cfg: TrainConfig | None = None, hooks: Hooks | None = None,
+         plp: PLPConfig | None = None) -> Adapter:
+    """Make one adapter for a content x style pair by the chosen method.
+
+    `b4m`: compose + fine-tune (default 50 steps); `joint`: one LoRA trained from scratch
+    on both sets; `merge`: direct sum; `ziplora`: learnt merger vectors (default 100).
+    """
+    if method == "b4m":
+        cfg = cfg or TrainConfig(steps=50)
+        if cfg.steps == 0:
+            _check_base(base, content, style)
+            return compose(content, style)
+        return MakeStage(base, content, style, content_set, style_set, cfg).train(hooks)
+    if method == "joint":
+        plp = plp or (content.plp if content and content.plp else PLPConfig())
+        cset = _concept_for(content, content_set) if content else content_set
+        sset = _concept_for(style, style_set) if style else style_set
+        return LoRAStage(base, [cset, sset], plp.rank, plp.alpha, plp.targets, cfg or TrainConfig(),
+                         "fused", "joint").train(hooks)
+    if method == "merge":
+        _check_base(base, content, style)
+        return direct_merge(content, style)
+    if method == "ziplora":
+        return ZipLoRAStage(base, content, style, content_set, style_set, cfg or TrainConfig(steps=100)).train(hooks)
+    raise ConfigError(f"fusion method must be one of {FUSION_METHODS}, got {method!r}")
