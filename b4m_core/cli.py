@@ -1,0 +1,241 @@
+"""`b4m`: the method on local files, no server.
+
+    b4m train content --images DIR --class-word WORD --base BASE --steps N --out FILE [--aux DIR ...]
+    b4m train style   --images DIR --style-word WORD --base BASE --steps N --out FILE [--aux DIR ...]
+    b4m fuse --content FILE --style FILE --content-images DIR --style-images DIR --steps N --out FILE
+    b4m generate --adapter FILE --prompt TEXT --seed S --num-images N --out DIR
+    b4m export --adapter FILE --format diffusers|kohya --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import BASIS_MODES, CONTENT_HALVES, TARGET_SETS, ConfigError, PLPConfig, TrainConfig
+
+AUX_HELP = ("auxiliary reference folder of the opposite kind for MCP (repeatable); each folder's name "
+            "is its word, unless a file word.txt inside says otherwise")
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
+def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
+    p.add_argument("--base", default=os.environ.get("B4M_BASE_MODEL", ""),
+                   help="base model: local diffusers folder or hub id (env B4M_BASE_MODEL)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 for ZipLoRA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="autocast on CUDA; ignored on CPU")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=0, help="write a resumable checkpoint every N steps")
+    p.add_argument("--checkpoint-dir", default=None, help="folder for checkpoints (default: next to --out)")
+    p.add_argument("--resume", default=None, help="a checkpoint file to continue from")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    if with_plp:
+        p.add_argument("--rank", type=int, default=16)
+        p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+        p.add_argument("--rho", type=float, default=0.5, help="PLP split ratio")
+        p.add_argument("--basis-mode", choices=BASIS_MODES, default="exact")
+        p.add_argument("--basis-seed", type=int, default=0)
+        p.add_argument("--content-half", choices=CONTENT_HALVES, default="up")
+        p.add_argument("--targets", choices=TARGET_SETS, default="attn")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="b4m", description="Break-for-Make content-style customization")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="break stage: learn a content or a style adapter")
+    tsub = train.add_subparsers(dest="kind", required=True)
+    for kind, word_flag in (("content", "--class-word"), ("style", "--style-word")):
+        p = tsub.add_parser(kind, help=f"learn a {kind} adapter")
+        p.add_argument("--images", required=True, help=f"folder of {kind} reference images")
+        p.add_argument(word_flag, dest="word", required=True,
+                       help="class word of the content (dog)" if kind == "content" else "style word (watercolor)")
+        p.add_argument("--token", default="", help="identifier token (default sks for content, zwx for style)")
+        p.add_argument("--aux", action="append", default=[], help=AUX_HELP)
+        p.add_argument("--aux-lr-factor", type=float, default=1.0,
+                       help="learning-rate factor for the auxiliary half (the released code uses 0.1)")
+        p.add_argument("--method", choices=["b4m", "lora"], default="b4m",
+                       help="b4m (PLP + MCP) or a plain LoRA for the baselines")
+        _train_args(p)
+
+    p = sub.add_parser("fuse", help="make stage: combine a content and a style adapter")
+    p.add_argument("--content", required=True, help="content adapter file")
+    p.add_argument("--style", required=True, help="style adapter file")
+    p.add_argument("--content-images", required=True)
+    p.add_argument("--style-images", required=True)
+    p.add_argument("--method", choices=["b4m", "joint", "merge", "ziplora"], default="b4m")
+    _train_args(p, with_plp=False)
+
+    p = sub.add_parser("generate", help="draw images with an adapter (or none)")
+    p.add_argument("--adapter", default=None, help="adapter file (omit for the bare base model)")
+    p.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
+    p.add_argument("--prompt", required=True, help="prompt; {content} and {style} expand to the adapter's concepts")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--unfused", action="store_true", help="keep the adapter unmerged")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+
+    p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--format", choices=["diffusers", "kohya", "b4m"], required=True)
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def _load_aux(folders: list[str], kind: str):
+    from .data import load_concept
+
+    out = []
+    for i, folder in enumerate(folders):
+        path = Path(folder)
+        word_file = path / "word.txt"
+        word = word_file.read_text().strip() if word_file.is_file() else path.name
+        out.append(load_concept(kind, path, word, token=f"aux{i}"))
+    return out
+
+
+def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainConfig:
+    return TrainConfig(steps=default_steps if args.steps is None else args.steps,
+                       learning_rate=args.lr or default_lr, seed=args.seed, batch_size=args.batch_size,
+                       resolution=args.resolution, mixed_precision=args.mixed_precision,
+                       gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+                       aux_lr_factor=getattr(args, "aux_lr_factor", 1.0))
+
+
+def _hooks(args):
+    from .training import Hooks
+
+    start = time.time()
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if step == total or step % max(1, total // 20) == 0:
+            print(f"step {step}/{total} loss {loss:.4f} ({time.time() - start:.1f}s)", file=sys.stderr)
+
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).parent
+    stem = Path(args.out).stem
+
+    def checkpoint(step: int, state: bytes) -> None:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = ckpt_dir / f"{stem}.step{step:06d}.ckpt.safetensors"
+        path.write_bytes(state)
+        print(f"checkpoint {path}", file=sys.stderr)
+
+    resume = None
+    if args.resume:
+        if not Path(args.resume).is_file():
+            raise ConfigError(f"checkpoint not found: {args.resume}")
+        resume = Path(args.resume).read_bytes()
+    return Hooks(progress=progress, checkpoint=checkpoint, resume=resume)
+
+
+def _need_base(args) -> str:
+    if not args.base:
+        raise ConfigError("no base model: pass --base (a diffusers folder or hub id) or set B4M_BASE_MODEL")
+    return args.base
+
+
+def cmd_train(args) -> None:
+    from .data import load_concept
+    from .models import load_base
+    from .training import train_concept
+
+    concept = load_concept(args.kind, args.images, args.word, token=args.token)
+    other = "style" if args.kind == "content" else "content"
+    aux = _load_aux(args.aux, other)
+    plp = PLPConfig(rank=args.rank, alpha=args.alpha or float(args.rank), rho=args.rho, basis_mode=args.basis_mode,
+                    basis_seed=args.basis_seed, content_half=args.content_half, targets=args.targets)
+    cfg = _train_config(args, default_steps=300)
+    base = load_base(_need_base(args), device=args.device)
+    adapter = train_concept(base, concept, method=args.method, aux=aux, plp=plp, cfg=cfg, hooks=_hooks(args))
+    adapter.save(args.out)
+    print(args.out)
+
+
+def cmd_fuse(args) -> None:
+    from .adapter import Adapter
+    from .data import load_concept
+    from .models import load_base
+    from .training import fuse
+
+    content, style = Adapter.load(args.content), Adapter.load(args.style)
+    cset = load_concept("content", args.content_images, content.words.get("content", "thing"),
+                        token=content.tokens.get("content", ""))
+    sset = load_concept("style", args.style_images, style.words.get("style", "style"),
+                        token=style.tokens.get("style", ""))
+    default_steps = {"b4m": 50, "ziplora": 100, "joint": 300, "merge": 0}[args.method]
+    cfg = _train_config(args, default_steps=default_steps, default_lr=1e-4 if args.method == "ziplora" else 1e-3)
+    base = load_base(args.base or content.base_model, device=args.device)
+    fused = fuse(base, content, style, cset, sset, method=args.method, cfg=cfg, hooks=_hooks(args))
+    fused.save(args.out)
+    print(args.out)
+
+
+def cmd_generate(args) -> None:
+    from .adapter import Adapter
+    from .generation import GenerationRequest, Generator
+    from .models import load_base
+
+    adapter = Adapter.load(args.adapter) if args.adapter else None
+    base_name = args.base or (adapter.base_model if adapter else os.environ.get("B4M_BASE_MODEL", ""))
+    if not base_name:
+        raise ConfigError("no base model: pass --base or --adapter")
+    gen = Generator(load_base(base_name, device=args.device))
+    gen.set_adapter(adapter, fuse=not args.unfused)
+    req = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                            steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
+                            num_images=args.num_images)
+    images = gen.generate(req)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        path = out / f"image_{args.seed}_{i:02d}.png"
+        im.save(path)
+        print(path)
+
+
+def cmd_export(args) -> None:
+    from .adapter import Adapter
+
+    data = Adapter.load(args.adapter).export(args.format)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    print(out)
+
+
+COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"b4m: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

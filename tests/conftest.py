@@ -1,0 +1,60 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from b4m_core.data import Concept
+from b4m_core.models import load_base
+from b4m_core.tiny import build_tiny_sd, build_tiny_sdxl
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory):
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def sd(tiny_sd_path):
+    return load_base(str(tiny_sd_path), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sdxl(tiny_sdxl_path):
+    return load_base(str(tiny_sdxl_path), device="cpu")
+
+
+@pytest.fixture(params=["sd", "sdxl"])
+def any_base(request):
+    return request.getfixturevalue(request.param)
+
+
+def random_images(seed: int, n: int, size=(40, 48)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def write_images(folder, seed: int, n: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(random_images(seed, n)):
+        im.save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def concepts():
+    content = Concept("content", random_images(0, 3), "dog")
+    style = Concept("style", random_images(1, 2), "watercolor")
+    aux_styles = [Concept("style", random_images(10 + i, 2), f"style{i}", token=f"as{i}") for i in range(3)]
+    aux_contents = [Concept("content", random_images(20 + i, 2), f"thing{i}", token=f"ac{i}") for i in range(3)]
+    return content, style, aux_styles, aux_contents

@@ -1,0 +1,121 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from b4m_core.config import ConfigError, PLPConfig
+from b4m_core.layers import PLPLinear, make_bases
+
+
+@pytest.mark.parametrize("m,n", [(64, 64), (64, 48), (320, 2048), (40, 33)])
+@pytest.mark.parametrize("rank", [4, 5, 16])
+def test_exact_bases_give_zero_ac(m, n, rank):
+    a, c = make_bases(PLPConfig(rank=rank, basis_mode="exact"), "blk.attn2.to_k", m, n)
+    assert a.shape == (m // 2, rank) and c.shape == (rank, n // 2)
+    assert (a @ c).abs().max().item() < 1e-6
+    assert a.abs().max() > 0 and c.abs().max() > 0
+
+
+def test_paper_bases_are_small_not_zero_and_random_are_not_small():
+    m = n = 64
+    a, c = make_bases(PLPConfig(rank=8, basis_mode="paper"), "x", m, n)
+    ac_paper = (a @ c).abs().max().item()
+    assert ac_paper > 1e-4  # not exactly zero: the released code's construction
+    ar, cr = make_bases(PLPConfig(rank=8, basis_mode="random"), "x", m, n)
+    ac_random = (ar @ cr).abs().max().item()
+    ae, ce = make_bases(PLPConfig(rank=8, basis_mode="exact"), "x", m, n)
+    assert ac_random > 1e-3
+    assert (ae @ ce).abs().max().item() < 1e-6 < ac_paper
+    # paper bases are rows of one orthogonal matrix: C's rows are orthogonal to each other
+    full_c = make_bases(PLPConfig(rank=8, rho=0.999, basis_mode="paper"), "x", m, n)[1]
+    gram = full_c @ full_c.T
+    off = gram - torch.diag(torch.diag(gram))
+    assert off.abs().max() < 0.05 * torch.diag(gram).abs().min()
+
+
+def test_bases_depend_on_seed_name_and_shape_only():
+    cfg = PLPConfig(rank=8, basis_seed=3)
+    a1, c1 = make_bases(cfg, "layer.a", 32, 32)
+    a2, c2 = make_bases(cfg, "layer.a", 32, 32)
+    assert torch.equal(a1, a2) and torch.equal(c1, c2)
+    a3, _ = make_bases(cfg, "layer.b", 32, 32)
+    a4, _ = make_bases(PLPConfig(rank=8, basis_seed=4), "layer.a", 32, 32)
+    assert not torch.equal(a1, a3) and not torch.equal(a1, a4)
+
+
+def test_bases_identical_in_another_process():
+    code = ("import torch,sys; from b4m_core.layers import make_bases; from b4m_core.config import PLPConfig;"
+            "a,c=make_bases(PLPConfig(rank=8,basis_seed=7),'l',48,40); sys.stdout.write(str(float(a.double().sum()))"
+            "+' '+str(float(c.double().sum())))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    a, c = make_bases(PLPConfig(rank=8, basis_seed=7), "l", 48, 40)
+    assert float(out[0]) == float(a.double().sum()) and float(out[1]) == float(c.double().sum())
+
+
+def test_config_rejects_bad_values():
+    for kwargs in ({"rank": 0}, {"rho": 1.0}, {"rho": -0.1}, {"basis_mode": "x"}, {"content_half": "left"},
+                   {"targets": "all"}, {"alpha": 0}, {"rank": 1}):
+        with pytest.raises(ConfigError):
+            PLPConfig(**kwargs)
+
+
+def _layer(m=24, n=20, **kw):
+    torch.manual_seed(0)
+    return PLPLinear(nn.Linear(n, m), PLPConfig(rank=4, alpha=8, **kw), "l")
+
+
+def test_plp_starts_as_identity_and_matches_full_update():
+    layer = _layer()
+    x = torch.randn(3, 5, 20)
+    assert torch.allclose(layer(x), layer.base(x), atol=1e-6)  # A C x is 0 up to float rounding
+    with torch.no_grad():
+        layer.B.normal_()
+        layer.D.normal_()
+    expected = layer.base(x) + x @ layer.delta_weight().T
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    # block structure of dW: top-left is A C = 0 in exact mode
+    dw = layer.delta_weight()
+    assert dw[: layer.dm, : layer.dn].abs().max() < 1e-6
+    assert torch.allclose(dw[: layer.dm, layer.dn:], layer.scale * layer.A @ layer.D, atol=1e-6)
+    assert torch.allclose(dw[layer.dm:, : layer.dn], layer.scale * layer.B @ layer.C, atol=1e-6)
+    assert torch.allclose(dw[layer.dm:, layer.dn:], layer.scale * layer.B @ layer.D, atol=1e-6)
+
+
+def test_a_c_are_buffers_b_d_parameters():
+    layer = _layer()
+    names = {n for n, _ in layer.named_parameters()}
+    assert "B" in names and "D" in names and "A" not in names and "C" not in names
+    assert {"A", "C"} <= {n for n, _ in layer.named_buffers()}
+
+
+@pytest.mark.parametrize("primary", ["up", "down"])
+def test_routing_matches_detached_reference(primary):
+    """One routed pass gives exactly the gradients of 'each row sees the other half detached'."""
+    layer = _layer()
+    with torch.no_grad():
+        layer.B.normal_()
+        layer.D.normal_()
+    x = torch.randn(4, 6, 20, requires_grad=True)
+    route = torch.tensor([True, False, False, True])
+    w = torch.randn(4, 6, 24)
+    layer.primary, layer.route = primary, route
+    (layer(x) * w).sum().backward()
+    g_b, g_d, g_x = layer.B.grad.clone(), layer.D.grad.clone(), x.grad.clone()
+    layer.route = None
+    layer.B.grad = layer.D.grad = None
+    x2 = x.detach().clone().requires_grad_(True)
+    total = 0
+    for i in range(4):
+        mine = route[i].item()
+        train_up = mine if primary == "up" else not mine
+        b = layer.B if train_up else layer.B.detach()
+        d = layer.D.detach() if train_up else layer.D
+        up, down = torch.cat([layer.A, b]), torch.cat([layer.C, d], dim=1)
+        y = layer.base(x2[i]) + layer.scale * (x2[i] @ down.T) @ up.T
+        total = total + (y * w[i]).sum()
+    total.backward()
+    assert torch.allclose(g_b, layer.B.grad, atol=1e-5)
+    assert torch.allclose(g_d, layer.D.grad, atol=1e-5)
+    assert torch.allclose(g_x, x2.grad, atol=1e-5)

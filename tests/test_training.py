@@ -1,0 +1,154 @@
+import pytest
+import torch
+from torch import nn
+
+from b4m_core.config import PLPConfig, TrainConfig
+from b4m_core.injection import adapter_layers, remove_adapters
+from b4m_core.layers import make_bases
+from b4m_core.training import BreakStage, Hooks, TrainingCanceled, train_concept
+
+
+@pytest.fixture
+def clean(sd, sdxl):
+    yield
+    remove_adapters(sd.unet)
+    remove_adapters(sdxl.unet)
+
+
+def _grads(stage, weights_mask):
+    """Gradients of one batch where only the rows with `weights_mask` count."""
+    s = stage.session
+    batch, weights, route = s.draw()
+    for layer in stage.layers.values():
+        layer.route = route
+    loss = (s.row_losses(batch, route) * weights * weights_mask(route)).sum()
+    loss.backward()
+    out = {}
+    for half in ("up", "down"):
+        out[half] = torch.stack([(l.half(half).grad if l.half(half).grad is not None
+                                  else torch.zeros_like(l.half(half))).abs().sum()
+                                 for l in stage.layers.values()]).sum().item()
+    for l in stage.layers.values():
+        l.route = None
+        l.B.grad = l.D.grad = None
+        # the trainable halves start at zero, so move them to see gradients reach both
+    return out
+
+
+@pytest.mark.parametrize("kind", ["content", "style"])
+@pytest.mark.parametrize("content_half", ["up", "down"])
+def test_mcp_routes_each_loss_to_its_own_half(sd, concepts, clean, kind, content_half):
+    content, style, aux_styles, aux_contents = concepts
+    concept, aux = (content, aux_styles) if kind == "content" else (style, aux_contents)
+    plp = PLPConfig(rank=4, content_half=content_half)
+    stage = BreakStage(sd, concept, aux, plp, TrainConfig(steps=1))
+    with torch.no_grad():  # non-zero halves so gradients can reach both B and D
+        for l in stage.layers.values():
+            l.B.normal_(0, 0.1)
+            l.D.normal_(0, 0.1)
+    primary = plp.half_for(kind)
+    other = "down" if primary == "up" else "up"
+    only_primary = _grads(stage, lambda route: route.float())
+    only_aux = _grads(stage, lambda route: (~route).float())
+    both = _grads(stage, lambda route: torch.ones_like(route, dtype=torch.float))
+    remove_adapters(sd.unet)
+    assert only_primary[primary] > 0 and only_primary[other] == 0.0
+    assert only_aux[other] > 0 and only_aux[primary] == 0.0
+    assert both[primary] > 0 and both[other] > 0
+
+
+def test_training_moves_halves_and_keeps_bases(sd, concepts, clean):
+    content, _, aux_styles, _ = concepts
+    plp = PLPConfig(rank=4, basis_seed=5)
+    seen = []
+    adapter = train_concept(sd, content, aux=aux_styles[:2], plp=plp,
+                            cfg=TrainConfig(steps=3, learning_rate=1e-2),
+                            hooks=Hooks(progress=lambda s, t, l: seen.append((s, t, l))))
+    assert [s for s, _, _ in seen] == [1, 2, 3] and all(t == 3 for _, t, _ in seen)
+    assert all(torch.isfinite(torch.tensor(l)) for _, _, l in seen)
+    assert not adapter_layers(sd.unet)  # injection removed after training
+    for name in adapter.layer_names:
+        lin = sd.unet.get_submodule(name)
+        a, c = make_bases(plp, name, lin.out_features, lin.in_features)
+        assert torch.equal(adapter.tensors[f"{name}.A"], a)
+        assert torch.equal(adapter.tensors[f"{name}.C"], c)
+    assert sum(adapter.tensors[f"{n}.B"].abs().sum() for n in adapter.layer_names) > 0
+    assert sum(adapter.tensors[f"{n}.D"].abs().sum() for n in adapter.layer_names) > 0
+    assert adapter.kind == "content" and adapter.tokens == {"content": "sks"} and adapter.words == {"content": "dog"}
+
+
+def test_k0_trains_only_the_concept_half(sdxl, concepts, clean):
+    content, *_ = concepts
+    adapter = train_concept(sdxl, content, aux=[], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2))
+    assert sum(adapter.tensors[f"{n}.B"].abs().sum() for n in adapter.layer_names) > 0
+    assert all(adapter.tensors[f"{n}.D"].abs().sum() == 0 for n in adapter.layer_names)
+
+
+def test_aux_lr_factor_slows_the_other_half(sd, concepts, clean):
+    content, _, aux_styles, _ = concepts
+
+    def d_norm(factor):
+        a = train_concept(sd, content, aux=aux_styles[:1], plp=PLPConfig(rank=4),
+                          cfg=TrainConfig(steps=2, aux_lr_factor=factor))
+        return sum(a.tensors[f"{n}.D"].abs().sum() for n in a.layer_names)
+
+    assert d_norm(0.1) < 0.5 * d_norm(1.0)
+
+
+def test_same_seed_same_adapter(sd, concepts, clean):
+    content, _, aux_styles, _ = concepts
+    run = lambda seed: train_concept(sd, content, aux=aux_styles[:1], plp=PLPConfig(rank=4),
+                                     cfg=TrainConfig(steps=2, seed=seed))
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors if k.endswith(".B"))
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_resume_matches_unbroken_run(request, concepts, clean, which):
+    base = request.getfixturevalue(which)
+    content, _, aux_styles, _ = concepts
+    plp, cfg = PLPConfig(rank=4), TrainConfig(steps=6, seed=3, checkpoint_every=2)
+    saved = {}
+    unbroken = train_concept(base, content, aux=aux_styles[:2], plp=plp, cfg=cfg,
+                             hooks=Hooks(checkpoint=lambda step, state: saved.__setitem__(step, state)))
+    assert sorted(saved) == [2, 4]
+
+    # interrupted at step 3 (after the step-2 checkpoint), resumed in a fresh stage
+    stop_at = {"n": 0}
+
+    def cancel():
+        stop_at["n"] += 1
+        return stop_at["n"] > 3
+
+    with pytest.raises(TrainingCanceled):
+        train_concept(base, content, aux=aux_styles[:2], plp=plp, cfg=cfg, hooks=Hooks(should_cancel=cancel))
+    assert not adapter_layers(base.unet)
+    resumed = train_concept(base, content, aux=aux_styles[:2], plp=plp, cfg=cfg, hooks=Hooks(resume=saved[2]))
+    for k in unbroken.tensors:
+        assert torch.allclose(unbroken.tensors[k], resumed.tensors[k], atol=1e-6), k
+
+
+def test_gradient_checkpointing_gives_same_result(sd, concepts, clean):
+    content, _, aux_styles, _ = concepts
+    run = lambda gc: train_concept(sd, content, aux=aux_styles[:2], plp=PLPConfig(rank=4),
+                                   cfg=TrainConfig(steps=2, gradient_checkpointing=gc))
+    a, b = run(False), run(True)
+    for k in a.tensors:
+        assert torch.allclose(a.tensors[k], b.tensors[k], atol=1e-5), k
+
+
+def test_cross_targets_cover_only_cross_attention(sd, concepts, clean):
+    content, *_ = concepts
+    a = train_concept(sd, content, plp=PLPConfig(rank=4, targets="cross"), cfg=TrainConfig(steps=1))
+    assert a.layer_names and all(".attn2." in n for n in a.layer_names)
+    b = train_concept(sd, content, plp=PLPConfig(rank=4, targets="attn"), cfg=TrainConfig(steps=1))
+    assert any(".attn1." in n for n in b.layer_names) and len(b.layer_names) == 2 * len(a.layer_names)
+
+
+def test_aux_must_be_the_opposite_kind(sd, concepts, clean):
+    content, _, _, aux_contents = concepts
+    from b4m_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="opposite kind"):
+        BreakStage(sd, content, aux_contents, PLPConfig(rank=4), TrainConfig(steps=1))
