@@ -1,0 +1,132 @@
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from b4m_core.adapter import Adapter
+from b4m_core.config import ConfigError, PLPConfig, TrainConfig
+from b4m_core.generation import GenerationRequest, Generator, expand_prompt
+from b4m_core.injection import adapter_layers, remove_adapters
+from b4m_core.training import fuse, train_concept
+
+
+def _unet_out(base_or_pipe, is_sdxl):
+    unet = base_or_pipe.unet
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 32, unet.config.cross_attention_dim, generator=g)
+    kw = {}
+    if is_sdxl:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g),
+                                   "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2, dtype=torch.float32)}
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx, **kw).sample
+
+
+@pytest.fixture(scope="module")
+def fused_adapters(sd, sdxl):
+    from .conftest import random_images
+    from b4m_core.data import Concept
+
+    out = {}
+    for name, base in (("sd", sd), ("sdxl", sdxl)):
+        content = Concept("content", random_images(0, 2), "dog")
+        style = Concept("style", random_images(1, 2), "ink")
+        plp = PLPConfig(rank=4)
+        cfg = TrainConfig(steps=2, learning_rate=5e-2)
+        c = train_concept(base, content, plp=plp, cfg=cfg)
+        s = train_concept(base, style, plp=plp, cfg=cfg)
+        out[name] = fuse(base, c, s, content, style, cfg=TrainConfig(steps=1, learning_rate=5e-2))
+    return out
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_exported_lora_loads_in_diffusers_and_matches(request, tmp_path, fused_adapters, which, fmt):
+    base = request.getfixturevalue(which)
+    path = request.getfixturevalue(f"tiny_{which}_path")
+    adapter = fused_adapters[which]
+    gen = Generator(base)
+    plain = _unet_out(base, base.is_sdxl)
+    gen.set_adapter(adapter, fuse=False)
+    ours = _unet_out(base, base.is_sdxl)
+    gen.set_adapter(None)
+    assert (ours - plain).abs().max() > 1e-4  # the adapter does something
+
+    file = tmp_path / f"lora_{fmt}.safetensors"
+    file.write_bytes(adapter.export(fmt))
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    pipe.load_lora_weights(str(file))
+    theirs = _unet_out(pipe, base.is_sdxl)
+    assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
+
+
+def test_kohya_keys_and_alpha(fused_adapters):
+    sd_ = fused_adapters["sd"].to_kohya()
+    keys = list(sd_)
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in sd_
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_fused_and_unfused_draw_the_same_and_switching_restores_base(request, fused_adapters, which):
+    base = request.getfixturevalue(which)
+    adapter = fused_adapters[which]
+    gen = Generator(base)
+    weights_before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    req = GenerationRequest(prompt="a {content} in {style} style", steps=3, num_images=2, seed=4)
+    gen.set_adapter(None)
+    bare = gen.generate(GenerationRequest(prompt="a dog", steps=3, seed=4))
+    gen.set_adapter(adapter, fuse=True)
+    fused_imgs = gen.generate(req)
+    assert not adapter_layers(base.unet)  # merged: no extra modules at all
+    gen.set_adapter(adapter, fuse=False)
+    unfused_imgs = gen.generate(req)
+    assert len(fused_imgs) == 2 and fused_imgs[0].size == (32, 32)
+    for a, b in zip(fused_imgs, unfused_imgs):
+        diff = (torch.tensor(list(a.getdata())) - torch.tensor(list(b.getdata()))).abs().max()
+        assert diff <= 2
+    gen.set_adapter(adapter, fuse=True)
+    gen.set_adapter(None)
+    after = base.unet.state_dict()
+    assert all(torch.equal(weights_before[k], after[k]) for k in weights_before)
+    again = gen.generate(GenerationRequest(prompt="a dog", steps=3, seed=4))
+    assert list(again[0].getdata()) == list(bare[0].getdata())
+
+
+def test_prompt_expansion_and_errors(fused_adapters, sd):
+    a = fused_adapters["sd"]
+    assert expand_prompt("a {content} in {style} style", a) == "a sks dog in zwx ink style"
+    content_only = Adapter(kind="content", method="b4m", tensors={}, rank=4, alpha=4, plp=PLPConfig(rank=4),
+                           tokens={"content": "sks"}, words={"content": "dog"})
+    with pytest.raises(ConfigError, match="no style"):
+        expand_prompt("{content} in {style}", content_only)
+    with pytest.raises(ConfigError):
+        expand_prompt("{content}", None)
+    gen = Generator(sd)
+    for bad in ({"steps": 0}, {"width": 33}, {"num_images": 0}, {"guidance": -1}):
+        with pytest.raises(ConfigError):
+            gen.generate(GenerationRequest(prompt="x", **bad))
+
+
+def test_adapter_for_another_base_is_refused(fused_adapters, sdxl):
+    with pytest.raises(ConfigError, match="trained on"):
+        Generator(sdxl).set_adapter(fused_adapters["sd"])
+    remove_adapters(sdxl.unet)
+
+
+def test_adapter_file_roundtrip_and_metadata(tmp_path, fused_adapters):
+    a = fused_adapters["sd"]
+    path = a.save(tmp_path / "f.safetensors")
+    b = Adapter.load(path)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    meta = b.metadata()
+    for key in ("base_model", "base_model_hash", "method", "rank", "alpha", "plp", "targets", "tokens", "words",
+                "steps", "seed"):
+        assert meta[key] not in (None, ""), key
+    assert meta["plp"]["rho"] == 0.5 and meta["plp"]["basis_mode"] == "exact"
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file at all")
+    with pytest.raises(ConfigError):
+        Adapter.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ConfigError):
+        Adapter.load(tmp_path / "missing.safetensors")

@@ -1,0 +1,123 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from b4m_core.adapter import Adapter
+from b4m_core.config import PLPConfig, TrainConfig
+from b4m_core.training import IncompatibleAdapters, compose, fuse, train_concept
+
+from .conftest import write_images
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "b4m_core", *map(str, args)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("content_half", ["up", "down"])
+def test_separate_processes_share_bases_and_compose_exactly(tmp_path, tiny_sd_path, content_half):
+    cdir, sdir = write_images(tmp_path / "c", 0, 3), write_images(tmp_path / "s", 1, 2)
+    common = ["--base", tiny_sd_path, "--steps", 2, "--rank", 4, "--basis-seed", 11, "--content-half", content_half]
+    _cli("train", "content", "--images", cdir, "--class-word", "dog", "--out", tmp_path / "c.safetensors", *common)
+    _cli("train", "style", "--images", sdir, "--style-word", "ink", "--out", tmp_path / "s.safetensors", *common)
+    c, s = Adapter.load(tmp_path / "c.safetensors"), Adapter.load(tmp_path / "s.safetensors")
+    fused = compose(c, s)
+    content_part, style_part = ("B", "D") if content_half == "up" else ("D", "B")
+    for name in c.layer_names:
+        for part in ("A", "C"):
+            assert torch.equal(c.tensors[f"{name}.{part}"], s.tensors[f"{name}.{part}"])
+        assert torch.equal(fused.tensors[f"{name}.{content_part}"], c.tensors[f"{name}.{content_part}"])
+        assert torch.equal(fused.tensors[f"{name}.{style_part}"], s.tensors[f"{name}.{style_part}"])
+        # the four blocks of dW (DESIGN.md section 1)
+        up, down, scale = fused.low_rank()[name]
+        dw = scale * up @ down
+        A, B, C, D = (fused.tensors[f"{name}.{p}"] for p in "ABCD")
+        dm, dn = A.shape[0], C.shape[1]
+        assert dw[:dm, :dn].abs().max() < 1e-6
+        assert torch.allclose(dw[:dm, dn:], scale * A @ D, atol=1e-6)
+        assert torch.allclose(dw[dm:, :dn], scale * B @ C, atol=1e-6)
+        assert torch.allclose(dw[dm:, dn:], scale * B @ D, atol=1e-6)
+    assert fused.kind == "fused" and fused.tokens == {"content": "sks", "style": "zwx"}
+    assert fused.words == {"content": "dog", "style": "ink"}
+    # the content's learnt half came from the content adapter and is non-zero
+    assert sum(c.tensors[f"{n}.{content_part}"].abs().sum() for n in c.layer_names) > 0
+
+
+@pytest.fixture(scope="module")
+def pair(sd):
+    from .conftest import random_images
+    from b4m_core.data import Concept
+
+    content = Concept("content", random_images(0, 3), "dog")
+    style = Concept("style", random_images(1, 2), "ink")
+    plp = PLPConfig(rank=4)
+    c = train_concept(sd, content, plp=plp, cfg=TrainConfig(steps=1))
+    s = train_concept(sd, style, plp=plp, cfg=TrainConfig(steps=1))
+    return c, s, content, style
+
+
+def _with(adapter, **plp_changes):
+    return dataclasses.replace(adapter, plp=dataclasses.replace(adapter.plp, **plp_changes))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"basis_seed": 9}, "basis seed"), ({"basis_mode": "random"}, "basis mode"), ({"rank": 8}, "rank"),
+    ({"rho": 0.25}, "rho"), ({"content_half": "down"}, "content_half"), ({"targets": "cross"}, "target set"),
+])
+def test_every_mismatch_is_refused(pair, change, message):
+    c, s, *_ = pair
+    with pytest.raises(IncompatibleAdapters, match=message):
+        compose(c, _with(s, **change))
+
+
+def test_other_base_model_and_same_kind_are_refused(pair, sd):
+    c, s, content, style = pair
+    with pytest.raises(IncompatibleAdapters, match="different base models"):
+        compose(c, dataclasses.replace(s, base_model_hash="0" * 16, base_model="other"))
+    with pytest.raises(IncompatibleAdapters, match="both adapters are content"):
+        compose(c, c)
+    with pytest.raises(IncompatibleAdapters, match="both adapters are style"):
+        compose(s, s)
+    with pytest.raises(IncompatibleAdapters, match="expected a content and a style"):
+        compose(s, c)
+    other = dataclasses.replace(c, base_model_hash="f" * 16)
+    other_s = dataclasses.replace(s, base_model_hash="f" * 16)
+    with pytest.raises(IncompatibleAdapters, match="not on the loaded base"):
+        fuse(sd, other, other_s, content, style, cfg=TrainConfig(steps=1))
+
+
+def test_steps_zero_is_the_bare_composition_and_steps_move_both_halves(pair, sd):
+    c, s, content, style = pair
+    bare = fuse(sd, c, s, content, style, cfg=TrainConfig(steps=0))
+    ref = compose(c, s)
+    assert all(torch.equal(bare.tensors[k], ref.tensors[k]) for k in ref.tensors)
+    tuned = fuse(sd, c, s, content, style, cfg=TrainConfig(steps=2, learning_rate=1e-2))
+    assert tuned.steps == 2 and tuned.kind == "fused"
+    for part in ("B", "D"):
+        assert any(not torch.equal(tuned.tensors[f"{n}.{part}"], ref.tensors[f"{n}.{part}"]) for n in c.layer_names)
+    for part in ("A", "C"):
+        assert all(torch.equal(tuned.tensors[f"{n}.{part}"], ref.tensors[f"{n}.{part}"]) for n in c.layer_names)
+
+
+def test_baselines_share_the_call_shape(sd, pair):
+    _, _, content, style = pair
+    plp = PLPConfig(rank=4)
+    lc = train_concept(sd, content, method="lora", plp=plp, cfg=TrainConfig(steps=1))
+    ls = train_concept(sd, style, method="lora", plp=plp, cfg=TrainConfig(steps=1))
+    merged = fuse(sd, lc, ls, content, style, method="merge")
+    # direct merge is exactly dW_content + dW_style
+    for name in lc.layer_names:
+        u, d, sc = merged.low_rank()[name]
+        expect = sum(x[2] * x[0] @ x[1] for x in (lc.low_rank()[name], ls.low_rank()[name]))
+        assert torch.allclose(sc * u @ d, expect, atol=1e-6)
+    zl = fuse(sd, lc, ls, content, style, method="ziplora", cfg=TrainConfig(steps=2, learning_rate=1e-2))
+    assert zl.method == "ziplora" and zl.rank == 8
+    joint = fuse(sd, lc, ls, content, style, method="joint", cfg=TrainConfig(steps=2))
+    assert joint.method == "joint" and joint.tokens == {"content": "sks", "style": "zwx"}
+    for a in (merged, zl, joint):
+        again = Adapter.from_bytes(a.to_bytes())
+        assert again.method == a.method and again.kind == "fused"
