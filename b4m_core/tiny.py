@@ -53,21 +53,26 @@ def _vae() -> AutoencoderKL:
                          norm_num_groups=8, sample_size=32)
 
 
-def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
-    """Save a tiny SD 1.x-style pipeline (32x32 images, 16x16 latents) to `folder`."""
+def build_tiny_sd(folder: str | Path, seed: int = 0, channels: tuple[int, int] = (32, 64),
+                  cross_attention_dim: int = 48, sample_size: int = 16, layers_per_block: int = 1) -> Path:
+    """Save a tiny SD 1.x-style pipeline (32x32 images, 16x16 latents by default) to `folder`.
+
+    The size arguments make a somewhat larger model for benchmarks.
+    """
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=48, attention_head_dim=8, norm_num_groups=8)
-    text_encoder = CLIPTextModel(_text_config(48))
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8, norm_num_groups=8)
+    text_encoder = CLIPTextModel(_text_config(cross_attention_dim))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tokenizer(Path(tmp))
         pipe = StableDiffusionPipeline(
             vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                    beta_start=0.00085, beta_end=0.012),
+                                    beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(folder, safe_serialization=True)
     return folder
