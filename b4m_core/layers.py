@@ -168,12 +168,13 @@ class LoRALinear(LowRankLinear):
     """Plain LoRA (the baselines, and any adapter applied unfused for inference)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, up: torch.Tensor | None = None,
-                 down: torch.Tensor | None = None, trainable: bool = True):
+                 down: torch.Tensor | None = None, trainable: bool = True,
+                 generator: torch.Generator | None = None):
         super().__init__(base, alpha / rank)
         dev = base.weight.device
         if down is None:
             down = torch.empty(rank, base.in_features)
-            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         if up is None:
             up = torch.zeros(base.out_features, rank)
         if up.shape != (base.out_features, rank) or down.shape != (rank, base.in_features):

@@ -62,17 +62,60 @@ class BaseModel:
         return embeds, None
 
 
-def model_hash(pipe: DiffusionPipeline) -> str:
-    """A cheap fingerprint of the UNet: its config plus a sample of every attention weight.
-
-    Enough to tell two base models apart without hashing gigabytes of SDXL weights.
-    """
+def _file_fingerprint(folder: Path) -> str | None:
+    """Hash of the UNet's files as stored: config, safetensors headers (names, dtypes,
+    shapes) and the first and last 64 KiB of each weight file. It does not depend on
+    the dtype the model is loaded in, so an adapter trained in fp32 on a CPU matches the
+    same model loaded in bf16 on a GPU. None where the files are not safetensors."""
+    unet_dir = folder / "unet"
+    files = sorted(unet_dir.glob("*.safetensors")) if unet_dir.is_dir() else []
+    if not files or not (unet_dir / "config.json").is_file():
+        return None
     h = hashlib.sha256()
-    h.update(json.dumps(dict(pipe.unet.config), sort_keys=True, default=str).encode())
+    config = json.loads((unet_dir / "config.json").read_text())
+    config = {k: v for k, v in config.items() if not k.startswith("_")}  # drop versions and paths
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for f in files:
+        with f.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            h.update(json.dumps(header, sort_keys=True).encode())
+            h.update(fh.read(65536))
+            fh.seek(max(8 + n, f.stat().st_size - 65536))
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def _local_folder(path: str) -> Path | None:
+    if Path(path).is_dir():
+        return Path(path)
+    try:  # a hub id already in the local cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True, allow_patterns=["unet/*", "model_index.json"]))
+    except Exception:
+        return None
+
+
+def model_hash(pipe: DiffusionPipeline, path: str | None = None) -> str:
+    """A fingerprint of the base model's UNet, to check adapters against.
+
+    From the stored files where they can be found; otherwise from the architecture and
+    a sample of attention weights rounded to bfloat16.
+    """
+    folder = _local_folder(path) if path else None
+    if folder is not None:
+        fp = _file_fingerprint(folder)
+        if fp:
+            return fp
+    h = hashlib.sha256()
+    config = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in sorted(pipe.unet.named_parameters()):
         if "attn" in name and name.endswith("weight"):
             h.update(name.encode())
-            h.update(p.detach().flatten()[:64].float().cpu().numpy().tobytes())
+            h.update(p.detach().flatten()[:64].to(torch.bfloat16).float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -106,5 +149,5 @@ def load_base(base: str, device: str | torch.device | None = None,
             module.requires_grad_(False)
             module.eval()
     is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    return BaseModel(pipe=pipe, model_id=model_id, model_hash=model_hash(pipe), is_sdxl=is_sdxl,
+    return BaseModel(pipe=pipe, model_id=model_id, model_hash=model_hash(pipe, path), is_sdxl=is_sdxl,
                      device=device, dtype=dtype)

@@ -21,7 +21,8 @@ from safetensors.torch import save as st_save
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig
 from .data import Concept, preprocess
-from .injection import adapter_layers, inject, inject_plp, plp_state_dict, remove_adapters, target_layer_names
+from .injection import (inject, inject_plp, load_plp_state_dict, plp_state_dict, remove_adapters,
+                        target_layer_names)
 from .layers import LoRALinear, PLPLinear, ZipLoRALinear
 from .models import BaseModel
 
@@ -135,14 +136,13 @@ class TrainingSession:
             target = self.scheduler.get_velocity(latents, noise, t)
         else:
             target = noise
+        # the route stays set until after backward: gradient checkpointing recomputes
+        # the forward pass inside backward and must route the same way
         for layer in self.route_layers:
             layer.route = route
-        try:
-            with torch.autocast(self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                                enabled=self.use_autocast):
-                pred = self.predict(batch, noisy, t)
-        finally:
-            pass  # the route stays set through backward (gradient checkpointing recomputes)
+        with torch.autocast(self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.use_autocast):
+            pred = self.predict(batch, noisy, t)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def predict(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -211,9 +211,12 @@ class TrainingSession:
         return st_save(tensors, metadata=meta)
 
     def load_state(self, data: bytes) -> None:
-        tensors = st_load(data)
-        n = int(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["n_params"])
-        if n != len(self.params):
+        try:
+            tensors = st_load(data)
+            meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+        except Exception as exc:
+            raise ConfigError(f"not a training checkpoint: {exc}") from exc
+        if int(meta["n_params"]) != len(self.params):
             raise ConfigError("checkpoint belongs to a different run (parameter count differs)")
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -231,8 +234,7 @@ class TrainingSession:
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
         self.gen.set_state(tensors["rng"])
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
-        self.step = int(header["__metadata__"]["step"])
+        self.step = int(meta["step"])
 
 
 def _resolution(base: BaseModel, cfg: TrainConfig) -> int:
@@ -361,8 +363,6 @@ class MakeStage:
         _check_base(base, content, style)
         self.base, self.cfg = base, cfg
         self.layers = inject_plp(base.unet, self.fused.plp)
-        from .injection import load_plp_state_dict
-
         load_plp_state_dict(self.layers, self.fused.tensors, parts=("A", "B", "C", "D"))
         res = _resolution(base, cfg)
         self.content_set = _concept_for(content, content_set)
@@ -393,9 +393,9 @@ class LoRAStage:
         self.rank, self.alpha, self.targets, self.kind, self.method = rank, alpha, targets, kind, method
         for p in base.unet.parameters():
             p.requires_grad_(False)
-        torch.manual_seed(cfg.seed)  # the kaiming draw of every `down`
+        init = torch.Generator().manual_seed(cfg.seed)  # the kaiming draw of every `down`
         self.layers = inject(base.unet, target_layer_names(base.unet, targets),
-                             lambda name, lin: LoRALinear(lin, rank, alpha))
+                             lambda name, lin: LoRALinear(lin, rank, alpha, generator=init))
         res = _resolution(base, cfg)
         groups = [RowGroup(SampleSet(base, c, res, cfg.center_crop), cfg.batch_size, 1.0) for c in concepts]
         params = [{"params": [p for l in self.layers.values() for p in (l.up, l.down)]}]

@@ -130,3 +130,13 @@ def test_adapter_file_roundtrip_and_metadata(tmp_path, fused_adapters):
         Adapter.load(tmp_path / "junk.safetensors")
     with pytest.raises(ConfigError):
         Adapter.load(tmp_path / "missing.safetensors")
+
+
+def test_base_hash_ignores_load_dtype_but_tells_models_apart(tiny_sd_path, tmp_path, sd):
+    from b4m_core.models import load_base
+    from b4m_core.tiny import build_tiny_sd
+
+    bf16 = load_base(str(tiny_sd_path), device="cpu", dtype=torch.bfloat16)
+    assert bf16.model_hash == sd.model_hash
+    other = load_base(str(build_tiny_sd(tmp_path / "other", seed=1)), device="cpu")
+    assert other.model_hash != sd.model_hash
