@@ -54,10 +54,12 @@ def _vae() -> AutoencoderKL:
 
 
 def build_tiny_sd(folder: str | Path, seed: int = 0, channels: tuple[int, int] = (32, 64),
-                  cross_attention_dim: int = 48, sample_size: int = 16, layers_per_block: int = 1) -> Path:
+                  cross_attention_dim: int = 48, sample_size: int = 16, layers_per_block: int = 1,
+                  sd2_style: bool = False) -> Path:
     """Save a tiny SD 1.x-style pipeline (32x32 images, 16x16 latents by default) to `folder`.
 
-    The size arguments make a somewhat larger model for benchmarks.
+    The size arguments make a somewhat larger model for benchmarks; `sd2_style` uses
+    SD 2.x's linear projections and v-prediction.
     """
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -65,14 +67,15 @@ def build_tiny_sd(folder: str | Path, seed: int = 0, channels: tuple[int, int] =
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
         block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=8, norm_num_groups=8)
+        attention_head_dim=8, norm_num_groups=8, use_linear_projection=sd2_style)
     text_encoder = CLIPTextModel(_text_config(cross_attention_dim))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = make_tokenizer(Path(tmp))
         pipe = StableDiffusionPipeline(
             vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                    beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False),
+                                    beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False,
+                                    prediction_type="v_prediction" if sd2_style else "epsilon"),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         pipe.save_pretrained(folder, safe_serialization=True)
     return folder

@@ -152,3 +152,21 @@ def test_aux_must_be_the_opposite_kind(sd, concepts, clean):
 
     with pytest.raises(ConfigError, match="opposite kind"):
         BreakStage(sd, content, aux_contents, PLPConfig(rank=4), TrainConfig(steps=1))
+
+
+def test_sd2_style_model_with_v_prediction(tmp_path, concepts):
+    from b4m_core.generation import GenerationRequest, Generator
+    from b4m_core.models import load_base
+    from b4m_core.tiny import build_tiny_sd
+
+    base = load_base(str(build_tiny_sd(tmp_path / "sd2", sd2_style=True)), device="cpu")
+    assert base.pipe.scheduler.config.prediction_type == "v_prediction"
+    content, style, aux_styles, aux_contents = concepts
+    c = train_concept(base, content, aux=aux_styles[:1], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2))
+    s = train_concept(base, style, aux=aux_contents[:1], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2))
+    from b4m_core.training import fuse
+
+    f = fuse(base, c, s, content, style, cfg=TrainConfig(steps=1))
+    gen = Generator(base)
+    gen.set_adapter(f)
+    assert len(gen.generate(GenerationRequest("a {content} in {style} style", steps=2))) == 1
