@@ -26,6 +26,15 @@ def register_base(name: str, resolver: Callable[[], str]) -> None:
     BASE_REGISTRY[name] = resolver
 
 
+register_base("micro", lambda: _micro())
+
+
+def _micro() -> str:
+    from .micro.model import resolve_micro
+
+    return resolve_micro()
+
+
 def resolve_base(base: str) -> str:
     if base in BASE_REGISTRY:
         return BASE_REGISTRY[base]()
@@ -136,8 +145,13 @@ def load_base(base: str, device: str | torch.device | None = None,
     device = torch.device(device) if device is not None else default_device()
     if dtype is None:
         dtype = torch.float32
+    extra = {}
+    from .micro.model import is_micro_folder, micro_components
+
+    if is_micro_folder(path):  # its text encoder comes from a PyPI package, not the folder
+        extra = micro_components(path, dtype=dtype)
     try:
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load base model {base!r}: {exc}") from exc
     if getattr(pipe, "safety_checker", None) is not None:

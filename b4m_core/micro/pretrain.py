@@ -1,0 +1,312 @@
+"""Pre-train the micro model (VAE, then UNet) and its probes, reproducibly.
+
+    python -m b4m_core.micro.pretrain --out b4m_core/micro/model --device cuda \
+        --images 100000 --vae-seconds 60 --unet-seconds 240 --probe-steps 3000
+
+Data: renders of the pre-training contents and styles only (held-out concepts never
+appear), captions naming a random subset of the attributes, 10% empty captions for
+classifier-free guidance. Every random draw comes from `--seed`. Time budgets stop a
+stage gracefully (the learning-rate schedule is fitted to the measured speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from .model import SCHEDULER_CONFIG, load_text_encoder, new_unet, new_vae, save_micro
+from .probes import HEADS, labels_of, predict_tensor, to_tensor, train_probe
+from .world import BACKGROUNDS, POSITIONS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, SIZES, Scene, training_sample
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _render(i: int):
+    im, cap, _ = training_sample(i)
+    return np.asarray(im, dtype=np.uint8), cap
+
+
+def render_dataset(n: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    ids = [seed * 10_000_000 + i for i in range(n)]
+    with Pool(workers) as pool:
+        out = pool.map(_render, ids, chunksize=256)
+    return np.stack([o[0] for o in out]), [o[1] for o in out]
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_vae(images: torch.Tensor, seconds: float, batch: int, device: str, seed: int):
+    torch.manual_seed(seed)
+    vae = new_vae().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    start, step, total = time.time(), 0, 10**9
+    while True:
+        if step == 50:
+            total = max(100, int(50 * seconds / (time.time() - start)))
+            log(f"vae: {50 / (time.time() - start):.1f} steps/s -> {total} steps")
+        if step >= total:
+            break
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, total, 1e-3)
+        idx = torch.randint(0, images.shape[0], (batch,), generator=g)
+        x = images[idx].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        dist = vae.encode(x).latent_dist
+        rec = vae.decode(dist.sample()).sample
+        kl = dist.kl().mean() / (x[0].numel())
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 500 == 0:
+            log(f"vae step {step}/{total} loss {loss.item():.4f} mse {F.mse_loss(rec, x).item():.4f}")
+    return vae.eval().requires_grad_(False), step
+
+
+@torch.no_grad()
+def standardize_latents(vae, images: torch.Tensor, device: str, n: int = 8192) -> dict:
+    """Fold per-channel latent mean and std into the VAE's 1x1 quant convs.
+
+    StableDiffusionPipeline decodes `latents / scaling_factor` with no shift, so the
+    latents themselves must be centred: after this they are ~N(0, 1) per channel and
+    `scaling_factor` is 1. Exact: the decoder sees the same values as before.
+    """
+    x = images[:n].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    mu = torch.cat([vae.encode(x[i : i + 1024]).latent_dist.mean for i in range(0, x.shape[0], 1024)])
+    m, s = mu.mean(dim=(0, 2, 3)), mu.std(dim=(0, 2, 3))
+    c = m.shape[0]
+    q, pq = vae.quant_conv, vae.post_quant_conv
+    # encoder: mean rows -> (mean - m) / s ; logvar rows -> logvar - 2 log s
+    q.weight[:c] /= s.view(-1, 1, 1, 1)
+    q.bias[:c] = (q.bias[:c] - m) / s
+    q.bias[c:] -= 2 * torch.log(s)
+    # decoder input z' = (z - m) / s, so z = s z' + m: W z + b = (W s) z' + (W m + b)
+    pq.bias += (pq.weight[:, :, 0, 0] @ m)
+    pq.weight *= s.view(1, -1, 1, 1)
+    vae.register_to_config(scaling_factor=1.0)
+    return {"latent_mean": m.tolist(), "latent_std": s.tolist()}
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, device: str, batch: int = 1024):
+    means, stds = [], []
+    for i in range(0, images.shape[0], batch):
+        x = images[i : i + batch].to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        d = vae.encode(x).latent_dist
+        means.append(d.mean.half())
+        stds.append(d.std.half())
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def encode_captions(captions: list[str], encoder, tokenizer, device: str):
+    unique = sorted(set(captions))
+    index = {c: i for i, c in enumerate(unique)}
+    embeds = []
+    for i in range(0, len(unique), 1024):
+        tok = tokenizer(unique[i : i + 1024], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt")
+        embeds.append(encoder(tok.input_ids.to(device))[0].half())
+    return torch.cat(embeds), torch.tensor([index[c] for c in captions])
+
+
+def train_unet(mean, std, scaling: float, embeds, cap_idx, seconds: float, batch: int, device: str, seed: int,
+               lr: float = 4e-4, ema_decay: float = 0.999, init_from: str | None = None):
+    torch.manual_seed(seed)
+    unet = new_unet().to(device)
+    if init_from:  # continue an earlier run (e.g. GPU pre-training, then more steps on a CPU)
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(init_from, dtype=torch.float32).state_dict())
+    ema = new_unet().to(device)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    ema_params, train_params = list(ema.parameters()), list(unet.parameters())
+    sched = DDPMScheduler(**SCHEDULER_CONFIG)
+    acp = sched.alphas_cumprod.to(device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
+    g = torch.Generator(device=device).manual_seed(seed)
+    use_bf16 = device.startswith("cuda")
+    start, step, total = time.time(), 0, 10**9
+    while True:
+        if step == 50:
+            total = max(100, int(50 * seconds / (time.time() - start)))
+            log(f"unet: {50 / (time.time() - start):.1f} steps/s -> {total} steps")
+        if step >= total:
+            break
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, total, lr)
+        idx = torch.randint(0, mean.shape[0], (batch,), generator=g, device=device)
+        lat = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g, device=device))
+        lat = lat * scaling
+        noise = torch.randn(lat.shape, generator=g, device=device)
+        t = torch.randint(0, 1000, (batch,), generator=g, device=device)
+        a = acp[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * lat + (1 - a).sqrt() * noise
+        ctx = embeds[cap_idx[idx]].float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            pred = unet(noisy, t, encoder_hidden_states=ctx).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, train_params, 1 - d)
+        step += 1
+        if step % 1000 == 0:
+            log(f"unet step {step}/{total} loss {loss.item():.4f}")
+    return ema.eval(), step
+
+
+EVAL_PARTS = ("background", "position", "size")
+
+
+def eval_prompts(seed: int = 0) -> list[Scene]:
+    """The fixed prompt set: every pre-training content x style, attributes drawn once."""
+    rng = np.random.default_rng([seed, 99])
+    bgs, poss, sizes = tuple(BACKGROUNDS), tuple(POSITIONS), tuple(SIZES)
+    return [Scene(c, s, bgs[rng.integers(len(bgs))], poss[rng.integers(len(poss))], sizes[rng.integers(len(sizes))])
+            for c in PRETRAIN_CONTENTS for s in PRETRAIN_STYLES]
+
+
+@torch.no_grad()
+def evaluate_base(pipe, probe, guidance: float, steps: int = 20, batch: int = 48, seed: int = 0,
+                  scenes: list[Scene] | None = None) -> dict:
+    scenes = scenes or eval_prompts(seed)
+    images = []
+    for i in range(0, len(scenes), batch):
+        chunk = scenes[i : i + batch]
+        gen = torch.Generator("cpu").manual_seed(seed + i)
+        out = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                   generator=gen, negative_prompt=[""] * len(chunk))
+        images += out.images
+    preds = predict_tensor(probe, to_tensor(images))
+    y = labels_of(scenes)
+    return {"n": len(scenes), **{k: float((preds[k] == y[k]).float().mean()) for k in HEADS}}, images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "model"))
+    ap.add_argument("--probe-out", default=None, help="default: OUT/../probe.safetensors")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-seconds", type=float, default=60)
+    ap.add_argument("--vae-batch", type=int, default=128)
+    ap.add_argument("--unet-seconds", type=float, default=240)
+    ap.add_argument("--unet-batch", type=int, default=256)
+    ap.add_argument("--unet-lr", type=float, default=4e-4)
+    ap.add_argument("--unet-from", default=None, help="a UNet folder to continue training from")
+    ap.add_argument("--probe-steps", type=int, default=3000, help="0: load --probe-from instead")
+    ap.add_argument("--probe-from", default=None, help="an already trained probe (safetensors)")
+    ap.add_argument("--vae-from", default=None, help="an already trained VAE folder: skip VAE training")
+    ap.add_argument("--probe-images", type=int, default=40_000)
+    ap.add_argument("--text-encoder", default=None, help="MiniLM folder (default: the installed package)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--report", default=None, help="write timings and accuracies here (JSON)")
+    args = ap.parse_args()
+    dev = args.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    report = {"args": vars(args)}
+    t0 = time.time()
+
+    probe_out = Path(args.probe_out) if args.probe_out else Path(args.out).parent / "probe.safetensors"
+    probe_out.parent.mkdir(parents=True, exist_ok=True)
+    if args.probe_steps == 0:
+        from .probes import load_probe
+
+        probe, probe_acc = load_probe(args.probe_from)
+    else:
+        probe, probe_acc = train_probe(steps=args.probe_steps, n_train=args.probe_images, seed=args.seed,
+                                       device=dev, log=log, workers=args.workers)
+    report["probe_test_accuracy"] = probe_acc
+    save_file({k: v.contiguous().half() if v.is_floating_point() else v.contiguous()
+               for k, v in probe.state_dict().items()}, str(probe_out),
+              metadata={"test_accuracy": json.dumps(probe_acc)})
+    log(f"probe test accuracy {probe_acc} ({time.time() - t0:.0f}s)")
+    probe.to(dev)
+
+    t = time.time()
+    arr, captions = render_dataset(args.images, args.seed, args.workers)
+    images = torch.from_numpy(arr)
+    report["render_s"] = time.time() - t
+    log(f"rendered {len(captions)} images in {report['render_s']:.1f}s")
+
+    t = time.time()
+    if args.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae_from, dtype=torch.float32).to(dev).eval().requires_grad_(False)
+        vae_steps = None
+    else:
+        vae, vae_steps = train_vae(images, args.vae_seconds, args.vae_batch, dev, args.seed)
+    report["vae"] = {"steps": vae_steps, "seconds": time.time() - t, "from": args.vae_from,
+                     "params_M": sum(p.numel() for p in vae.parameters()) / 1e6}
+    report["vae"].update(standardize_latents(vae, images, dev))
+    mean, std = encode_latents(vae, images, dev)
+    scaling = 1.0
+    with torch.no_grad():
+        x = images[:256].to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+        report["vae"]["recon_mse"] = float(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x))
+    log(f"vae {report['vae']}; latents now mean {float(mean.float().mean()):.3f} std {float(mean.float().std()):.3f}")
+
+    encoder, tokenizer = load_text_encoder(args.text_encoder)
+    encoder.to(dev)
+    embeds, cap_idx = encode_captions(captions, encoder, tokenizer, dev)
+    cap_idx = cap_idx.to(dev)
+    log(f"{embeds.shape[0]} unique captions")
+
+    t = time.time()
+    unet, unet_steps = train_unet(mean.to(dev), std.to(dev), scaling, embeds, cap_idx, args.unet_seconds,
+                                  args.unet_batch, dev, args.seed, lr=args.unet_lr, init_from=args.unet_from)
+    report["unet"] = {"steps": unet_steps, "seconds": time.time() - t, "batch": args.unet_batch,
+                      "params_M": sum(p.numel() for p in unet.parameters()) / 1e6}
+    log(f"unet {report['unet']}")
+
+    save_micro(args.out, unet, vae, tokenizer)
+    sizes = {str(p.relative_to(args.out)): p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file()}
+    report["files_MB"] = round(sum(sizes.values()) / 2**20, 2)
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.out, text_encoder=encoder.float(), dtype=torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False).to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    report["eval"] = {}
+    for guidance in (3.0, 5.0, 7.5):
+        acc, imgs = evaluate_base(pipe, probe, guidance)
+        report["eval"][str(guidance)] = acc
+        log(f"guidance {guidance}: {acc}")
+    grid = np.concatenate([np.concatenate([np.asarray(im) for im in imgs[r * 12:(r + 1) * 12]], 1) for r in range(12)], 0)
+    from PIL import Image
+
+    Image.fromarray(grid).save(Path(args.out).parent / "pretrain_samples.png")
+    report["total_s"] = time.time() - t0
+    text = json.dumps(report, indent=2, default=str)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

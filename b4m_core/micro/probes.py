@@ -1,0 +1,137 @@
+"""Probes: classifiers that read back what a micro-world image shows.
+
+One small CNN with a head per attribute (content, style, background, position, size),
+trained on the renderer over every content and style, held-out ones included, so it
+can score images drawn after customization too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from .world import BACKGROUNDS, CONTENTS, POSITIONS, SIZES, STYLES, Scene, random_scene, render
+
+HEADS = {"content": CONTENTS, "style": STYLES, "background": tuple(BACKGROUNDS), "position": tuple(POSITIONS),
+         "size": tuple(SIZES)}
+
+
+class ProbeNet(nn.Module):
+    def __init__(self, width: int = 48):
+        super().__init__()
+        w = width
+
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, stride=2, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+
+        self.features = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 2 * w), block(2 * w, 4 * w))
+        # keep the 4x4 map (not a global pool): position must stay readable
+        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU(), nn.Dropout(0.1))
+        self.heads = nn.ModuleDict({k: nn.Linear(256, len(v)) for k, v in HEADS.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = self.neck(self.features(x))
+        return {k: h(z) for k, h in self.heads.items()}
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB").resize((64, 64)), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+
+
+def labels_of(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([HEADS[k].index(getattr(s, k)) for s in scenes]) for k in HEADS}
+
+
+def _render_one(args) -> np.ndarray:
+    scene, seed = args
+    return np.asarray(render(scene, seed), dtype=np.uint8)
+
+
+def probe_dataset(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Renders over every content and style (held-out ones too), uniform attributes."""
+    rng = np.random.default_rng([seed, 7])
+    scenes = [random_scene(rng, CONTENTS, STYLES) for _ in range(n)]
+    jobs = [(s, int(seed) * 1_000_003 + i) for i, s in enumerate(scenes)]
+    if workers > 1:
+        from multiprocessing import Pool
+
+        with Pool(workers) as pool:
+            arrays = pool.map(_render_one, jobs, chunksize=256)
+    else:
+        arrays = [_render_one(j) for j in jobs]
+    x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2).contiguous()
+    return x, labels_of(scenes)
+
+
+def train_probe(steps: int = 3000, batch: int = 128, n_train: int = 40000, seed: int = 0,
+                device: str = "cpu", log=print, workers: int = 1) -> tuple[ProbeNet, dict]:
+    torch.manual_seed(seed)
+    x, y = probe_dataset(n_train, seed, workers)
+    xt, yt = probe_dataset(4000, seed + 1, workers)  # held-out test renders (other seeds)
+    net = ProbeNet().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    x, xt = x.to(device), xt.to(device)
+    y = {k: v.to(device) for k, v in y.items()}
+    for step in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g).to(device)
+        xb = x[idx]
+        # small colour jitter so generated images (slightly off the renderer) still read
+        xb = xb + 0.04 * torch.randn(xb.shape[0], 3, 1, 1, device=device) + 0.03 * torch.randn_like(xb)
+        out = net(xb)
+        loss = sum(F.cross_entropy(out[k], y[k][idx]) for k in HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 500 == 0:
+            log(f"probe step {step} loss {loss.item():.3f}")
+    acc = evaluate_probe(net, xt, {k: v.to(device) for k, v in yt.items()})
+    return net.cpu().eval(), acc
+
+
+@torch.no_grad()
+def evaluate_probe(net: ProbeNet, x: torch.Tensor, y: dict[str, torch.Tensor]) -> dict[str, float]:
+    net.eval()
+    preds = predict_tensor(net, x)
+    return {k: float((preds[k] == y[k].cpu()).float().mean()) for k in HEADS}
+
+
+@torch.no_grad()
+def predict_tensor(net: ProbeNet, x: torch.Tensor, batch: int = 512) -> dict[str, torch.Tensor]:
+    net.eval()
+    dev = next(net.parameters()).device
+    outs = {k: [] for k in HEADS}
+    for i in range(0, x.shape[0], batch):
+        o = net(x[i : i + batch].to(dev))
+        for k in HEADS:
+            outs[k].append(o[k].argmax(dim=1).cpu())
+    return {k: torch.cat(v) for k, v in outs.items()}
+
+
+def predict(net: ProbeNet, images: list[Image.Image]) -> list[dict[str, str]]:
+    """What each image shows, by name."""
+    idx = predict_tensor(net, to_tensor(images))
+    return [{k: HEADS[k][int(idx[k][i])] for k in HEADS} for i in range(len(images))]
+
+
+def load_probe(path: str | None = None) -> tuple[ProbeNet, dict]:
+    """The shipped probe (or one at `path`) and its recorded test accuracy."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = path or str(Path(__file__).resolve().parent / "probe.safetensors")
+    net = ProbeNet()
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
+    with safe_open(path, framework="pt") as f:
+        acc = json.loads((f.metadata() or {}).get("test_accuracy", "{}"))
+    return net.eval(), acc

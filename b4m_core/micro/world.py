@@ -1,0 +1,274 @@
+"""The micro world: a procedural renderer of captioned 64x64 images.
+
+An image is one content (a shape or simple object) painted in one style (a fill,
+texture or palette) on a plain background, at a position and a size. Everything is
+deterministic from a seed. Some contents and styles are held out of pre-training so
+they can be learnt by customization, the way the paper learns "a [c1] dog".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZE = 64
+_SS = 4  # supersampling of shape masks, for anti-aliased edges
+
+# ------------------------------------------------------------------ vocabulary
+PRETRAIN_CONTENTS = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "ring", "crescent",
+                     "arrow", "house", "tree")
+HELDOUT_CONTENTS = ("hexagon", "hourglass", "flower", "mushroom")
+CONTENTS = PRETRAIN_CONTENTS + HELDOUT_CONTENTS
+
+PRETRAIN_STYLES = ("striped", "polka dot", "checkered", "brick", "grass", "gravel", "gradient", "wavy", "wooden",
+                   "confetti", "crimson", "metallic")
+HELDOUT_STYLES = ("zigzag", "marble", "plaid", "galaxy")
+STYLES = PRETRAIN_STYLES + HELDOUT_STYLES
+
+BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25), "blue": (150, 190, 240),
+               "yellow": (245, 232, 140), "green": (165, 222, 165), "pink": (245, 185, 205)}
+POSITIONS = {"center": (32, 32), "top left": (20, 20), "top right": (44, 20), "bottom left": (20, 44),
+             "bottom right": (44, 44)}
+SIZES = {"small": 10.0, "large": 17.0}
+
+
+@dataclass(frozen=True)
+class Scene:
+    content: str
+    style: str
+    background: str
+    position: str
+    size: str
+
+    def caption(self, parts: frozenset[str] | None = None) -> str:
+        """Plain English; `parts` picks which attributes are named (all by default)."""
+        parts = parts if parts is not None else frozenset({"size", "position", "background"})
+        words = ["a"]
+        if "size" in parts:
+            words.append(self.size)
+        words += [self.style, self.content]
+        if "position" in parts:
+            words.append("in the center" if self.position == "center" else f"in the {self.position} corner")
+        if "background" in parts:
+            words.append(f"on a {self.background} background")
+        text = " ".join(words)
+        return text.replace("a ", "an ", 1) if text[2] in "aeiou" else text
+
+
+# ------------------------------------------------------------------ shapes
+def _poly(n: int, r: float, phase: float = -math.pi / 2, inner: float | None = None) -> list[tuple[float, float]]:
+    pts = []
+    steps = 2 * n if inner else n
+    for i in range(steps):
+        rad = r if (not inner or i % 2 == 0) else r * inner
+        a = phase + 2 * math.pi * i / steps
+        pts.append((rad * math.cos(a), rad * math.sin(a)))
+    return pts
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, content: str, cx: float, cy: float, r: float) -> None:
+    """Draw a filled shape of half-extent about `r` centred at (cx, cy), in supersampled pixels."""
+
+    def poly(points):
+        draw.polygon([(cx + x, cy + y) for x, y in points], fill=255)
+
+    def ellipse(x0, y0, x1, y1, fill=255):
+        draw.ellipse([cx + x0, cy + y0, cx + x1, cy + y1], fill=fill)
+
+    def rect(x0, y0, x1, y1, fill=255):
+        draw.rectangle([cx + x0, cy + y0, cx + x1, cy + y1], fill=fill)
+
+    if content == "circle":
+        ellipse(-r, -r, r, r)
+    elif content == "square":
+        s = r * 0.82
+        rect(-s, -s, s, s)
+    elif content == "triangle":
+        poly(_poly(3, r * 1.1, phase=-math.pi / 2))
+    elif content == "star":
+        poly(_poly(5, r * 1.1, inner=0.45))
+    elif content == "heart":
+        k = r / 16
+        pts = [(16 * math.sin(t) ** 3 * k, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                                              - math.cos(4 * t)) * k - r * 0.05)
+               for t in np.linspace(0, 2 * math.pi, 60)]
+        poly(pts)
+    elif content == "cross":
+        w = r * 0.34
+        rect(-w, -r, w, r)
+        rect(-r, -w, r, w)
+    elif content == "diamond":
+        poly([(0, -r * 1.1), (r * 0.8, 0), (0, r * 1.1), (-r * 0.8, 0)])
+    elif content == "ring":
+        ellipse(-r, -r, r, r)
+        ellipse(-r * 0.55, -r * 0.55, r * 0.55, r * 0.55, fill=0)
+    elif content == "crescent":
+        ellipse(-r, -r, r, r)
+        ellipse(-r * 0.35, -r * 1.05, r * 1.25, r * 0.75, fill=0)
+    elif content == "arrow":
+        poly([(-r, -r * 0.3), (r * 0.15, -r * 0.3), (r * 0.15, -r * 0.8), (r, 0), (r * 0.15, r * 0.8),
+              (r * 0.15, r * 0.3), (-r, r * 0.3)])
+    elif content == "house":
+        rect(-r * 0.75, -r * 0.1, r * 0.75, r)
+        poly([(-r, -r * 0.05), (0, -r), (r, -r * 0.05)])
+    elif content == "tree":
+        poly([(0, -r), (r * 0.8, r * 0.45), (-r * 0.8, r * 0.45)])
+        rect(-r * 0.2, r * 0.4, r * 0.2, r)
+    elif content == "hexagon":
+        poly(_poly(6, r, phase=0))
+    elif content == "hourglass":
+        poly([(-r * 0.8, -r), (r * 0.8, -r), (r * 0.08, 0), (r * 0.8, r), (-r * 0.8, r), (-r * 0.08, 0)])
+    elif content == "flower":
+        for i in range(5):
+            a = -math.pi / 2 + 2 * math.pi * i / 5
+            px, py = r * 0.55 * math.cos(a), r * 0.55 * math.sin(a)
+            ellipse(px - r * 0.45, py - r * 0.45, px + r * 0.45, py + r * 0.45)
+        ellipse(-r * 0.35, -r * 0.35, r * 0.35, r * 0.35)
+    elif content == "mushroom":
+        draw.pieslice([cx - r, cy - r * 0.95, cx + r, cy + r * 0.75], 180, 360, fill=255)
+        rect(-r * 0.28, -r * 0.12, r * 0.28, r)
+    else:
+        raise ValueError(f"unknown content {content!r}")
+
+
+def shape_mask(content: str, cx: float, cy: float, r: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1], SIZE x SIZE."""
+    im = Image.new("L", (SIZE * _SS, SIZE * _SS), 0)
+    _draw_shape(ImageDraw.Draw(im), content, cx * _SS, cy * _SS, r * _SS)
+    im = im.resize((SIZE, SIZE), Image.Resampling.BOX)
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+# ------------------------------------------------------------------ styles
+@lru_cache(maxsize=None)
+def _skimage_texture(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = getattr(skimage.data, name)().astype(np.float32)
+    if img.ndim == 3:
+        img = img.mean(axis=2)
+    img = (img - img.min()) / (img.max() - img.min() + 1e-6)
+    return img
+
+
+def _crop_texture(name: str, rng: np.random.Generator, scale: int = 2) -> np.ndarray:
+    tex = _skimage_texture(name)
+    span = SIZE * scale
+    y, x = rng.integers(0, tex.shape[0] - span), rng.integers(0, tex.shape[1] - span)
+    crop = tex[y : y + span, x : x + span]
+    return crop.reshape(SIZE, scale, SIZE, scale).mean(axis=(1, 3))
+
+
+def _mix(gray: np.ndarray, lo, hi) -> np.ndarray:
+    lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+    return lo + (hi - lo) * gray[..., None]
+
+
+def style_texture(style: str, rng: np.random.Generator) -> np.ndarray:
+    """An RGB fill (SIZE x SIZE x 3, 0..255) for the whole canvas; the shape cuts it out."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    ph = rng.uniform(0, 2 * math.pi)
+    if style == "striped":
+        g = (np.sin((xx + yy) * 2 * math.pi / 8 + ph) > 0).astype(np.float32)
+        return _mix(g, (215, 35, 35), (250, 250, 250))
+    if style == "polka dot":
+        ox, oy = rng.uniform(0, 8, size=2)
+        d = np.hypot((xx + ox) % 8 - 4, (yy + oy) % 8 - 4)
+        return _mix((d < 2.2).astype(np.float32), (30, 60, 200), (255, 255, 255))
+    if style == "checkered":
+        o = rng.integers(0, 6)
+        g = ((((xx + o) // 6) + ((yy + o) // 6)) % 2).astype(np.float32)
+        return _mix(g, (20, 20, 20), (250, 215, 0))
+    if style == "brick":
+        return _mix(_crop_texture("brick", rng), (110, 35, 20), (235, 120, 70))
+    if style == "grass":
+        return _mix(_crop_texture("grass", rng, scale=3), (10, 70, 10), (150, 230, 60))
+    if style == "gravel":
+        return _mix(_crop_texture("gravel", rng, scale=3), (60, 60, 65), (205, 200, 190))
+    if style == "gradient":
+        g = np.clip((yy - yy.min()) / (SIZE - 1) + rng.uniform(-0.1, 0.1), 0, 1)
+        return _mix(g, (110, 30, 190), (255, 140, 200))
+    if style == "wavy":
+        g = 0.5 + 0.5 * np.sin(yy * 2 * math.pi / 9 + 2.2 * np.sin(xx * 2 * math.pi / 16) + ph)
+        return _mix(g, (0, 110, 120), (120, 240, 220))
+    if style == "wooden":
+        noise = rng.normal(0, 1, (SIZE // 4, SIZE)).repeat(4, axis=0)[:SIZE] * 0.15
+        g = 0.5 + 0.5 * np.sin(yy * 2 * math.pi / 5 + np.sin(xx / 7 + ph) * 1.5 + noise)
+        return _mix(g, (95, 55, 25), (200, 140, 80))
+    if style == "confetti":
+        base = np.full((SIZE, SIZE, 3), 250, np.float32)
+        colors = np.array([(230, 40, 40), (40, 170, 60), (40, 90, 230), (245, 200, 20), (200, 50, 200)], np.float32)
+        for _ in range(90):
+            x, y = rng.integers(0, SIZE - 2, size=2)
+            base[y : y + 2, x : x + 2] = colors[rng.integers(0, len(colors))]
+        return base
+    if style == "crimson":
+        g = np.clip(0.85 + rng.normal(0, 0.03, (SIZE, SIZE)), 0, 1)
+        return _mix(g, (60, 0, 10), (200, 10, 40))
+    if style == "metallic":
+        g = 0.5 + 0.5 * np.cos((xx - yy) * 2 * math.pi / 48 + ph)
+        return _mix(g ** 2, (90, 95, 105), (235, 240, 250))
+    if style == "zigzag":
+        tri = np.abs(((xx + ph * 3) % 10) - 5)
+        g = (((yy + tri) // 4) % 2).astype(np.float32)
+        return _mix(g, (20, 20, 20), (255, 140, 0))
+    if style == "marble":
+        n = rng.normal(0, 1, (8, 8))
+        n = np.asarray(Image.fromarray(n.astype(np.float32)).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+        g = 0.5 + 0.5 * np.sin(xx * 2 * math.pi / 20 + 3.0 * n + ph)
+        return _mix(g ** 3, (235, 235, 230), (120, 120, 130))
+    if style == "plaid":
+        h = ((np.floor((yy + ph) / 4) % 4) < 2).astype(np.float32)
+        v = ((np.floor((xx + ph) / 4) % 4) < 2).astype(np.float32)
+        red, green, cream = np.array((190, 20, 30), np.float32), np.array((20, 110, 50), np.float32), 240.0
+        return (h[..., None] * v[..., None]) * red + (h[..., None] * (1 - v[..., None])) * green + \
+            ((1 - h[..., None]) * v[..., None]) * (0.5 * red + 0.5 * green) + \
+            ((1 - h[..., None]) * (1 - v[..., None])) * cream
+    if style == "galaxy":
+        base = np.zeros((SIZE, SIZE, 3), np.float32) + np.array((15, 10, 60), np.float32)
+        for _ in range(3):
+            x, y = rng.uniform(0, SIZE, size=2)
+            blob = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 9.0 ** 2))[..., None]
+            base += blob * np.array((140, 40, 170), np.float32)
+        stars = rng.random((SIZE, SIZE)) < 0.04
+        base[stars] = 255
+        return np.clip(base, 0, 255)
+    raise ValueError(f"unknown style {style!r}")
+
+
+# ------------------------------------------------------------------ scenes
+def render(scene: Scene, seed: int) -> Image.Image:
+    """Draw one scene. The seed moves the shape a little and shifts the texture."""
+    rng = np.random.default_rng(seed)
+    cx, cy = POSITIONS[scene.position]
+    r = SIZES[scene.size] * rng.uniform(0.92, 1.08)
+    cx, cy = cx + rng.uniform(-1.5, 1.5), cy + rng.uniform(-1.5, 1.5)
+    mask = shape_mask(scene.content, cx, cy, r)[..., None]
+    fill = style_texture(scene.style, rng)
+    bg = np.asarray(BACKGROUNDS[scene.background], np.float32)
+    out = mask * fill + (1 - mask) * bg
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def random_scene(rng: np.random.Generator, contents=PRETRAIN_CONTENTS, styles=PRETRAIN_STYLES,
+                 backgrounds=tuple(BACKGROUNDS), positions=tuple(POSITIONS), sizes=tuple(SIZES)) -> Scene:
+    return Scene(content=contents[rng.integers(len(contents))], style=styles[rng.integers(len(styles))],
+                 background=backgrounds[rng.integers(len(backgrounds))],
+                 position=positions[rng.integers(len(positions))], size=sizes[rng.integers(len(sizes))])
+
+
+def training_sample(seed: int, contents=PRETRAIN_CONTENTS, styles=PRETRAIN_STYLES,
+                    caption_dropout: float = 0.1) -> tuple[Image.Image, str, Scene]:
+    """One pre-training example: image, caption naming a random subset of attributes."""
+    rng = np.random.default_rng([seed, 1])
+    scene = random_scene(rng, contents, styles)
+    if rng.random() < caption_dropout:
+        caption = ""  # unconditional, for classifier-free guidance
+    else:
+        parts = frozenset(p for p in ("size", "position", "background") if rng.random() < 0.7)
+        caption = scene.caption(parts)
+    return render(scene, seed), caption, scene

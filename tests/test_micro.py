@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+from b4m_core.micro import world
+from b4m_core.micro.probes import load_probe, predict, probe_dataset, predict_tensor
+from b4m_core.micro.references import (CONTENT_IMAGES, STYLE_IMAGES, reference_concept, reference_scenes)
+
+
+def test_renderer_is_deterministic_and_covers_every_concept():
+    scene = world.Scene("star", "brick", "blue", "top left", "large")
+    a, b = world.render(scene, 5), world.render(scene, 5)
+    assert a.size == (64, 64) and np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(world.render(scene, 6)))
+    assert len(world.PRETRAIN_CONTENTS) >= 12 and len(world.PRETRAIN_STYLES) >= 12
+    assert len(world.HELDOUT_CONTENTS) >= 4 and len(world.HELDOUT_STYLES) >= 4
+    assert {"brick", "grass", "gravel"} <= set(world.PRETRAIN_STYLES)
+    for c in world.CONTENTS:
+        for s in world.STYLES:
+            arr = np.asarray(world.render(world.Scene(c, s, "white", "center", "large"), 0))
+            assert arr.std() > 5, (c, s)  # something was drawn
+
+
+def test_captions_are_plain_english_and_pretraining_never_shows_heldout():
+    assert world.Scene("hexagon", "plaid", "white", "center", "small").caption() == \
+        "a small plaid hexagon in the center on a white background"
+    assert world.Scene("arrow", "brick", "pink", "top left", "large").caption(frozenset()) == "a brick arrow"
+    assert world.Scene("arrow", "wavy", "pink", "top left", "large").caption(frozenset({"position"})) == \
+        "a wavy arrow in the top left corner"
+    held = set(world.HELDOUT_CONTENTS) | set(world.HELDOUT_STYLES)
+    for i in range(1500):
+        _, caption, scene = world.training_sample(i)
+        assert scene.content not in held and scene.style not in held
+        assert not any(h in caption for h in held)
+
+
+def test_reference_sets_follow_the_paper():
+    for name in world.HELDOUT_CONTENTS:
+        scenes = reference_scenes("content", name)
+        assert len(scenes) == CONTENT_IMAGES and len({s.style for s in scenes}) == CONTENT_IMAGES
+        assert all(s.style in world.PRETRAIN_STYLES for s in scenes)
+        concept = reference_concept("content", name)
+        assert len(concept.images) == CONTENT_IMAGES and concept.kind == "content"
+        assert all(concept.phrase in p for p in concept.prompts())
+    for name in world.HELDOUT_STYLES:
+        scenes = reference_scenes("style", name)
+        assert len(scenes) == STYLE_IMAGES and len({s.content for s in scenes}) == STYLE_IMAGES
+        assert len(reference_concept("style", name).images) == STYLE_IMAGES
+
+
+def test_shipped_probe_reads_fresh_renders():
+    probe, recorded = load_probe()
+    assert all(recorded[k] >= 0.95 for k in ("content", "style", "background", "position", "size")), recorded
+    x, y = probe_dataset(300, seed=12345)
+    pred = predict_tensor(probe, x)
+    for k in y:
+        acc = float((pred[k] == y[k]).float().mean())
+        assert acc >= 0.9, (k, acc)
+    # and the shipped reference images, held-out concepts included
+    c = reference_concept("content", "hexagon")
+    assert [p["content"] for p in predict(probe, c.images)] == ["hexagon"] * len(c.images)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    from b4m_core.models import load_base
+
+    return load_base("micro", device="cpu")
+
+
+def test_micro_loads_as_a_diffusers_pipeline_and_draws(micro):
+    from b4m_core.generation import GenerationRequest, Generator
+
+    assert micro.resolution == 64 and not micro.is_sdxl
+    images = Generator(micro).generate(GenerationRequest("a large striped star in the center on a white background",
+                                                         steps=4, num_images=2))
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert np.asarray(images[0]).std() > 3
+
+
+def test_micro_weights_are_small():
+    from b4m_core.micro.model import MODEL_DIR
+
+    total = sum(p.stat().st_size for p in MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20, total
+
+
+def test_break_and_make_on_micro_with_shipped_references(micro):
+    from b4m_core.config import PLPConfig, TrainConfig
+    from b4m_core.training import fuse, train_concept
+
+    c = reference_concept("content", "hexagon")
+    s = reference_concept("style", "plaid")
+    aux = [reference_concept("style", "zigzag")]
+    plp = PLPConfig(rank=4)
+    ca = train_concept(micro, c, aux=aux, plp=plp, cfg=TrainConfig(steps=2))
+    sa = train_concept(micro, s, plp=plp, cfg=TrainConfig(steps=2))
+    f = fuse(micro, ca, sa, c, s, cfg=TrainConfig(steps=1))
+    assert f.tokens == {"content": "hkx", "style": "pdk"} and f.base_model == "micro"
