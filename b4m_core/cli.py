@@ -29,8 +29,8 @@ def _positive_int(text: str) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
-    p.add_argument("--base", default=os.environ.get("B4M_BASE_MODEL", ""),
-                   help="base model: local diffusers folder or hub id (env B4M_BASE_MODEL)")
+    p.add_argument("--base", default=os.environ.get("B4M_BASE_MODEL", "micro"),
+                   help="base model: micro (shipped), a local diffusers folder or a hub id (env B4M_BASE_MODEL)")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 for ZipLoRA)")
     p.add_argument("--seed", type=int, default=0)
@@ -96,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="folder for the PNG files")
 
+    p = sub.add_parser("demo", help="the whole method on the micro model with the shipped references")
+    p.add_argument("--out", default="out/demo", help="folder for adapters, images and grid.png")
+    p.add_argument("--quick", action="store_true", help="2 contents x 2 styles, fewer steps")
+    p.add_argument("--break-steps", type=int, default=None)
+    p.add_argument("--make-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    p = bsub.add_parser("quality", help="the paper's Table 1 on the micro world")
+    p.add_argument("--out", default="out/quality", help="folder for results.json, table.md, grid.png")
+    p.add_argument("--quick", action="store_true", help="2 x 2 pairs, fewer steps (a smoke run)")
+
     p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
     p.add_argument("--adapter", required=True)
     p.add_argument("--format", choices=["diffusers", "kohya", "b4m"], required=True)
@@ -160,7 +173,7 @@ def cmd_train(args) -> None:
     from .models import load_base
     from .training import train_concept
 
-    concept = load_concept(args.kind, args.images, args.word, token=args.token)
+    concept = load_concept(args.kind, args.images, args.word, token=args.token or None)
     other = "style" if args.kind == "content" else "content"
     aux = _load_aux(args.aux, other)
     plp = PLPConfig(rank=args.rank, alpha=args.alpha or float(args.rank), rho=args.rho, basis_mode=args.basis_mode,
@@ -180,9 +193,9 @@ def cmd_fuse(args) -> None:
 
     content, style = Adapter.load(args.content), Adapter.load(args.style)
     cset = load_concept("content", args.content_images, content.words.get("content", "thing"),
-                        token=content.tokens.get("content", ""))
+                        token=content.tokens.get("content"))
     sset = load_concept("style", args.style_images, style.words.get("style", "style"),
-                        token=style.tokens.get("style", ""))
+                        token=style.tokens.get("style"))
     default_steps = {"b4m": 50, "ziplora": 100, "joint": 300, "merge": 0}[args.method]
     cfg = _train_config(args, default_steps=default_steps, default_lr=1e-4 if args.method == "ziplora" else 1e-3)
     base = load_base(args.base or content.base_model, device=args.device)
@@ -197,7 +210,7 @@ def cmd_generate(args) -> None:
     from .models import load_base
 
     adapter = Adapter.load(args.adapter) if args.adapter else None
-    base_name = args.base or (adapter.base_model if adapter else os.environ.get("B4M_BASE_MODEL", ""))
+    base_name = args.base or (adapter.base_model if adapter else os.environ.get("B4M_BASE_MODEL", "micro"))
     if not base_name:
         raise ConfigError("no base model: pass --base or --adapter")
     gen = Generator(load_base(base_name, device=args.device))
@@ -224,7 +237,27 @@ def cmd_export(args) -> None:
     print(out)
 
 
-COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export}
+def cmd_demo(args) -> None:
+    from .micro.demo import run_demo
+    from .micro.world import HELDOUT_CONTENTS, HELDOUT_STYLES
+
+    n = 2 if args.quick else None
+    run_demo(args.out, contents=HELDOUT_CONTENTS[:n] if n else None, styles=HELDOUT_STYLES[:n] if n else None,
+             break_steps=args.break_steps or (80 if args.quick else 200),
+             make_steps=args.make_steps or (20 if args.quick else 50), seed=args.seed,
+             log=lambda m: print(m, file=sys.stderr))
+    print(Path(args.out) / "grid.png")
+
+
+def cmd_bench(args) -> None:
+    from .micro.quality import run_quality
+
+    run_quality(args.out, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
+    print(Path(args.out) / "table.md")
+
+
+COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export,
+            "demo": cmd_demo, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

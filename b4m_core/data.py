@@ -32,7 +32,7 @@ class Concept:
     kind: str  # "content" | "style"
     images: list[Image.Image]
     word: str  # class word ("dog") or style word ("watercolor")
-    token: str = ""
+    token: str | None = None  # None: the default identifier; "" : none (a concept the model knows)
     captions: list[str | None] = field(default_factory=list)
     template: str = ""
 
@@ -43,7 +43,8 @@ class Concept:
             raise ConfigError(f"no images given for the {self.kind}")
         if not self.word or not self.word.strip():
             raise ConfigError(f"a {self.kind} needs a {'class' if self.kind == 'content' else 'style'} word")
-        self.token = self.token or DEFAULT_TOKENS[self.kind]
+        if self.token is None:
+            self.token = DEFAULT_TOKENS[self.kind]
         self.template = self.template or DEFAULT_TEMPLATES[self.kind]
         if not self.captions:
             self.captions = [None] * len(self.images)
@@ -98,7 +99,7 @@ def open_image(path_or_file) -> Image.Image:
         raise ConfigError(f"cannot read image {getattr(path_or_file, 'name', path_or_file)}: {exc}") from exc
 
 
-def load_concept(kind: str, folder: str | Path, word: str, token: str = "", template: str = "") -> Concept:
+def load_concept(kind: str, folder: str | Path, word: str, token: str | None = None, template: str = "") -> Concept:
     images, captions = load_image_folder(folder)
     return Concept(kind=kind, images=images, word=word, token=token, captions=captions, template=template)
 

@@ -97,3 +97,23 @@ def test_break_and_make_on_micro_with_shipped_references(micro):
     sa = train_concept(micro, s, plp=plp, cfg=TrainConfig(steps=2))
     f = fuse(micro, ca, sa, c, s, cfg=TrainConfig(steps=1))
     assert f.tokens == {"content": "hkx", "style": "pdk"} and f.base_model == "micro"
+
+
+def test_quality_bench_smoke(tmp_path):
+    """Every method of Table 1 runs end to end and is scored (tiny steps: plumbing only)."""
+    import json
+
+    from b4m_core.micro.quality import Settings, run_quality
+
+    tiny = Settings(break_steps=2, make_steps=1, lora_steps=2, joint_steps=2, ziplora_steps=1, aux_sets=1,
+                    images_per_pair=2, sample_steps=2, rank=4)
+    res = run_quality(tmp_path, settings=tiny, contents=["hexagon"], styles=["plaid"], log=lambda m: None)
+    names = list(res["methods"])
+    assert len(names) == 10 and "ZipLoRA" in names and "B4M rho=0.75" in names
+    for r in res["methods"].values():
+        for k in ("content", "style", "prompt", "average"):
+            assert 0.0 <= r["aggregate"]["probe"][k] <= 1.0
+        assert -1.0 <= r["aggregate"]["paper"]["content_effnet"] <= 1.0
+    assert res["methods"]["B4M rho=0.5"]["same_as"] == "B4M (content up)"
+    assert (tmp_path / "grid.png").is_file() and "| Method |" in (tmp_path / "table.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["time_to_new_pair"]["b4m_compose_and_finetune_s"] > 0
