@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style-images", required=True)
     p.add_argument("--method", choices=["b4m", "joint", "merge", "ziplora"], default="b4m")
     _train_args(p, with_plp=False)
+    p.set_defaults(base=None)  # default: the base model the adapters name
 
     p = sub.add_parser("generate", help="draw images with an adapter (or none)")
     p.add_argument("--adapter", default=None, help="adapter file (omit for the bare base model)")

@@ -117,3 +117,17 @@ def test_quality_bench_smoke(tmp_path):
     assert res["methods"]["B4M rho=0.5"]["same_as"] == "B4M (content up)"
     assert (tmp_path / "grid.png").is_file() and "| Method |" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["time_to_new_pair"]["b4m_compose_and_finetune_s"] > 0
+
+
+def test_demo_cli_smoke(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    r = subprocess.run([sys.executable, "-m", "b4m_core", "demo", "--quick", "--break-steps", "2", "--make-steps", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 68, 3 * 68)  # header row/column of references + 2 x 2 pairs
+    assert len(list((tmp_path / "adapters").glob("fused_*.safetensors"))) == 4
