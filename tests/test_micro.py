@@ -131,3 +131,18 @@ def test_demo_cli_smoke(tmp_path):
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (3 * 68, 3 * 68)  # header row/column of references + 2 x 2 pairs
     assert len(list((tmp_path / "adapters").glob("fused_*.safetensors"))) == 4
+
+
+def test_step_budget_fits_steps_to_time():
+    import time
+
+    from b4m_core.micro.pretrain import StepBudget
+
+    budget = StepBudget(0.4, "test", warmup=5, probe=20)
+    step = 0
+    t = time.time()
+    while step < budget.update(step):
+        time.sleep(0.002)
+        step += 1
+    took = time.time() - t
+    assert 100 <= step and 0.25 < took < 0.8, (step, took)

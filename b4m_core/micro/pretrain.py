@@ -52,16 +52,35 @@ def _lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+class StepBudget:
+    """Fits a stage's step count to a time budget, measuring speed after a warm-up
+    (the first steps on a GPU are slow and would make the estimate far too low)."""
+
+    def __init__(self, seconds: float, name: str, warmup: int = 20, probe: int = 50):
+        self.seconds, self.name, self.warmup, self.probe = seconds, name, warmup, probe
+        self.start = time.time()
+        self.t_warm = None
+        self.total = 10**9
+
+    def update(self, step: int) -> int:
+        if step == self.warmup:
+            self.t_warm = time.time()
+        elif step == self.warmup + self.probe:
+            rate = self.probe / (time.time() - self.t_warm)
+            left = self.seconds - (time.time() - self.start)
+            self.total = max(100, step + int(rate * left))
+            log(f"{self.name}: {rate:.1f} steps/s -> {self.total} steps")
+        return self.total
+
+
 def train_vae(images: torch.Tensor, seconds: float, batch: int, device: str, seed: int):
     torch.manual_seed(seed)
     vae = new_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
-    start, step, total = time.time(), 0, 10**9
+    budget, step = StepBudget(seconds, "vae"), 0
     while True:
-        if step == 50:
-            total = max(100, int(50 * seconds / (time.time() - start)))
-            log(f"vae: {50 / (time.time() - start):.1f} steps/s -> {total} steps")
+        total = budget.update(step)
         if step >= total:
             break
         for pg in opt.param_groups:
@@ -145,11 +164,9 @@ def train_unet(mean, std, scaling: float, embeds, cap_idx, seconds: float, batch
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     g = torch.Generator(device=device).manual_seed(seed)
     use_bf16 = device.startswith("cuda")
-    start, step, total = time.time(), 0, 10**9
+    budget, step = StepBudget(seconds, "unet"), 0
     while True:
-        if step == 50:
-            total = max(100, int(50 * seconds / (time.time() - start)))
-            log(f"unet: {50 / (time.time() - start):.1f} steps/s -> {total} steps")
+        total = budget.update(step)
         if step >= total:
             break
         for pg in opt.param_groups:
