@@ -1,4 +1,5 @@
 import os
+import uuid
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sqlalchemy import create_engine, text
 
 from b4m_core.data import Concept
 from b4m_core.models import load_base
@@ -58,3 +60,25 @@ def concepts():
     aux_styles = [Concept("style", random_images(10 + i, 2), f"style{i}", token=f"as{i}") for i in range(3)]
     aux_contents = [Concept("content", random_images(20 + i, 2), f"thing{i}", token=f"ac{i}") for i in range(3)]
     return content, style, aux_styles, aux_contents
+
+
+# ---------------------------------------------------------------- databases
+PG_ADMIN = os.environ.get("B4M_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'b4m.db'}"
+        return
+
+    name = f"b4m_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as c:
+        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+

@@ -1,8 +1,5 @@
 """The schema on the real PostgreSQL of this machine and on SQLite, built by migrations."""
 
-import os
-import uuid
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -11,26 +8,6 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.db import downgrade, make_engine, migrate, session_factory
 from services.common.models import Asset, Base, Fusion, Job, ReferenceImage, Tenant
-
-PG_ADMIN = os.environ.get("B4M_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'b4m.db'}"
-        return
-    from sqlalchemy import create_engine, text
-
-    name = f"b4m_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
 
 def test_migrations_build_exactly_the_models_and_downgrade(db_url):
     migrate(db_url)

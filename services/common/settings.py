@@ -1,0 +1,57 @@
+"""Service settings, read from `B4M_*` environment variables (pydantic-settings).
+
+With no variables at all, everything runs embedded on one machine: SQLite, a local
+folder as object store, an in-process queue and the shipped micro model. Setting the
+database URL, broker URL and S3 variables turns the same code into the production stack.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="B4M_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("b4m-data"), description="embedded mode: SQLite file and local object store")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker (redis://...); default: in-process queue")
+    storage: Literal["local", "s3"] = Field("local", description="object store backend")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); None: AWS")
+    s3_bucket: str = Field("b4m", description="bucket for adapters and images")
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    base_model: str = Field("micro", description="default base model for new assets")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1; default: cuda if available")
+    auth: bool = Field(False, description="require API keys (production); embedded mode has one default tenant")
+    max_upload_bytes: int = Field(10 * 2**20, description="per reference image")
+    max_image_pixels: int = Field(4096 * 4096, description="decompression-bomb guard")
+    job_max_attempts: int = 3
+    checkpoint_every: int = Field(50, description="training steps between checkpoints to storage")
+    visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout: above the longest job")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{(self.data_dir / 'b4m.db').resolve()}"
+
+    def object_store(self):
+        from .storage import LocalStore, S3Store
+
+        if self.storage == "s3":
+            return S3Store(self.s3_bucket, endpoint_url=self.s3_endpoint_url, region=self.s3_region,
+                           access_key=self.s3_access_key, secret_key=self.s3_secret_key)
+        return LocalStore(self.data_dir / "objects")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
