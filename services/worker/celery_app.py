@@ -1,0 +1,57 @@
+"""The Celery app: Redis broker, job ids only, one job at a time per process.
+
+Run one worker per GPU:
+    celery -A services.worker.celery_app worker --pool=solo --concurrency=1 -Q training,generation
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from ..common.settings import get_settings
+
+QUEUES = {"train_content": "training", "train_style": "training", "fuse": "training", "generate": "generation"}
+
+settings = get_settings()
+app = Celery("b4m", broker=settings.broker_url or "memory://")
+app.conf.update(
+    task_acks_late=True,  # a message is acknowledged only after the job ran: a killed worker's job is redelivered
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,  # never hold a second long job hostage behind the first
+    task_default_queue="training",
+    task_ignore_result=True,  # results live in the database
+    broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@lru_cache(maxsize=1)
+def context():
+    from .runner import WorkerContext
+
+    return WorkerContext(get_settings())
+
+
+@app.task(name="b4m.run_job")
+def run_job_task(job_id: str) -> str:
+    from .runner import run_job
+
+    status = run_job(context(), job_id)
+    if status == "queued":  # a retryable failure: try again after a pause
+        run_job_task.apply_async((job_id,), countdown=5, queue=QUEUES.get(_job_type(job_id), "training"))
+    return status
+
+
+def _job_type(job_id: str) -> str:
+    from ..common.models import Job
+
+    with context().sessions() as s:
+        job = s.get(Job, job_id)
+        return job.type if job else "train_content"
+
+
+def enqueue(job_id: str, job_type: str) -> None:
+    run_job_task.apply_async((job_id,), queue=QUEUES[job_type])

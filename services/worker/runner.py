@@ -1,0 +1,192 @@
+"""What a worker does with a job id: a thin layer between the job row, storage and b4m_core.
+
+One `WorkerContext` per process keeps each base model loaded once; adapters are
+swapped, never base models reloaded. Progress, cancellation and checkpoints go through
+the job row and the object store, so a redelivered job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from b4m_core.adapter import Adapter
+from b4m_core.config import ConfigError, PLPConfig, TrainConfig
+from b4m_core.data import Concept, open_image
+from b4m_core.generation import GenerationRequest, Generator
+from b4m_core.models import BaseModel, load_base
+from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
+
+from ..common.db import make_engine, session_factory
+from ..common.jobs import JobStore
+from ..common.models import Adapter as AdapterRow
+from ..common.models import Asset, Fusion, Generation, Job
+from ..common.settings import Settings
+from ..common.storage import object_key
+
+log = logging.getLogger("b4m.worker")
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    bases: dict[str, BaseModel] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.engine = make_engine(self.settings.resolved_database_url)
+        self.sessions = session_factory(self.engine)
+        self.jobs = JobStore(self.sessions)
+        self.store = self.settings.object_store()
+        self.generators: dict[str, Generator] = {}
+
+    def base(self, name: str) -> BaseModel:
+        if name not in self.bases:  # once per process
+            self.bases[name] = load_base(name, device=self.settings.device)
+        return self.bases[name]
+
+    def generator(self, name: str) -> Generator:
+        if name not in self.generators:
+            self.generators[name] = Generator(self.base(name))
+        return self.generators[name]
+
+
+def _concept(ctx: WorkerContext, asset: Asset) -> Concept:
+    images, captions = [], []
+    for ref in asset.images:
+        images.append(open_image(io.BytesIO(ctx.store.get(ref.storage_key, expected_sha256=ref.sha256))))
+        captions.append(ref.caption)
+    return Concept(kind=asset.kind, images=images, captions=captions, word=asset.word, token=asset.token)
+
+
+def _load_adapter(ctx: WorkerContext, session, adapter_id: str) -> Adapter:
+    row = session.get(AdapterRow, adapter_id)
+    if row is None:
+        raise ConfigError(f"adapter {adapter_id} not found")
+    return Adapter.from_bytes(ctx.store.get(row.storage_key, expected_sha256=row.sha256))
+
+
+def _save_adapter(ctx: WorkerContext, session, tenant_id: str, adapter: Adapter) -> AdapterRow:
+    row = AdapterRow(tenant_id=tenant_id, kind=adapter.kind, method=adapter.method, storage_key="", sha256="",
+                     size=0, meta=adapter.metadata())
+    session.add(row)
+    session.flush()
+    obj = ctx.store.put(object_key(tenant_id, "adapters", row.id, "adapter.safetensors"), adapter.to_bytes())
+    row.storage_key, row.sha256, row.size = obj.key, obj.sha256, obj.size
+    return row
+
+
+def _hooks(ctx: WorkerContext, job: Job) -> Hooks:
+    ckpt_key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
+
+    def checkpoint(step: int, state: bytes) -> None:
+        ctx.store.put(ckpt_key, state)
+        ctx.jobs.set_checkpoint(job.id, ckpt_key)
+
+    resume = None
+    if job.checkpoint_key and ctx.store.exists(job.checkpoint_key):
+        resume = ctx.store.get(job.checkpoint_key)
+        log.info("job %s resumes from %s", job.id, job.checkpoint_key)
+    return Hooks(progress=lambda step, total, loss: ctx.jobs.progress(job.id, step, total, loss),
+                 should_cancel=lambda: ctx.jobs.cancel_requested(job.id), checkpoint=checkpoint, resume=resume)
+
+
+def _train(ctx: WorkerContext, job: Job) -> dict:
+    with ctx.sessions() as s:
+        asset = s.scalars(select(Asset).where(Asset.id == job.target_id, Asset.tenant_id == job.tenant_id)).one()
+        concept = _concept(ctx, asset)
+        aux = [_concept(ctx, a) for a in s.scalars(select(Asset).where(
+            Asset.tenant_id == job.tenant_id, Asset.id.in_(asset.aux_asset_ids or []))).all()]
+        settings = dict(asset.settings or {})
+        base_name = asset.base_model
+    plp = PLPConfig(**{k: settings[k] for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed", "content_half",
+                                                 "targets") if k in settings})
+    cfg = TrainConfig(steps=int(settings.get("steps", 300)), learning_rate=float(settings.get("learning_rate", 1e-3)),
+                      aux_lr_factor=float(settings.get("aux_lr_factor", 1.0)), seed=int(settings.get("seed", 0)),
+                      checkpoint_every=ctx.settings.checkpoint_every)
+    adapter = train_concept(ctx.base(base_name), concept, method="b4m", aux=aux, plp=plp, cfg=cfg,
+                            hooks=_hooks(ctx, job))
+    with ctx.sessions() as s, s.begin():
+        row = _save_adapter(ctx, s, job.tenant_id, adapter)
+        s.get(Asset, job.target_id).adapter_id = row.id
+    return {"adapter_id": row.id}
+
+
+def _fuse(ctx: WorkerContext, job: Job) -> dict:
+    with ctx.sessions() as s:
+        fusion = s.scalars(select(Fusion).where(Fusion.id == job.target_id, Fusion.tenant_id == job.tenant_id)).one()
+        content, style = s.get(Asset, fusion.content_id), s.get(Asset, fusion.style_id)
+        if not content.adapter_id or not style.adapter_id:
+            raise ConfigError("the content and the style must finish training first")
+        ca, sa = _load_adapter(ctx, s, content.adapter_id), _load_adapter(ctx, s, style.adapter_id)
+        cset, sset = _concept(ctx, content), _concept(ctx, style)
+        steps, method, base_name = fusion.steps, fusion.method, content.base_model
+    fused = fuse(ctx.base(base_name), ca, sa, cset, sset, method=method, cfg=TrainConfig(steps=steps),
+                 hooks=_hooks(ctx, job))
+    with ctx.sessions() as s, s.begin():
+        row = _save_adapter(ctx, s, job.tenant_id, fused)
+        s.get(Fusion, job.target_id).adapter_id = row.id
+    return {"adapter_id": row.id}
+
+
+def _generate(ctx: WorkerContext, job: Job) -> dict:
+    with ctx.sessions() as s:
+        g = s.scalars(select(Generation).where(Generation.id == job.target_id,
+                                               Generation.tenant_id == job.tenant_id)).one()
+        adapter_id, base_name = None, ctx.settings.base_model
+        if g.fusion_id:
+            f = s.get(Fusion, g.fusion_id)
+            adapter_id, base_name = f.adapter_id, s.get(Asset, f.content_id).base_model
+        elif g.content_id or g.style_id:
+            a = s.get(Asset, g.content_id or g.style_id)
+            adapter_id, base_name = a.adapter_id, a.base_model
+        adapter = _load_adapter(ctx, s, adapter_id) if adapter_id else None
+        req = GenerationRequest(prompt=g.prompt, negative_prompt=g.negative_prompt, seed=g.seed, steps=g.steps,
+                                guidance=g.guidance, width=g.width, height=g.height, num_images=g.num_images)
+    gen = ctx.generator(base_name)
+    gen.set_adapter(adapter, fuse=True)
+    images = gen.generate(req)
+    out = []
+    for i, im in enumerate(images):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        obj = ctx.store.put(object_key(job.tenant_id, "images", job.target_id, f"{i}.png"), buf.getvalue(),
+                            content_type="image/png")
+        out.append({"key": obj.key, "sha256": obj.sha256})
+    with ctx.sessions() as s, s.begin():
+        s.get(Generation, job.target_id).images = out
+    return {"images": len(out)}
+
+
+HANDLERS = {"train_content": _train, "train_style": _train, "fuse": _fuse, "generate": _generate}
+
+
+def run_job(ctx: WorkerContext, job_id: str) -> str:
+    """Run one attempt of a job; returns the job's status afterwards."""
+    job = ctx.jobs.start(job_id)
+    if job is None:
+        return "skipped"
+    try:
+        outputs = HANDLERS[job.type](ctx, job)
+    except TrainingCanceled:
+        _drop_checkpoint(ctx, job)
+        ctx.jobs.cancel(job.id)
+        return "canceled"
+    except ConfigError as exc:  # bad input: retrying cannot help
+        _drop_checkpoint(ctx, job)
+        return ctx.jobs.fail(job.id, str(exc), retry=False)
+    except Exception as exc:  # infrastructure: retry while attempts remain
+        log.exception("job %s failed", job.id)
+        return ctx.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", retry=True)
+    _drop_checkpoint(ctx, job)
+    ctx.jobs.succeed(job.id, outputs)
+    return "succeeded"
+
+
+def _drop_checkpoint(ctx: WorkerContext, job: Job) -> None:
+    key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
+    if ctx.store.exists(key):
+        ctx.store.delete(key)
+    ctx.jobs.set_checkpoint(job.id, None)
