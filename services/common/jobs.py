@@ -19,6 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from .models import JOB_STATUSES, Job, utcnow
 
 TERMINAL = ("succeeded", "failed", "canceled")
+# Training and generation get separate queues, so a long training never delays a drawing.
+JOB_QUEUES = {"train_content": "training", "train_style": "training", "fuse": "training", "generate": "generation"}
 
 
 class IdempotencyConflict(Exception):

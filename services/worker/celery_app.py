@@ -11,8 +11,7 @@ from functools import lru_cache
 from celery import Celery
 
 from ..common.settings import get_settings
-
-QUEUES = {"train_content": "training", "train_style": "training", "fuse": "training", "generate": "generation"}
+from ..common.jobs import JOB_QUEUES as QUEUES
 
 settings = get_settings()
 app = Celery("b4m", broker=settings.broker_url or "memory://")

@@ -1,0 +1,438 @@
+"""The REST API: records assets, adapters and jobs, stores files, hands job ids to workers.
+
+A thin layer: validation and bookkeeping here, the method in `b4m_core` (run by the
+worker), state in the database, files in the object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from PIL import Image
+from pydantic import BaseModel, Field
+from sqlalchemy import func, select
+
+from b4m_core.adapter import Adapter as CoreAdapter
+
+from ..common.db import make_engine, migrate, session_factory
+from ..common.jobs import JOB_QUEUES, IdempotencyConflict, JobStore, request_hash
+from ..common.models import Adapter, ApiKey, Asset, Fusion, Generation, Job, ReferenceImage, Tenant
+from ..common.settings import Settings, get_settings
+from ..common.storage import object_key
+from .queue import make_queue
+
+DEFAULT_TENANT = "default"
+ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+# ------------------------------------------------------------------ schemas
+class JobOut(BaseModel):
+    id: str
+    type: str
+    target_id: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    progress_step: int
+    progress_total: int
+    loss: float | None
+    eta_seconds: float | None = Field(None, description="estimated seconds left, from the speed so far")
+    attempts: int
+    error: str | None
+    outputs: dict
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+class Accepted(BaseModel):
+    id: str = Field(description="the created resource")
+    job_id: str
+    status: str
+
+
+class FusionIn(BaseModel):
+    content_id: str
+    style_id: str
+    steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: bare composition)")
+    method: Literal["b4m", "joint", "merge", "ziplora"] = "b4m"
+
+
+class GenerateIn(BaseModel):
+    fusion_id: str | None = None
+    content_id: str | None = None
+    style_id: str | None = None
+    prompt: str = Field(min_length=1, max_length=1000, examples=["a {content} in {style} style"])
+    negative_prompt: str | None = Field(None, max_length=1000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    steps: int = Field(20, ge=1, le=200)
+    guidance: float = Field(5.0, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=8, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
+    num_images: int = Field(1, ge=1, le=8)
+    wait: float = Field(0.0, ge=0.0, le=300.0, description="seconds to wait for the images before answering 202")
+
+
+def _iso(dt) -> str | None:
+    return dt.isoformat() if dt else None
+
+
+def job_out(job: Job) -> JobOut:
+    eta = None
+    if job.status == "running" and job.started_at and 0 < job.progress_step < job.progress_total:
+        elapsed = time.time() - job.started_at.timestamp()
+        eta = elapsed / job.progress_step * (job.progress_total - job.progress_step)
+    return JobOut(id=job.id, type=job.type, target_id=job.target_id, status=job.status,
+                  progress_step=job.progress_step, progress_total=job.progress_total, loss=job.loss,
+                  eta_seconds=eta, attempts=job.attempts, error=job.error, outputs=job.outputs or {},
+                  created_at=_iso(job.created_at), started_at=_iso(job.started_at), finished_at=_iso(job.finished_at))
+
+
+# ------------------------------------------------------------------ app
+def create_app(settings: Settings | None = None, run_migrations: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.queue.close()
+        app.state.engine.dispose()
+
+    app = FastAPI(title="B4M: Break-for-Make customization service", version="0.1.0", lifespan=lifespan,
+                  description="Train content and style adapters, fuse any pair, draw images. Every POST takes an "
+                              "`Idempotency-Key` header.")
+    url = settings.resolved_database_url
+    if run_migrations:
+        migrate(url)
+    app.state.settings = settings
+    app.state.engine = make_engine(url)
+    app.state.sessions = session_factory(app.state.engine)
+    app.state.jobs = JobStore(app.state.sessions)
+    app.state.store = settings.object_store()
+    app.state.queue = make_queue(settings)
+    _routes(app)
+    return app
+
+
+def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off."""
+    st = request.app.state
+    with st.sessions() as s:
+        if not st.settings.auth:
+            t = s.scalars(select(Tenant).where(Tenant.name == DEFAULT_TENANT)).first()
+            if t is None:
+                t = Tenant(name=DEFAULT_TENANT)
+                s.add(t)
+                s.commit()
+            return t.id
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
+        digest = hashlib.sha256(authorization[7:].encode()).hexdigest()
+        for key in s.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))):
+            if hmac.compare_digest(key.key_hash, digest):
+                return key.tenant_id
+    raise HTTPException(401, "invalid API key")
+
+
+TenantId = Annotated[str, Depends(_tenant)]
+
+
+def _read_image(upload: UploadFile, data: bytes, settings: Settings) -> tuple[str, int, int]:
+    """Decide the type by content (Pillow), refuse oversized files and decompression bombs."""
+    if len(data) > settings.max_upload_bytes:
+        raise HTTPException(413, f"{upload.filename}: larger than {settings.max_upload_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt = im.format
+            w, h = im.size
+            if w * h > settings.max_image_pixels:
+                raise HTTPException(413, f"{upload.filename}: {w}x{h} pixels is over the limit")
+            im.verify()
+    except HTTPException:
+        raise
+    except Exception:
+        raise HTTPException(422, f"{upload.filename}: not a readable image")
+    if fmt not in ALLOWED_FORMATS:
+        raise HTTPException(422, f"{upload.filename}: {fmt} images are not accepted (PNG, JPEG or WebP)")
+    return ALLOWED_FORMATS[fmt], w, h
+
+
+def _routes(app: FastAPI) -> None:
+    def st():
+        return app.state
+
+    def idempotent(tenant: str, key: str | None, body: dict) -> tuple[str, Job | None]:
+        h = request_hash(body)
+        try:
+            return h, st().jobs.find_idempotent(tenant, key, h)
+        except IdempotencyConflict as exc:
+            raise HTTPException(409, str(exc))
+
+    async def create_asset(kind: str, tenant: str, images: list[UploadFile], word: str, name: str, base_model: str,
+                           steps: int, token: str | None, aux_asset_ids: list[str], idem_key: str | None):
+        if not 1 <= len(images) <= 10:
+            raise HTTPException(422, "send 1 to 10 images")
+        datas = [await im.read() for im in images]
+        body = {"kind": kind, "word": word, "name": name, "base": base_model, "steps": steps, "token": token,
+                "aux": aux_asset_ids, "images": [hashlib.sha256(d).hexdigest() for d in datas]}
+        h, existing = idempotent(tenant, idem_key, body)
+        if existing:
+            return JSONResponse({"id": existing.target_id, "job_id": existing.id, "status": existing.status}, 202)
+        checked = [_read_image(im, d, st().settings) for im, d in zip(images, datas)]
+        other = "style" if kind == "content" else "content"
+        with st().sessions() as s:
+            for aid in aux_asset_ids:
+                a = s.scalars(select(Asset).where(Asset.id == aid, Asset.tenant_id == tenant)).first()
+                if a is None:
+                    raise HTTPException(404, f"auxiliary asset {aid} not found")
+                if a.kind != other:
+                    raise HTTPException(422, f"auxiliary asset {aid} is a {a.kind}; a {kind} needs {other}s")
+            asset = Asset(tenant_id=tenant, kind=kind, name=name, word=word,
+                          token=token or ("sks" if kind == "content" else "zwx"),
+                          base_model=base_model or st().settings.base_model, settings={"steps": steps},
+                          aux_asset_ids=aux_asset_ids)
+            s.add(asset)
+            s.flush()
+            written = []
+            try:
+                for i, (data, (ctype, w, hgt)) in enumerate(zip(datas, checked)):
+                    obj = st().store.put(object_key(tenant, "references", asset.id, f"{i}"), data, ctype)
+                    written.append(obj.key)
+                    asset.images.append(ReferenceImage(position=i, storage_key=obj.key, sha256=obj.sha256,
+                                                       content_type=ctype, width=w, height=hgt))
+                job = st().jobs.add(s, tenant, f"train_{kind}", asset.id, JOB_QUEUES[f"train_{kind}"],
+                                    idempotency_key=idem_key, body_hash=h,
+                                    max_attempts=st().settings.job_max_attempts)
+                s.commit()
+            except Exception:
+                s.rollback()
+                for key in written:  # no orphan objects
+                    st().store.delete(key)
+                raise
+            st().queue.enqueue(job.id, job.type)
+            return JSONResponse({"id": asset.id, "job_id": job.id, "status": job.status}, 202)
+
+    @app.post("/contents", status_code=202, response_model=Accepted, tags=["assets"])
+    async def post_content(tenant: TenantId, images: Annotated[list[UploadFile], File(description="1 to 10 images")],
+                           class_word: Annotated[str, Form(min_length=1, max_length=50)],
+                           name: Annotated[str, Form(min_length=1, max_length=200)],
+                           base_model: Annotated[str, Form(max_length=500)] = "",
+                           steps: Annotated[int, Form(ge=1, le=5000)] = 300,
+                           token: Annotated[str | None, Form(max_length=50)] = None,
+                           aux_asset_ids: Annotated[list[str], Form()] = [],
+                           idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+        """Upload a content's reference images and train its adapter (break stage)."""
+        return await create_asset("content", tenant, images, class_word, name, base_model, steps, token,
+                                  aux_asset_ids, idempotency_key)
+
+    @app.post("/styles", status_code=202, response_model=Accepted, tags=["assets"])
+    async def post_style(tenant: TenantId, images: Annotated[list[UploadFile], File(description="1 to 10 images")],
+                         style_word: Annotated[str, Form(min_length=1, max_length=50)],
+                         name: Annotated[str, Form(min_length=1, max_length=200)],
+                         base_model: Annotated[str, Form(max_length=500)] = "",
+                         steps: Annotated[int, Form(ge=1, le=5000)] = 300,
+                         token: Annotated[str | None, Form(max_length=50)] = None,
+                         aux_asset_ids: Annotated[list[str], Form()] = [],
+                         idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+        """Upload a style's reference images and train its adapter (break stage)."""
+        return await create_asset("style", tenant, images, style_word, name, base_model, steps, token,
+                                  aux_asset_ids, idempotency_key)
+
+    def asset_out(a: Asset, job: Job | None) -> dict:
+        return {"id": a.id, "kind": a.kind, "name": a.name, "word": a.word, "token": a.token,
+                "base_model": a.base_model, "adapter_id": a.adapter_id, "images": len(a.images),
+                "status": job.status if job else None, "job_id": job.id if job else None,
+                "created_at": _iso(a.created_at)}
+
+    def latest_job(s, tenant: str, target: str) -> Job | None:
+        return s.scalars(select(Job).where(Job.tenant_id == tenant, Job.target_id == target)
+                         .order_by(Job.created_at.desc())).first()
+
+    for kind in ("content", "style"):
+        def make_routes(kind=kind):
+            @app.get(f"/{kind}s", tags=["assets"], name=f"list_{kind}s")
+            def list_assets(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                            status: str | None = None):
+                with st().sessions() as s:
+                    q = select(Asset).where(Asset.tenant_id == tenant, Asset.kind == kind)
+                    total = s.scalar(select(func.count()).select_from(q.subquery()))
+                    rows = [asset_out(a, latest_job(s, tenant, a.id)) for a in
+                            s.scalars(q.order_by(Asset.created_at.desc()).limit(limit).offset(offset))]
+                if status:
+                    rows = [r for r in rows if r["status"] == status]
+                return {"items": rows, "total": total, "limit": limit, "offset": offset}
+
+            @app.get(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"get_{kind}")
+            def get_asset(asset_id: str, tenant: TenantId):
+                with st().sessions() as s:
+                    a = s.scalars(select(Asset).where(Asset.id == asset_id, Asset.tenant_id == tenant,
+                                                      Asset.kind == kind)).first()
+                    if a is None:
+                        raise HTTPException(404, f"{kind} {asset_id} not found")
+                    return asset_out(a, latest_job(s, tenant, a.id))
+
+            @app.delete(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"delete_{kind}", status_code=204)
+            def delete_asset(asset_id: str, tenant: TenantId, force: bool = False):
+                with st().sessions() as s:
+                    a = s.scalars(select(Asset).where(Asset.id == asset_id, Asset.tenant_id == tenant,
+                                                      Asset.kind == kind)).first()
+                    if a is None:
+                        raise HTTPException(404, f"{kind} {asset_id} not found")
+                    col = Fusion.content_id if kind == "content" else Fusion.style_id
+                    fusions = s.scalars(select(Fusion).where(col == asset_id)).all()
+                    if fusions and not force:
+                        raise HTTPException(409, f"{kind} {asset_id} has {len(fusions)} fusion(s); pass force=true")
+                    keys = [im.storage_key for im in a.images]
+                    for f in fusions:
+                        s.delete(f)
+                    s.delete(a)
+                    s.commit()
+                for k in keys:
+                    st().store.delete(k)
+                return Response(status_code=204)
+        make_routes()
+
+    @app.post("/fusions", status_code=202, response_model=Accepted, tags=["fusions"])
+    def post_fusion(body: FusionIn, tenant: TenantId,
+                    idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+        """Combine a trained content with a trained style and fine-tune them into one adapter."""
+        h, existing = idempotent(tenant, idempotency_key, body.model_dump())
+        if existing:
+            return JSONResponse({"id": existing.target_id, "job_id": existing.id, "status": existing.status}, 202)
+        with st().sessions() as s:
+            for aid, kind in ((body.content_id, "content"), (body.style_id, "style")):
+                a = s.scalars(select(Asset).where(Asset.id == aid, Asset.tenant_id == tenant)).first()
+                if a is None:
+                    raise HTTPException(404, f"{kind} {aid} not found")
+                if a.kind != kind:
+                    raise HTTPException(422, f"{aid} is a {a.kind}, not a {kind}")
+            f = Fusion(tenant_id=tenant, content_id=body.content_id, style_id=body.style_id, steps=body.steps,
+                       method=body.method)
+            s.add(f)
+            s.flush()
+            job = st().jobs.add(s, tenant, "fuse", f.id, JOB_QUEUES["fuse"], idempotency_key=idempotency_key,
+                                body_hash=h, max_attempts=st().settings.job_max_attempts)
+            s.commit()
+        st().queue.enqueue(job.id, job.type)
+        return JSONResponse({"id": f.id, "job_id": job.id, "status": job.status}, 202)
+
+    @app.get("/fusions/{fusion_id}", tags=["fusions"])
+    def get_fusion(fusion_id: str, tenant: TenantId):
+        with st().sessions() as s:
+            f = s.scalars(select(Fusion).where(Fusion.id == fusion_id, Fusion.tenant_id == tenant)).first()
+            if f is None:
+                raise HTTPException(404, f"fusion {fusion_id} not found")
+            job = latest_job(s, tenant, f.id)
+            return {"id": f.id, "content_id": f.content_id, "style_id": f.style_id, "steps": f.steps,
+                    "method": f.method, "adapter_id": f.adapter_id, "status": job.status if job else None,
+                    "job_id": job.id if job else None}
+
+    @app.post("/generate", status_code=202, tags=["generate"])
+    def post_generate(body: GenerateIn, tenant: TenantId,
+                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+        """Draw images with a fusion, a content, a style, or the bare base model."""
+        if sum(x is not None for x in (body.fusion_id, body.content_id, body.style_id)) > 1:
+            raise HTTPException(422, "give at most one of fusion_id, content_id, style_id")
+        h, existing = idempotent(tenant, idempotency_key, body.model_dump(exclude={"wait"}))
+        if existing is None:
+            with st().sessions() as s:
+                if body.fusion_id and not s.scalars(select(Fusion).where(Fusion.id == body.fusion_id,
+                                                                         Fusion.tenant_id == tenant)).first():
+                    raise HTTPException(404, f"fusion {body.fusion_id} not found")
+                for aid, kind in ((body.content_id, "content"), (body.style_id, "style")):
+                    if aid:
+                        a = s.scalars(select(Asset).where(Asset.id == aid, Asset.tenant_id == tenant)).first()
+                        if a is None:
+                            raise HTTPException(404, f"{kind} {aid} not found")
+                        if a.kind != kind:
+                            raise HTTPException(422, f"{aid} is a {a.kind}, not a {kind}")
+                g = Generation(tenant_id=tenant, **body.model_dump(exclude={"wait"}))
+                s.add(g)
+                s.flush()
+                job = st().jobs.add(s, tenant, "generate", g.id, JOB_QUEUES["generate"],
+                                    idempotency_key=idempotency_key, body_hash=h)
+                s.commit()
+                gid, jid = g.id, job.id
+            st().queue.enqueue(jid, "generate")
+        else:
+            gid, jid = existing.target_id, existing.id
+        deadline = time.time() + body.wait
+        job = st().jobs.get(tenant, jid)
+        while body.wait and job.status in ("queued", "running") and time.time() < deadline:
+            time.sleep(0.05)
+            job = st().jobs.get(tenant, jid)
+        if job.status == "succeeded":
+            return JSONResponse({"id": gid, "job_id": jid, "status": job.status,
+                                 "images": [f"/generations/{gid}/images/{i}" for i in range(body.num_images)]}, 200)
+        return JSONResponse({"id": gid, "job_id": jid, "status": job.status}, 202)
+
+    @app.get("/generations/{generation_id}/images/{index}", tags=["generate"])
+    def get_image(generation_id: str, index: int, tenant: TenantId):
+        with st().sessions() as s:
+            g = s.scalars(select(Generation).where(Generation.id == generation_id,
+                                                   Generation.tenant_id == tenant)).first()
+            if g is None or not 0 <= index < len(g.images or []):
+                raise HTTPException(404, "image not found")
+            ref = g.images[index]
+        url = st().store.url(ref["key"])
+        if url:
+            return RedirectResponse(url, status_code=307)
+        return Response(st().store.get(ref["key"], expected_sha256=ref["sha256"]), media_type="image/png")
+
+    @app.get("/adapters/{adapter_id}/download", tags=["adapters"])
+    def download_adapter(adapter_id: str, tenant: TenantId,
+                         format: Literal["b4m", "diffusers", "kohya"] = "b4m"):
+        with st().sessions() as s:
+            row = s.scalars(select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant)).first()
+            if row is None:
+                raise HTTPException(404, f"adapter {adapter_id} not found")
+        data = st().store.get(row.storage_key, expected_sha256=row.sha256)
+        if format != "b4m":
+            data = CoreAdapter.from_bytes(data).export(format)
+        return Response(data, media_type="application/octet-stream", headers={
+            "Content-Disposition": f'attachment; filename="{adapter_id}_{format}.safetensors"'})
+
+    @app.get("/jobs", tags=["jobs"])
+    def list_jobs(tenant: TenantId, status: str | None = None, limit: int = Query(50, ge=1, le=500),
+                  offset: int = Query(0, ge=0)):
+        try:
+            rows, total = st().jobs.list(tenant, status, limit, offset)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc))
+        return {"items": [job_out(j) for j in rows], "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    def get_job(job_id: str, tenant: TenantId):
+        job = st().jobs.get(tenant, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        return job_out(job)
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
+    def cancel_job(job_id: str, tenant: TenantId):
+        job = st().jobs.request_cancel(tenant, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        return job_out(job)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    def readyz():
+        checks = {}
+        for name, fn in (("database", lambda: st().engine.connect().close()), ("storage", st().store.check),
+                         ("broker", st().queue.check)):
+            try:
+                fn()
+                checks[name] = "ok"
+            except Exception as exc:
+                checks[name] = f"error: {exc}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)

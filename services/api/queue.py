@@ -1,0 +1,78 @@
+"""How the API hands a job id to a worker.
+
+`CeleryQueue` publishes to the Redis broker (production). `InProcessQueue` runs jobs on
+a background thread of the API process itself (the embedded default: no Redis, one
+machine); it uses the same `run_job` as a Celery worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from ..common.jobs import JOB_QUEUES
+from ..common.settings import Settings
+
+log = logging.getLogger("b4m.queue")
+
+
+class InProcessQueue:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._q: queue.Queue[str | None] = queue.Queue()
+        self._ctx = None
+        self._thread = threading.Thread(target=self._loop, name="b4m-worker", daemon=True)
+        self._thread.start()
+
+    def enqueue(self, job_id: str, job_type: str) -> None:
+        self._q.put(job_id)
+
+    def _loop(self) -> None:
+        from ..worker.runner import WorkerContext, run_job
+
+        while True:
+            job_id = self._q.get()
+            if job_id is None:
+                return
+            try:
+                if self._ctx is None:
+                    self._ctx = WorkerContext(self.settings)  # loads base models once, on first use
+                if run_job(self._ctx, job_id) == "queued":  # retryable failure: run it again
+                    self._q.put(job_id)
+            except Exception:  # keep the thread alive; the job row holds the error
+                log.exception("job %s crashed the in-process worker", job_id)
+            finally:
+                self._q.task_done()
+
+    def join(self) -> None:
+        self._q.join()
+
+    def close(self) -> None:
+        self._q.put(None)
+
+    def check(self) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("in-process worker thread is not running")
+
+
+class CeleryQueue:
+    def __init__(self, settings: Settings):
+        from celery import Celery
+
+        self.app = Celery("b4m-api", broker=settings.broker_url)
+        self.app.conf.broker_connection_retry_on_startup = True
+
+    def enqueue(self, job_id: str, job_type: str) -> None:
+        self.app.send_task("b4m.run_job", args=[job_id], queue=JOB_QUEUES[job_type])
+
+    def check(self) -> None:
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+
+    def close(self) -> None:
+        pass
+
+
+def make_queue(settings: Settings):
+    return CeleryQueue(settings) if settings.broker_url else InProcessQueue(settings)

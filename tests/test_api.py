@@ -1,0 +1,172 @@
+"""The HTTP API over the embedded stack (in-process queue, local store), on SQLite and PostgreSQL."""
+
+import hashlib
+import io
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from services.api.app import create_app
+from services.common.models import ApiKey, Asset, Job, Tenant
+from services.common.settings import Settings
+
+from .conftest import random_images
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    random_images(seed, 1)[0].save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def api(db_url, tmp_path, tiny_sd_path):
+    settings = Settings(data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu")
+    app = create_app(settings)
+    with TestClient(app) as client:
+        client.base = str(tiny_sd_path)
+        yield client, app
+
+
+def wait_job(client, job_id, timeout=120, headers=None):
+    t = time.time()
+    while time.time() - t < timeout:
+        job = client.get(f"/jobs/{job_id}", headers=headers).json()
+        if job["status"] in ("succeeded", "failed", "canceled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(job)
+
+
+def post_asset(client, kind, seed, **extra):
+    word = {"content": "class_word", "style": "style_word"}[kind]
+    files = [("images", (f"{i}.png", png(seed + i), "image/png")) for i in range(2)]
+    data = {word: "dog" if kind == "content" else "ink", "name": f"my {kind}", "steps": "2", **extra}
+    return client.post(f"/{kind}s", files=files, data=data)
+
+
+def test_train_fuse_generate_over_http(api):
+    client, app = api
+    r = post_asset(client, "content", 0)
+    assert r.status_code == 202, r.text
+    content = r.json()
+    assert {"id", "job_id"} <= set(content)
+    style = post_asset(client, "style", 5).json()
+    for j in (content["job_id"], style["job_id"]):
+        job = wait_job(client, j)
+        assert job["status"] == "succeeded", job
+        assert job["progress_step"] == job["progress_total"] == 2 and job["attempts"] == 1
+    assert client.get(f"/contents/{content['id']}").json()["adapter_id"]
+    assert client.get("/contents").json()["total"] == 1
+    r = client.post("/fusions", json={"content_id": content["id"], "style_id": style["id"], "steps": 1})
+    assert r.status_code == 202, r.text
+    fusion = r.json()
+    assert wait_job(client, fusion["job_id"])["status"] == "succeeded"
+    adapter_id = client.get(f"/fusions/{fusion['id']}").json()["adapter_id"]
+    for fmt, key in (("b4m", ".A"), ("diffusers", ".lora.down.weight"), ("kohya", ".alpha")):
+        r = client.get(f"/adapters/{adapter_id}/download", params={"format": fmt})
+        assert r.status_code == 200 and r.content[:8]
+        from safetensors.torch import load
+
+        assert any(k.endswith(key) for k in load(r.content))
+    r = client.post("/generate", json={"fusion_id": fusion["id"], "prompt": "a {content} in {style} style",
+                                       "steps": 2, "num_images": 2, "wait": 60})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    img = client.get(body["images"][1])
+    assert img.status_code == 200 and img.content.startswith(b"\x89PNG")
+    assert client.get("/readyz").json()["status"] == "ok"
+
+
+def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
+    client, app = api
+
+    def counts():
+        with app.state.sessions() as s:
+            return s.scalar(select(func.count(Asset.id))), s.scalar(select(func.count(Job.id)))
+
+    objects = lambda: sorted(p for p in (tmp_path / "objects").rglob("*") if p.is_file())
+    before, objs = counts(), objects()
+    cases = [
+        ([("images", ("a.png", b"not an image", "image/png"))], 422),
+        ([("images", ("a.gif", _gif(), "image/gif"))], 422),
+        ([], 422),
+        ([("images", (f"{i}.png", png(i), "image/png")) for i in range(11)], 422),
+    ]
+    for files, code in cases:
+        r = client.post("/contents", files=files or None, data={"class_word": "dog", "name": "x"})
+        assert r.status_code == code, (r.status_code, r.text)
+    r = client.post("/contents", files=[("images", ("a.png", png(1), "image/png"))],
+                    data={"class_word": "dog", "name": "x", "aux_asset_ids": "nope"})
+    assert r.status_code == 404
+    assert counts() == before and objects() == objs
+    # fusing two contents, unknown ids, bad numbers
+    c = post_asset(client, "content", 0).json()
+    c2 = post_asset(client, "content", 3).json()
+    assert client.post("/fusions", json={"content_id": c["id"], "style_id": c2["id"]}).status_code == 422
+    assert client.post("/fusions", json={"content_id": c["id"], "style_id": "missing"}).status_code == 404
+    assert client.post("/generate", json={"prompt": "x", "width": 33}).status_code == 422
+    assert client.post("/generate", json={"prompt": "x", "steps": 0}).status_code == 422
+    assert client.get("/jobs/unknown").status_code == 404
+    app.state.queue.join()
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    random_images(0, 1)[0].save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def test_idempotency_key(api):
+    client, app = api
+    body = {"prompt": "a dog", "steps": 1}
+    a = client.post("/generate", json=body, headers={"Idempotency-Key": "k1"}).json()
+    b = client.post("/generate", json=body, headers={"Idempotency-Key": "k1"}).json()
+    assert a["id"] == b["id"] and a["job_id"] == b["job_id"]
+    r = client.post("/generate", json={**body, "seed": 9}, headers={"Idempotency-Key": "k1"})
+    assert r.status_code == 409
+    with app.state.sessions() as s:
+        assert s.scalar(select(func.count(Job.id))) == 1
+    app.state.queue.join()
+
+
+def test_delete_with_fusions_needs_force(api):
+    client, app = api
+    c, s_ = post_asset(client, "content", 0).json(), post_asset(client, "style", 5).json()
+    app.state.queue.join()
+    f = client.post("/fusions", json={"content_id": c["id"], "style_id": s_["id"], "steps": 0}).json()
+    app.state.queue.join()
+    assert client.delete(f"/contents/{c['id']}").status_code == 409
+    assert client.delete(f"/contents/{c['id']}", params={"force": "true"}).status_code == 204
+    assert client.get(f"/contents/{c['id']}").status_code == 404
+    assert client.get(f"/fusions/{f['id']}").status_code == 404
+
+
+def test_tenants_see_only_their_own(db_url, tmp_path, tiny_sd_path):
+    settings = Settings(data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu", auth=True)
+    app = create_app(settings)
+    keys = {}
+    with app.state.sessions() as s:
+        for name in ("a", "b"):
+            t = Tenant(name=name)
+            s.add(t)
+            s.flush()
+            keys[name] = f"key-{name}-secret"
+            s.add(ApiKey(tenant_id=t.id, prefix=keys[name][:6], key_hash=hashlib.sha256(keys[name].encode()).hexdigest()))
+        s.commit()
+    with TestClient(app) as client:
+        ha, hb = ({"Authorization": f"Bearer {keys[n]}"} for n in ("a", "b"))
+        assert client.get("/contents").status_code == 401
+        assert client.get("/contents", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = client.post("/generate", json={"prompt": "a dog", "steps": 1}, headers=ha)
+        assert r.status_code == 202
+        job_id, gen_id = r.json()["job_id"], r.json()["id"]
+        assert client.get(f"/jobs/{job_id}", headers=hb).status_code == 404
+        assert client.post(f"/jobs/{job_id}/cancel", headers=hb).status_code == 404
+        assert client.get(f"/jobs/{job_id}", headers=ha).status_code == 200
+        assert client.get("/jobs", headers=hb).json()["total"] == 0
+        wait_job(client, job_id, headers=ha)
+        assert client.get(f"/generations/{gen_id}/images/0", headers=hb).status_code == 404
+        assert client.get(f"/generations/{gen_id}/images/0", headers=ha).status_code == 200
