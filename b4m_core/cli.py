@@ -54,9 +54,12 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
         p.add_argument("--targets", choices=TARGET_SETS, default="attn")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(extensions=()) -> argparse.ArgumentParser:
+    """`extensions`: callables adding more subcommands (the service layer adds serve/worker)."""
     parser = argparse.ArgumentParser(prog="b4m", description="Break-for-Make content-style customization")
     sub = parser.add_subparsers(dest="command", required=True)
+    for extend in extensions:
+        extend(sub)
 
     train = sub.add_parser("train", help="break stage: learn a content or a style adapter")
     tsub = train.add_subparsers(dest="kind", required=True)
@@ -261,10 +264,10 @@ COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "generate": cmd_generate, "exp
             "demo": cmd_demo, "bench": cmd_bench}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extensions=(), commands: dict | None = None) -> int:
+    args = build_parser(extensions).parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        {**COMMANDS, **(commands or {})}[args.command](args)
     except ConfigError as exc:
         print(f"b4m: error: {exc}", file=sys.stderr)
         return 2

@@ -170,3 +170,34 @@ def test_tenants_see_only_their_own(db_url, tmp_path, tiny_sd_path):
         wait_job(client, job_id, headers=ha)
         assert client.get(f"/generations/{gen_id}/images/0", headers=hb).status_code == 404
         assert client.get(f"/generations/{gen_id}/images/0", headers=ha).status_code == 200
+
+
+def test_b4m_serve_answers_over_real_http(tmp_path, tiny_sd_path):
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .conftest import _free_port
+
+    port = _free_port()
+    env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), B4M_BASE_MODEL=str(tiny_sd_path), HF_HUB_OFFLINE="1")
+    env.pop("B4M_DATABASE_URL", None)
+    env.pop("B4M_BROKER_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(150):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                    body = r.read()
+                    break
+            except Exception:
+                time.sleep(0.2)
+        else:
+            raise AssertionError("b4m serve did not come up")
+        assert b'"ok"' in body
+        assert (tmp_path / "b4m.db").is_file()  # the embedded default: SQLite in the data folder
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
