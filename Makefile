@@ -16,6 +16,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
+	@# docker-compose (Debian's) only validates docker-compose.yml here; no engine runs
+	@command -v docker-compose >/dev/null || apt-get install -y -q docker-compose >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1) || \
+		echo "docker-compose not installed: the compose validation test will be skipped"
 
 test: install
 	$(BIN)/python -m pytest -q tests
