@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test bench clean
+.PHONY: install test bench main-job clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The main job: b4m serve on the embedded stack, driven over HTTP with the shipped references.
+main-job: install
+	$(BIN)/python -m services.main_job --out out/main_job
 
 bench: install
 	$(BIN)/python bench/core_bench.py

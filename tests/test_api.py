@@ -201,3 +201,18 @@ def test_b4m_serve_answers_over_real_http(tmp_path, tiny_sd_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_main_job_over_http(tmp_path):
+    """The README's main job, with tiny step counts: serve, upload, train, fuse, draw, grid, stop."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    r = subprocess.run([sys.executable, "-m", "services.main_job", "--out", str(tmp_path), "--break-steps", "2",
+                        "--make-steps", "1", "--contents", "hexagon", "--styles", "plaid", "zigzag"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == (3 * 68, 2 * 68)
+    assert (tmp_path / "hexagon_x_zigzag.png").is_file()
