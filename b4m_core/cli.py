@@ -70,8 +70,8 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
                        help="class word of the content (dog)" if kind == "content" else "style word (watercolor)")
         p.add_argument("--token", default="", help="identifier token (default sks for content, zwx for style)")
         p.add_argument("--aux", action="append", default=[], help=AUX_HELP)
-        p.add_argument("--aux-lr-factor", type=float, default=1.0,
-                       help="learning-rate factor for the auxiliary half (the released code uses 0.1)")
+        p.add_argument("--aux-lr-factor", type=float, default=0.1,
+                       help="learning-rate factor for the auxiliary half (default 0.1, as the released code)")
         p.add_argument("--method", choices=["b4m", "lora"], default="b4m",
                        help="b4m (PLP + MCP) or a plain LoRA for the baselines")
         _train_args(p)
@@ -137,7 +137,7 @@ def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainCo
                        learning_rate=args.lr or default_lr, seed=args.seed, batch_size=args.batch_size,
                        resolution=args.resolution, mixed_precision=args.mixed_precision,
                        gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-                       aux_lr_factor=getattr(args, "aux_lr_factor", 1.0))
+                       aux_lr_factor=getattr(args, "aux_lr_factor", 0.1))
 
 
 def _hooks(args):

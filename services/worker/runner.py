@@ -104,7 +104,7 @@ def _train(ctx: WorkerContext, job: Job) -> dict:
     plp = PLPConfig(**{k: settings[k] for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed", "content_half",
                                                  "targets") if k in settings})
     cfg = TrainConfig(steps=int(settings.get("steps", 300)), learning_rate=float(settings.get("learning_rate", 1e-3)),
-                      aux_lr_factor=float(settings.get("aux_lr_factor", 1.0)), seed=int(settings.get("seed", 0)),
+                      aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
                       checkpoint_every=ctx.settings.checkpoint_every)
     adapter = train_concept(ctx.base(base_name), concept, method="b4m", aux=aux, plp=plp, cfg=cfg,
                             hooks=_hooks(ctx, job))
