@@ -72,12 +72,9 @@ def concepts():
 PG_ADMIN = os.environ.get("B4M_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'b4m.db'}"
-        return
-
+@pytest.fixture
+def pg_url():
+    """A fresh database on the machine's PostgreSQL, dropped afterwards."""
     name = f"b4m_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
@@ -88,6 +85,11 @@ def db_url(request, tmp_path):
     admin.dispose()
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'b4m.db'}"
+    return request.getfixturevalue("pg_url")
 
 
 # ---------------------------------------------------------------- S3 (moto_server over HTTP)

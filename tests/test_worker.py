@@ -29,23 +29,6 @@ REDIS_DB = 7
 
 
 @pytest.fixture
-def pg_url():
-    from sqlalchemy import create_engine, text
-    import uuid
-
-    from .conftest import PG_ADMIN
-
-    name = f"b4m_worker_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    yield PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as c:
-        c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture
 def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
     import redis
 
