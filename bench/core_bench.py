@@ -196,18 +196,16 @@ def main() -> None:
     other = train_concept(base, Concept("content", images(5, 2), "cat"), plp=plp, cfg=TrainConfig(steps=1))
     flip = {"i": 0}
 
-    def switch_fused():
-        flip["i"] ^= 1
-        gen.set_adapter(adapter if flip["i"] else other, fuse=True)
-
-    def switch_unfused():
-        flip["i"] ^= 1
-        gen.set_adapter(adapter if flip["i"] else other, fuse=False)
+    def switch(fuse: bool):
+        def fn():  # alternate between two adapters so every call really switches
+            flip["i"] ^= 1
+            gen.set_adapter(adapter if flip["i"] else other, fuse=fuse)
+        return fn
 
     def reload():
         load_base(path, device=device)
 
-    t = interleaved({"switch_fused": switch_fused, "switch_unfused": switch_unfused, "reload": reload},
+    t = interleaved({"switch_fused": switch(True), "switch_unfused": switch(False), "reload": reload},
                     args.reps, device)
     results["switch_s"] = t
     results["reload_over_switch_fused"] = t["reload"] / t["switch_fused"]
