@@ -265,6 +265,33 @@ def evaluate_base(pipe, probe, guidance: float, steps: int = 20, batch: int = 48
     return {"n": len(scenes), **{k: float((preds[k] == y[k]).float().mean()) for k in HEADS}}, images
 
 
+def eval_shipped(args) -> dict:
+    """Score an existing micro model folder on the fixed prompt set, on this machine."""
+    from ..models import load_base
+    from .probes import load_probe
+
+    base = load_base(args.out, device=args.device)
+    probe, _ = load_probe()
+    probe.to(args.device)
+    report = {"model": args.out, "device": args.device, "threads": torch.get_num_threads(), "eval": {}}
+    for guidance in args.eval_guidance:
+        t = time.time()
+        acc, _ = evaluate_base(base.pipe, probe, guidance)
+        report["eval"][str(guidance)] = {**acc, "seconds": round(time.time() - t, 1)}
+        log(f"guidance {guidance}: {report['eval'][str(guidance)]}")
+    gen = torch.Generator("cpu").manual_seed(0)
+    base.pipe("a large striped circle", num_inference_steps=20, generator=gen)  # warm
+    t = time.time()
+    for i in range(5):
+        base.pipe("a large striped circle", num_inference_steps=20, generator=gen)
+    report["one_image_20_steps_s"] = round((time.time() - t) / 5, 3)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.report:
+        Path(args.report).write_text(text)
+    return report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "model"))
@@ -285,10 +312,14 @@ def main() -> None:
     ap.add_argument("--probe-images", type=int, default=40_000)
     ap.add_argument("--text-encoder", default=None, help="MiniLM folder (default: the installed package)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--eval-only", action="store_true",
+                    help="only score the model in --out (default: the shipped one) on the fixed prompt set")
     ap.add_argument("--eval-guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5])
     ap.add_argument("--report", default=None, help="write timings and accuracies here (JSON)")
     args = ap.parse_args()
     dev = args.device
+    if args.eval_only:
+        return eval_shipped(args)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
