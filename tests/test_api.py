@@ -144,6 +144,69 @@ def test_delete_with_fusions_needs_force(api):
     assert client.get(f"/fusions/{f['id']}").status_code == 404
 
 
+def test_lists_filter_in_sql_and_fusion_delete_removes_its_adapter(api, tmp_path):
+    client, app = api
+    ok = [post_asset(client, "content", i).json() for i in (0, 2, 4)]
+    style = post_asset(client, "style", 9).json()
+    app.state.queue.join()
+    bad = post_asset(client, "content", 6, steps="0")  # refused: steps >= 1
+    assert bad.status_code == 422
+    # a canceled one: queued behind a job that holds the in-process worker
+    blocker = post_asset(client, "content", 8, steps="5000").json()
+    canceled = post_asset(client, "content", 10).json()
+    assert client.post(f"/jobs/{canceled['job_id']}/cancel").json()["status"] == "canceled"
+    client.post(f"/jobs/{blocker['job_id']}/cancel")
+    app.state.queue.join()
+    # the status filter runs before paging: a page of 2 succeeded contents, 3 in all
+    page = client.get("/contents", params={"status": "succeeded", "limit": 2}).json()
+    assert page["total"] == 3 and len(page["items"]) == 2 and {i["status"] for i in page["items"]} == {"succeeded"}
+    page2 = client.get("/contents", params={"status": "succeeded", "limit": 2, "offset": 2}).json()
+    assert {i["id"] for i in page["items"] + page2["items"]} == {c["id"] for c in ok}
+    assert client.get("/contents", params={"status": "canceled"}).json()["total"] == 2
+    assert client.get("/contents", params={"status": "bogus"}).status_code == 422
+    f = client.post("/fusions", json={"content_id": ok[0]["id"], "style_id": style["id"], "steps": 1}).json()
+    app.state.queue.join()
+    fusions = client.get("/fusions", params={"content_id": ok[0]["id"], "status": "succeeded"}).json()
+    assert [x["id"] for x in fusions["items"]] == [f["id"]] and fusions["items"][0]["adapter_id"]
+    assert client.get("/fusions", params={"content_id": ok[1]["id"]}).json()["total"] == 0
+    g = client.post("/generate", json={"fusion_id": f["id"], "prompt": "a {content}", "steps": 1, "wait": 60}).json()
+    gens = client.get("/generations", params={"fusion_id": f["id"]}).json()
+    assert gens["total"] == 1 and gens["items"][0]["images"] == g["images"]
+    assert client.get(f"/generations/{g['id']}").json()["status"] == "succeeded"
+    adapter_id = fusions["items"][0]["adapter_id"]
+    objects = lambda: [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+    assert client.get(f"/adapters/{adapter_id}/download").status_code == 200
+    n = len(objects())
+    assert client.delete(f"/fusions/{f['id']}").status_code == 204
+    assert client.get(f"/fusions/{f['id']}").status_code == 404
+    assert client.get(f"/adapters/{adapter_id}/download").status_code == 404
+    assert len(objects()) == n - 1  # the fused adapter's object went with it
+    assert client.delete(f"/fusions/{f['id']}").status_code == 404
+    assert client.get(g["images"][0]).status_code == 200  # generations keep their images
+
+
+def test_openapi_documents_every_route(api):
+    client, _ = api
+    spec = client.get("/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for verb, op in ops.items():
+            codes = set(op["responses"])
+            if path not in ("/healthz", "/readyz"):
+                assert "404" in codes or "422" in codes, (verb, path, codes)
+    schemas = spec["components"]["schemas"]
+    for name in ("Accepted", "JobOut", "AssetOut", "FusionOut", "GenerationOut", "GenerateIn", "FusionIn", "ErrorOut"):
+        assert name in schemas, name
+    for name in ("JobOut", "GenerateIn", "FusionIn", "AssetOut"):
+        described = [k for k, v in schemas[name]["properties"].items() if v.get("description")]
+        assert len(described) >= len(schemas[name]["properties"]) // 2, (name, described)
+    post = spec["paths"]["/contents"]["post"]
+    assert {"413", "409", "422", "404"} <= set(post["responses"])
+    form = spec["components"]["schemas"][post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+                                         .split("/")[-1]]
+    assert {"images", "class_word", "name", "base_model"} <= set(form["properties"])
+    assert schemas["GenerateIn"].get("examples")
+
+
 def test_tenants_see_only_their_own(db_url, tmp_path, tiny_sd_path):
     settings = Settings(data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu", auth=True)
     app = create_app(settings)

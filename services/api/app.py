@@ -16,7 +16,6 @@ from typing import Annotated, Literal
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 
 from b4m_core.adapter import Adapter as CoreAdapter
@@ -27,55 +26,11 @@ from ..common.models import Adapter, ApiKey, Asset, Fusion, Generation, Job, Ref
 from ..common.settings import Settings, get_settings
 from ..common.storage import object_key
 from .queue import make_queue
+from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, FusionOut, GenerateDone, GenerateIn,
+                      GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, errors)
 
 DEFAULT_TENANT = "default"
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-
-
-# ------------------------------------------------------------------ schemas
-class JobOut(BaseModel):
-    id: str
-    type: str
-    target_id: str
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
-    progress_step: int
-    progress_total: int
-    loss: float | None
-    eta_seconds: float | None = Field(None, description="estimated seconds left, from the speed so far")
-    attempts: int
-    error: str | None
-    outputs: dict
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-
-
-class Accepted(BaseModel):
-    id: str = Field(description="the created resource")
-    job_id: str
-    status: str
-
-
-class FusionIn(BaseModel):
-    content_id: str
-    style_id: str
-    steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: bare composition)")
-    method: Literal["b4m", "joint", "merge", "ziplora"] = "b4m"
-
-
-class GenerateIn(BaseModel):
-    fusion_id: str | None = None
-    content_id: str | None = None
-    style_id: str | None = None
-    prompt: str = Field(min_length=1, max_length=1000, examples=["a {content} in {style} style"])
-    negative_prompt: str | None = Field(None, max_length=1000)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    steps: int = Field(20, ge=1, le=200)
-    guidance: float = Field(5.0, ge=0.0, le=30.0)
-    width: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    height: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    num_images: int = Field(1, ge=1, le=8)
-    wait: float = Field(0.0, ge=0.0, le=300.0, description="seconds to wait for the images before answering 202")
 
 
 def _iso(dt) -> str | None:
@@ -217,7 +172,9 @@ def _routes(app: FastAPI) -> None:
             st().queue.enqueue(job.id, job.type)
             return JSONResponse({"id": asset.id, "job_id": job.id, "status": job.status}, 202)
 
-    @app.post("/contents", status_code=202, response_model=Accepted, tags=["assets"])
+    asset_errors = errors(401, 404, 409, 413, 422)
+
+    @app.post("/contents", status_code=202, response_model=Accepted, tags=["assets"], responses=asset_errors)
     async def post_content(tenant: TenantId, images: Annotated[list[UploadFile], File(description="1 to 10 images")],
                            class_word: Annotated[str, Form(min_length=1, max_length=50)],
                            name: Annotated[str, Form(min_length=1, max_length=200)],
@@ -226,11 +183,12 @@ def _routes(app: FastAPI) -> None:
                            token: Annotated[str | None, Form(max_length=50)] = None,
                            aux_asset_ids: Annotated[list[str], Form()] = [],
                            idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
-        """Upload a content's reference images and train its adapter (break stage)."""
+        """Upload a content's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
+        stage). `aux_asset_ids` (repeated) names style assets whose images serve as MCP auxiliary sets."""
         return await create_asset("content", tenant, images, class_word, name, base_model, steps, token,
                                   aux_asset_ids, idempotency_key)
 
-    @app.post("/styles", status_code=202, response_model=Accepted, tags=["assets"])
+    @app.post("/styles", status_code=202, response_model=Accepted, tags=["assets"], responses=asset_errors)
     async def post_style(tenant: TenantId, images: Annotated[list[UploadFile], File(description="1 to 10 images")],
                          style_word: Annotated[str, Form(min_length=1, max_length=50)],
                          name: Annotated[str, Form(min_length=1, max_length=200)],
@@ -239,35 +197,65 @@ def _routes(app: FastAPI) -> None:
                          token: Annotated[str | None, Form(max_length=50)] = None,
                          aux_asset_ids: Annotated[list[str], Form()] = [],
                          idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
-        """Upload a style's reference images and train its adapter (break stage)."""
+        """Upload a style's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
+        stage). `aux_asset_ids` (repeated) names content assets whose images serve as MCP auxiliary sets."""
         return await create_asset("style", tenant, images, style_word, name, base_model, steps, token,
                                   aux_asset_ids, idempotency_key)
 
-    def asset_out(a: Asset, job: Job | None) -> dict:
-        return {"id": a.id, "kind": a.kind, "name": a.name, "word": a.word, "token": a.token,
-                "base_model": a.base_model, "adapter_id": a.adapter_id, "images": len(a.images),
-                "status": job.status if job else None, "job_id": job.id if job else None,
-                "created_at": _iso(a.created_at)}
+    def asset_out(a: Asset, job: Job | None) -> AssetOut:
+        return AssetOut(id=a.id, kind=a.kind, name=a.name, word=a.word, token=a.token, base_model=a.base_model,
+                        adapter_id=a.adapter_id, images=len(a.images), status=job.status if job else None,
+                        job_id=job.id if job else None, created_at=_iso(a.created_at))
+
+    def fusion_out(f: Fusion, job: Job | None) -> FusionOut:
+        return FusionOut(id=f.id, content_id=f.content_id, style_id=f.style_id, steps=f.steps, method=f.method,
+                         adapter_id=f.adapter_id, status=job.status if job else None, job_id=job.id if job else None,
+                         created_at=_iso(f.created_at))
+
+    def generation_out(g: Generation, job: Job | None) -> GenerationOut:
+        return GenerationOut(id=g.id, fusion_id=g.fusion_id, content_id=g.content_id, style_id=g.style_id,
+                             prompt=g.prompt, negative_prompt=g.negative_prompt, seed=g.seed, steps=g.steps,
+                             guidance=g.guidance, width=g.width, height=g.height, num_images=g.num_images,
+                             images=[f"/generations/{g.id}/images/{i}" for i in range(len(g.images or []))],
+                             status=job.status if job else None, job_id=job.id if job else None,
+                             created_at=_iso(g.created_at))
 
     def latest_job(s, tenant: str, target: str) -> Job | None:
         return s.scalars(select(Job).where(Job.tenant_id == tenant, Job.target_id == target)
                          .order_by(Job.created_at.desc())).first()
 
+    def page(s, tenant: str, model, q, status: str | None, limit: int, offset: int, out) -> dict:
+        """One page of `q`, newest first, filtered in SQL by the status of each row's latest job."""
+        if status:
+            latest = (select(Job.status).where(Job.tenant_id == tenant, Job.target_id == model.id)
+                      .order_by(Job.created_at.desc()).limit(1).correlate(model).scalar_subquery())
+            q = q.where(latest == status)
+        total = s.scalar(select(func.count()).select_from(q.subquery()))
+        rows = s.scalars(q.order_by(model.created_at.desc(), model.id).limit(limit).offset(offset)).all()
+        return {"items": [out(r, latest_job(s, tenant, r.id)) for r in rows], "total": total, "limit": limit,
+                "offset": offset}
+
+    def delete_adapters(s, ids) -> list[str]:
+        """Delete adapter rows; returns their storage keys (the objects go after the commit)."""
+        keys = []
+        for row in s.scalars(select(Adapter).where(Adapter.id.in_([i for i in ids if i]))):
+            keys.append(row.storage_key)
+            s.delete(row)
+        return keys
+
     for kind in ("content", "style"):
         def make_routes(kind=kind):
-            @app.get(f"/{kind}s", tags=["assets"], name=f"list_{kind}s")
+            @app.get(f"/{kind}s", tags=["assets"], name=f"list_{kind}s", response_model=AssetList,
+                     responses=errors(401, 422))
             def list_assets(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
-                            status: str | None = None):
+                            status: JobStatus | None = Query(None, description="only those whose latest job has "
+                                                                               "this status")):
                 with st().sessions() as s:
                     q = select(Asset).where(Asset.tenant_id == tenant, Asset.kind == kind)
-                    total = s.scalar(select(func.count()).select_from(q.subquery()))
-                    rows = [asset_out(a, latest_job(s, tenant, a.id)) for a in
-                            s.scalars(q.order_by(Asset.created_at.desc()).limit(limit).offset(offset))]
-                if status:
-                    rows = [r for r in rows if r["status"] == status]
-                return {"items": rows, "total": total, "limit": limit, "offset": offset}
+                    return page(s, tenant, Asset, q, status, limit, offset, asset_out)
 
-            @app.get(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"get_{kind}")
+            @app.get(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"get_{kind}", response_model=AssetOut,
+                     responses=errors(401, 404))
             def get_asset(asset_id: str, tenant: TenantId):
                 with st().sessions() as s:
                     a = s.scalars(select(Asset).where(Asset.id == asset_id, Asset.tenant_id == tenant,
@@ -276,8 +264,12 @@ def _routes(app: FastAPI) -> None:
                         raise HTTPException(404, f"{kind} {asset_id} not found")
                     return asset_out(a, latest_job(s, tenant, a.id))
 
-            @app.delete(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"delete_{kind}", status_code=204)
-            def delete_asset(asset_id: str, tenant: TenantId, force: bool = False):
+            @app.delete(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"delete_{kind}", status_code=204,
+                        responses=errors(401, 404, 409))
+            def delete_asset(asset_id: str, tenant: TenantId,
+                             force: bool = Query(False, description="also delete the fusions that use it")):
+                """Delete the asset, its reference images and adapter; refused (409) while fusions use it
+                unless `force`, which deletes those fusions and their adapters too."""
                 with st().sessions() as s:
                     a = s.scalars(select(Asset).where(Asset.id == asset_id, Asset.tenant_id == tenant,
                                                       Asset.kind == kind)).first()
@@ -288,16 +280,20 @@ def _routes(app: FastAPI) -> None:
                     if fusions and not force:
                         raise HTTPException(409, f"{kind} {asset_id} has {len(fusions)} fusion(s); pass force=true")
                     keys = [im.storage_key for im in a.images]
+                    adapter_ids = [a.adapter_id] + [f.adapter_id for f in fusions]
                     for f in fusions:
                         s.delete(f)
                     s.delete(a)
+                    s.flush()
+                    keys += delete_adapters(s, adapter_ids)
                     s.commit()
                 for k in keys:
                     st().store.delete(k)
                 return Response(status_code=204)
         make_routes()
 
-    @app.post("/fusions", status_code=202, response_model=Accepted, tags=["fusions"])
+    @app.post("/fusions", status_code=202, response_model=Accepted, tags=["fusions"],
+              responses=errors(401, 404, 409, 422))
     def post_fusion(body: FusionIn, tenant: TenantId,
                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
         """Combine a trained content with a trained style and fine-tune them into one adapter."""
@@ -321,18 +317,47 @@ def _routes(app: FastAPI) -> None:
         st().queue.enqueue(job.id, job.type)
         return JSONResponse({"id": f.id, "job_id": job.id, "status": job.status}, 202)
 
-    @app.get("/fusions/{fusion_id}", tags=["fusions"])
+    @app.get("/fusions", tags=["fusions"], response_model=FusionList, responses=errors(401, 422))
+    def list_fusions(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                     status: JobStatus | None = Query(None, description="only those whose latest job has this status"),
+                     content_id: str | None = None, style_id: str | None = None):
+        with st().sessions() as s:
+            q = select(Fusion).where(Fusion.tenant_id == tenant)
+            if content_id:
+                q = q.where(Fusion.content_id == content_id)
+            if style_id:
+                q = q.where(Fusion.style_id == style_id)
+            return page(s, tenant, Fusion, q, status, limit, offset, fusion_out)
+
+    def tenant_fusion(s, tenant: str, fusion_id: str) -> Fusion:
+        f = s.scalars(select(Fusion).where(Fusion.id == fusion_id, Fusion.tenant_id == tenant)).first()
+        if f is None:
+            raise HTTPException(404, f"fusion {fusion_id} not found")
+        return f
+
+    @app.get("/fusions/{fusion_id}", tags=["fusions"], response_model=FusionOut, responses=errors(401, 404))
     def get_fusion(fusion_id: str, tenant: TenantId):
         with st().sessions() as s:
-            f = s.scalars(select(Fusion).where(Fusion.id == fusion_id, Fusion.tenant_id == tenant)).first()
-            if f is None:
-                raise HTTPException(404, f"fusion {fusion_id} not found")
-            job = latest_job(s, tenant, f.id)
-            return {"id": f.id, "content_id": f.content_id, "style_id": f.style_id, "steps": f.steps,
-                    "method": f.method, "adapter_id": f.adapter_id, "status": job.status if job else None,
-                    "job_id": job.id if job else None}
+            f = tenant_fusion(s, tenant, fusion_id)
+            return fusion_out(f, latest_job(s, tenant, f.id))
 
-    @app.post("/generate", status_code=202, tags=["generate"])
+    @app.delete("/fusions/{fusion_id}", tags=["fusions"], status_code=204, responses=errors(401, 404))
+    def delete_fusion(fusion_id: str, tenant: TenantId):
+        """Delete the fusion and its fused adapter (generations made with it keep their images)."""
+        with st().sessions() as s:
+            f = tenant_fusion(s, tenant, fusion_id)
+            adapter_id = f.adapter_id
+            s.delete(f)
+            s.flush()
+            keys = delete_adapters(s, [adapter_id])
+            s.commit()
+        for k in keys:
+            st().store.delete(k)
+        return Response(status_code=204)
+
+    @app.post("/generate", status_code=202, tags=["generate"], response_model=Accepted,
+              responses={200: {"model": GenerateDone, "description": "the images, when `wait` was long enough"},
+                         **errors(401, 404, 409, 422)})
     def post_generate(body: GenerateIn, tenant: TenantId,
                       idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
         """Draw images with a fusion, a content, a style, or the bare base model."""
@@ -371,7 +396,29 @@ def _routes(app: FastAPI) -> None:
                                  "images": [f"/generations/{gid}/images/{i}" for i in range(body.num_images)]}, 200)
         return JSONResponse({"id": gid, "job_id": jid, "status": job.status}, 202)
 
-    @app.get("/generations/{generation_id}/images/{index}", tags=["generate"])
+    @app.get("/generations", tags=["generate"], response_model=GenerationList, responses=errors(401, 422))
+    def list_generations(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+                         status: JobStatus | None = Query(None, description="only those whose job has this status"),
+                         fusion_id: str | None = None):
+        with st().sessions() as s:
+            q = select(Generation).where(Generation.tenant_id == tenant)
+            if fusion_id:
+                q = q.where(Generation.fusion_id == fusion_id)
+            return page(s, tenant, Generation, q, status, limit, offset, generation_out)
+
+    @app.get("/generations/{generation_id}", tags=["generate"], response_model=GenerationOut,
+             responses=errors(401, 404))
+    def get_generation(generation_id: str, tenant: TenantId):
+        with st().sessions() as s:
+            g = s.scalars(select(Generation).where(Generation.id == generation_id,
+                                                   Generation.tenant_id == tenant)).first()
+            if g is None:
+                raise HTTPException(404, f"generation {generation_id} not found")
+            return generation_out(g, latest_job(s, tenant, g.id))
+
+    @app.get("/generations/{generation_id}/images/{index}", tags=["generate"], responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG (local store)"},
+        307: {"description": "redirect to a presigned URL (S3 store)"}, **errors(401, 404)})
     def get_image(generation_id: str, index: int, tenant: TenantId):
         with st().sessions() as s:
             g = s.scalars(select(Generation).where(Generation.id == generation_id,
@@ -384,9 +431,12 @@ def _routes(app: FastAPI) -> None:
             return RedirectResponse(url, status_code=307)
         return Response(st().store.get(ref["key"], expected_sha256=ref["sha256"]), media_type="image/png")
 
-    @app.get("/adapters/{adapter_id}/download", tags=["adapters"])
+    @app.get("/adapters/{adapter_id}/download", tags=["adapters"], responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "a safetensors file"}, **errors(401, 404)})
     def download_adapter(adapter_id: str, tenant: TenantId,
-                         format: Literal["b4m", "diffusers", "kohya"] = "b4m"):
+                         format: Literal["b4m", "diffusers", "kohya"] = Query(
+                             "b4m", description="b4m: ours (PLP halves + metadata, reloadable); diffusers: "
+                                                "load_lora_weights; kohya: lora_unet_* keys with alpha")):
         with st().sessions() as s:
             row = s.scalars(select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant)).first()
             if row is None:
@@ -397,8 +447,8 @@ def _routes(app: FastAPI) -> None:
         return Response(data, media_type="application/octet-stream", headers={
             "Content-Disposition": f'attachment; filename="{adapter_id}_{format}.safetensors"'})
 
-    @app.get("/jobs", tags=["jobs"])
-    def list_jobs(tenant: TenantId, status: str | None = None, limit: int = Query(50, ge=1, le=500),
+    @app.get("/jobs", tags=["jobs"], response_model=JobList, responses=errors(401, 422))
+    def list_jobs(tenant: TenantId, status: JobStatus | None = None, limit: int = Query(50, ge=1, le=500),
                   offset: int = Query(0, ge=0)):
         try:
             rows, total = st().jobs.list(tenant, status, limit, offset)
@@ -406,15 +456,16 @@ def _routes(app: FastAPI) -> None:
             raise HTTPException(422, str(exc))
         return {"items": [job_out(j) for j in rows], "total": total, "limit": limit, "offset": offset}
 
-    @app.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+    @app.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], responses=errors(401, 404))
     def get_job(job_id: str, tenant: TenantId):
         job = st().jobs.get(tenant, job_id)
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")
         return job_out(job)
 
-    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=errors(401, 404))
     def cancel_job(job_id: str, tenant: TenantId):
+        """A queued job ends canceled at once; a running one at its next step (the worker checks a flag)."""
         job = st().jobs.request_cancel(tenant, job_id)
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")
@@ -424,7 +475,7 @@ def _routes(app: FastAPI) -> None:
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"])
+    @app.get("/readyz", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
     def readyz():
         checks = {}
         for name, fn in (("database", lambda: st().engine.connect().close()), ("storage", st().store.check),

@@ -1,0 +1,163 @@
+"""Request and response bodies of the REST API: every field described, with examples,
+so the OpenAPI document is the reference scripts and the UI are written against."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+ID_EXAMPLE = "3f2a9c0d4b1e4f6a8c7d5e2b1a0f9e8d"
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx and 5xx answer has this body."""
+    detail: str | list = Field(description="what was wrong, in words (a list of field errors for 422 "
+                                           "validation failures)", examples=["content 3f2a... not found"])
+
+
+class Accepted(BaseModel):
+    """The answer to every POST that starts work (202)."""
+    id: str = Field(description="the created resource (asset, fusion or generation)", examples=[ID_EXAMPLE])
+    job_id: str = Field(description="the job doing the work: poll GET /jobs/{job_id}", examples=[ID_EXAMPLE])
+    status: JobStatus = Field(description="the job's status when answering", examples=["queued"])
+
+
+class JobOut(BaseModel):
+    id: str = Field(examples=[ID_EXAMPLE])
+    type: Literal["train_content", "train_style", "fuse", "generate"] = Field(description="what the job does")
+    target_id: str = Field(description="the asset, fusion or generation the job works on")
+    status: JobStatus = Field(description="queued -> running -> succeeded | failed | canceled")
+    progress_step: int = Field(description="steps done", examples=[120])
+    progress_total: int = Field(description="steps in all (0 until the worker starts)", examples=[300])
+    loss: float | None = Field(None, description="last training loss (training jobs)")
+    eta_seconds: float | None = Field(None, description="estimated seconds left, from the speed so far")
+    attempts: int = Field(description="times a worker has started this job (redelivery counts)")
+    error: str | None = Field(None, description="why the job failed")
+    outputs: dict = Field(description="what the job made, e.g. {'adapter_id': ...} or {'images': n}")
+    created_at: str = Field(description="ISO 8601, UTC")
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    total: int = Field(description="matching rows before paging")
+    limit: int
+    offset: int
+
+
+class AssetOut(BaseModel):
+    id: str = Field(examples=[ID_EXAMPLE])
+    kind: Literal["content", "style"]
+    name: str = Field(examples=["hexagon"])
+    word: str = Field(description="class word (content) or style word (style)", examples=["shape"])
+    token: str = Field(description="identifier token the prompt's {content} / {style} expands to", examples=["hkx"])
+    base_model: str = Field(description="base model the adapter is trained on", examples=["micro"])
+    adapter_id: str | None = Field(None, description="the trained adapter, once the job succeeded")
+    images: int = Field(description="number of reference images")
+    status: JobStatus | None = Field(None, description="status of its latest training job")
+    job_id: str | None = Field(None, description="its latest training job")
+    created_at: str
+
+
+class AssetList(BaseModel):
+    items: list[AssetOut]
+    total: int = Field(description="matching rows before paging")
+    limit: int
+    offset: int
+
+
+class FusionIn(BaseModel):
+    content_id: str = Field(description="a trained content asset", examples=[ID_EXAMPLE])
+    style_id: str = Field(description="a trained style asset", examples=[ID_EXAMPLE])
+    steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: the bare composition)")
+    method: Literal["b4m", "joint", "merge", "ziplora"] = Field(
+        "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison")
+
+
+class FusionOut(BaseModel):
+    id: str = Field(examples=[ID_EXAMPLE])
+    content_id: str
+    style_id: str
+    steps: int
+    method: str
+    adapter_id: str | None = Field(None, description="the fused adapter, once the job succeeded")
+    status: JobStatus | None = Field(None, description="status of its latest job")
+    job_id: str | None = None
+    created_at: str
+
+
+class FusionList(BaseModel):
+    items: list[FusionOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class GenerateIn(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [
+        {"fusion_id": ID_EXAMPLE, "prompt": "a large {content} in {style} style on a blue background",
+         "seed": 1, "steps": 20, "guidance": 5.0, "num_images": 2, "wait": 30}]}}
+
+    fusion_id: str | None = Field(None, description="draw with this fusion's adapter")
+    content_id: str | None = Field(None, description="or with a content's adapter alone")
+    style_id: str | None = Field(None, description="or with a style's adapter alone (none of the three: base model)")
+    prompt: str = Field(min_length=1, max_length=1000, examples=["a {content} in {style} style"],
+                        description="{content} and {style} expand to the adapter's token and word")
+    negative_prompt: str | None = Field(None, max_length=1000)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="image i uses seed + i")
+    steps: int = Field(20, ge=1, le=200, description="sampling steps")
+    guidance: float = Field(5.0, ge=0.0, le=30.0, description="classifier-free guidance scale")
+    width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
+    height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
+    num_images: int = Field(1, ge=1, le=8)
+    wait: float = Field(0.0, ge=0.0, le=300.0,
+                        description="seconds to wait for the images: 200 with them if the job ends in time, else 202")
+
+
+class GenerateDone(Accepted):
+    """200 answer of POST /generate when `wait` was long enough."""
+    images: list[str] = Field(description="image URLs", examples=[["/generations/3f2a.../images/0"]])
+
+
+class GenerationOut(BaseModel):
+    id: str = Field(examples=[ID_EXAMPLE])
+    fusion_id: str | None
+    content_id: str | None
+    style_id: str | None
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    steps: int
+    guidance: float
+    width: int | None
+    height: int | None
+    num_images: int
+    images: list[str] = Field(description="image URLs, once the job succeeded")
+    status: JobStatus | None = None
+    job_id: str | None = None
+    created_at: str
+
+
+class GenerationList(BaseModel):
+    items: list[GenerationOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description="database, storage, broker: 'ok' or the error",
+                                   examples=[{"database": "ok", "storage": "ok", "broker": "ok"}])
+
+
+def errors(*codes: int) -> dict:
+    """OpenAPI `responses` entries for the error codes a route can answer."""
+    text = {400: "bad request", 401: "missing or invalid API key", 404: "not found (or another tenant's)",
+            409: "conflict: Idempotency-Key reused with another body, or the resource is in use",
+            413: "upload too large (bytes or pixels)", 422: "invalid input: the message says which field and why",
+            503: "a dependency is down"}
+    return {c: {"model": ErrorOut, "description": text[c]} for c in codes}

@@ -1,0 +1,43 @@
+"""README's curl walk-through runs as written, against a real `b4m serve` process."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors import safe_open
+
+from .conftest import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def walkthrough() -> str:
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- walkthrough[^>]*-->\n```bash\n(.*?)```", text, re.S)
+    assert m, "README lost its walk-through block"
+    return m.group(1)
+
+
+def test_readme_walkthrough(tmp_path):
+    env = {**os.environ, "PORT": str(_free_port()), "B4M_DATA_DIR": str(tmp_path / "data"), "B4M_DEVICE": "cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    for f in (ROOT / "out").glob("walk_*"):
+        f.unlink()
+    script = "set -e\ntrap 'kill $SERVER 2>/dev/null' EXIT\n" + walkthrough()
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert '"status":"queued"' in out.replace(" ", "")  # the 202 bodies
+    assert '"images":["/generations/' in out.replace(" ", "")  # generate answered 200 within `wait`
+    assert (ROOT / "out/walk_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for fmt, key in (("b4m", None), ("diffusers", "lora.down.weight"), ("kohya", "lora_down.weight")):
+        with safe_open(str(ROOT / f"out/walk_{fmt}.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert keys and (key is None or any(k.endswith(key) for k in keys)), (fmt, keys[:3])
+    codes = re.findall(r"^(\d{3})$", out, re.M)
+    assert codes[-2:] == ["409", "204"], out[-2000:]
+    lines = out.splitlines()
+    cancel = lines[lines.index("409") - 1]  # the answer of POST /jobs/{id}/cancel
+    assert '"type":"train_content"' in cancel and re.search(r'"status":"(canceled|running)"', cancel), cancel
