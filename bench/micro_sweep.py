@@ -20,7 +20,7 @@ from b4m_core.micro.quality import QualityBench, Settings, methods
 from b4m_core.models import load_base
 
 GRID = [dict(break_steps=150, learning_rate=1e-2), dict(break_steps=150, learning_rate=5e-3),
-        dict(break_steps=250, learning_rate=5e-3)]
+        dict(break_steps=250, learning_rate=5e-3), dict(break_steps=150, learning_rate=5e-3, batch_size=4)]
 
 
 def main() -> None:
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--pairs", default="hexagon:zigzag,flower:marble")
     ap.add_argument("--make-steps", type=int, default=50)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", type=int, nargs="*", help="indices of GRID to run")
     args = ap.parse_args()
     torch.set_num_threads(2)
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
@@ -35,7 +36,7 @@ def main() -> None:
     bench = QualityBench(load_base("micro"), contents, styles, Settings())
     b4m = methods(16)[0]
     rows = []
-    for g in GRID:
+    for g in [GRID[i] for i in args.only] if args.only else GRID:
         bench.s = replace(Settings(), make_steps=args.make_steps, **g)
         bench.timings = {}
         fused = bench.adapters(b4m, {})

@@ -27,7 +27,8 @@ from safetensors.torch import save_file
 
 from .model import SCHEDULER_CONFIG, load_text_encoder, new_unet, new_vae, save_micro
 from .probes import HEADS, labels_of, predict_tensor, to_tensor, train_probe
-from .world import BACKGROUNDS, POSITIONS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, SIZES, Scene, training_sample
+from .world import (BACKGROUNDS, HELDOUT_CONTENTS, HELDOUT_STYLES, POSITIONS, PRETRAIN_CONTENTS, PRETRAIN_STYLES,
+                    SIZES, Scene, generic_image, training_sample)
 
 
 def log(msg: str) -> None:
@@ -44,6 +45,15 @@ def render_dataset(n: int, seed: int, workers: int) -> tuple[np.ndarray, list[st
     with Pool(workers) as pool:
         out = pool.map(_render, ids, chunksize=256)
     return np.stack([o[0] for o in out]), [o[1] for o in out]
+
+
+def _render_generic(i: int):
+    return np.asarray(generic_image(i), dtype=np.uint8)
+
+
+def render_generic(n: int, seed: int, workers: int) -> np.ndarray:
+    with Pool(workers) as pool:
+        return np.stack(pool.map(_render_generic, [seed * 10_000_000 + i for i in range(n)], chunksize=256))
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
@@ -98,6 +108,46 @@ def train_vae(images: torch.Tensor, seconds: float, batch: int, device: str, see
         if step % 500 == 0:
             log(f"vae step {step}/{total} loss {loss.item():.4f} mse {F.mse_loss(rec, x).item():.4f}")
     return vae.eval().requires_grad_(False), step
+
+
+def finetune_vae(old, world: torch.Tensor, generic: torch.Tensor, seconds: float, batch: int, device: str,
+                 seed: int, anchor: float = 1.0, lr: float = 3e-4):
+    """Teach a trained VAE generic images without moving its latent space.
+
+    The UNet was trained on the old encoder's latents, so: the new encoder's means on world
+    images are pulled to the old ones (`anchor`), and the new decoder is also trained to
+    decode the old latents; the generic half of each batch is plain reconstruction."""
+    import copy
+
+    new = copy.deepcopy(old).train().requires_grad_(True)
+    old.eval().requires_grad_(False)
+    opt = torch.optim.AdamW(new.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    budget, step, half = StepBudget(seconds, "vae-finetune"), 0, batch // 2
+    as_x = lambda t: t.to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    while True:
+        total = budget.update(step)
+        if step >= total:
+            break
+        for pg in opt.param_groups:
+            pg["lr"] = _lr_at(step, total, lr, warmup=50)
+        xw = as_x(world[torch.randint(0, world.shape[0], (half,), generator=g)])
+        xg = as_x(generic[torch.randint(0, generic.shape[0], (half,), generator=g)])
+        x = torch.cat([xw, xg])
+        dist = new.encode(x).latent_dist
+        rec = new.decode(dist.sample()).sample
+        with torch.no_grad():
+            mu_old = old.encode(xw).latent_dist.mean
+        rec_old = new.decode(mu_old).sample
+        loss = (F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + F.mse_loss(rec_old, xw) + 0.5 * F.l1_loss(rec_old, xw)
+                + anchor * F.mse_loss(dist.mean[:half], mu_old) + 1e-4 * dist.kl().mean() / x[0].numel())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 250 == 0:
+            log(f"vae-finetune step {step}/{total} loss {loss.item():.4f} anchor {F.mse_loss(dist.mean[:half], mu_old).item():.4f}")
+    return new.eval().requires_grad_(False), step
 
 
 @torch.no_grad()
@@ -220,21 +270,40 @@ def train_unet(mean, std, scaling: float, embeds, cap_idx, seconds: float, batch
     return ema.eval(), step, batch
 
 
+def heldout_scenes(per: int = 24) -> list[Scene]:
+    """Held-out styles on pre-training contents and held-out contents in pre-training styles."""
+    rng = np.random.default_rng(5)
+    bgs = tuple(BACKGROUNDS)
+    out = [Scene(str(rng.choice(PRETRAIN_CONTENTS)), st, bgs[i % 6], "center", "large")
+           for st in HELDOUT_STYLES for i in range(per)]
+    return out + [Scene(c, str(rng.choice(PRETRAIN_STYLES)), bgs[i % 6], "center", "large")
+                  for c in HELDOUT_CONTENTS for i in range(per)]
+
+
 @torch.no_grad()
-def vae_recon_probe(vae, probe, device: str, n_repeat: int = 2) -> dict:
-    """Probe accuracy on VAE reconstructions of the fixed prompt set's scenes: the ceiling
-    for what the UNet can reach (textures the VAE loses no UNet can draw)."""
+def vae_recon_probe(vae, probe, device: str, n_repeat: int = 2, scenes: list[Scene] | None = None,
+                    by: str | None = None) -> dict:
+    """Probe accuracy on VAE reconstructions of the fixed prompt set's scenes (or `scenes`):
+    the ceiling for what the UNet can reach (textures the VAE loses no UNet can draw).
+    `by="heldout"`: accuracy per held-out style and content instead."""
     from PIL import Image
 
     from .world import render
 
-    scenes = eval_prompts() * n_repeat
+    scenes = scenes or eval_prompts() * n_repeat
     imgs = [render(s, 10_000 + i) for i, s in enumerate(scenes)]
     x = torch.from_numpy(np.stack([np.asarray(i) for i in imgs])).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
     rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
     rec = ((rec.permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
     preds = predict_tensor(probe, to_tensor([Image.fromarray(r) for r in rec]))
     y = labels_of(scenes)
+    if by == "heldout":
+        out = {}
+        for name in HELDOUT_STYLES + HELDOUT_CONTENTS:
+            head = "style" if name in HELDOUT_STYLES else "content"
+            rows = torch.tensor([getattr(sc, head) == name for sc in scenes])
+            out[name] = round(float((preds[head][rows] == y[head][rows]).float().mean()), 4)
+        return out
     return {k: round(float((preds[k].cpu() == y[k]).float().mean()), 4) for k in HEADS}
 
 
@@ -309,6 +378,9 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=3000, help="0: load --probe-from instead")
     ap.add_argument("--probe-from", default=None, help="an already trained probe (safetensors)")
     ap.add_argument("--vae-from", default=None, help="an already trained VAE folder: skip VAE training")
+    ap.add_argument("--vae-finetune", action="store_true",
+                    help="fine-tune --vae-from on world + generic images for --vae-seconds, keeping its latent space")
+    ap.add_argument("--generic-images", type=int, default=0, help="generic VAE images (default: --images)")
     ap.add_argument("--probe-images", type=int, default=40_000)
     ap.add_argument("--text-encoder", default=None, help="MiniLM folder (default: the installed package)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
@@ -358,7 +430,20 @@ def main() -> None:
         vae, vae_steps = train_vae(images, args.vae_seconds, args.vae_batch, dev, args.seed)
     report["vae"] = {"steps": vae_steps, "seconds": time.time() - t, "from": args.vae_from,
                      "params_M": sum(p.numel() for p in vae.parameters()) / 1e6}
-    report["vae"].update(standardize_latents(vae, images, dev))
+    if args.vae_finetune:  # keep the latent space the shipped UNet was trained on: no re-standardising
+        held = heldout_scenes()
+        report["vae"]["before_finetune"] = {"recon_probe": vae_recon_probe(vae, probe, dev),
+                                            "heldout": vae_recon_probe(vae, probe, dev, scenes=held, by="heldout")}
+        log(f"before fine-tuning: {report['vae']['before_finetune']}")
+        generic = torch.from_numpy(render_generic(args.generic_images or args.images, args.seed + 1, args.workers))
+        t = time.time()
+        vae, ft_steps = finetune_vae(vae, images, generic, args.vae_seconds, args.vae_batch, dev, args.seed)
+        report["vae"]["finetune"] = {"steps": ft_steps, "seconds": time.time() - t, "batch": args.vae_batch,
+                                     "generic_images": int(generic.shape[0])}
+        report["vae"]["heldout_recon_probe"] = vae_recon_probe(vae, probe, dev, scenes=held, by="heldout")
+        log(f"after fine-tuning, held out: {report['vae']['heldout_recon_probe']}")
+    else:
+        report["vae"].update(standardize_latents(vae, images, dev))
     report["vae"]["recon_probe"] = vae_recon_probe(vae, probe, dev)
     log(f"probe accuracy on VAE reconstructions: {report['vae']['recon_probe']}")
     mean, std = encode_latents(vae, images, dev)
@@ -375,9 +460,15 @@ def main() -> None:
     log(f"{embeds.shape[0]} unique captions")
 
     t = time.time()
-    unet, unet_steps, unet_batch = train_unet(mean.to(dev), std.to(dev), scaling, embeds, cap_idx, args.unet_seconds,
-                                              args.unet_batch, dev, args.seed, lr=args.unet_lr,
-                                              init_from=args.unet_from, min_snr=args.min_snr)
+    if args.unet_seconds == 0 and args.unet_from:  # keep a trained UNet as it is (e.g. a VAE-only run)
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.unet_from, dtype=torch.float32).to(dev).eval()
+        unet_steps, unet_batch = 0, 0
+    else:
+        unet, unet_steps, unet_batch = train_unet(mean.to(dev), std.to(dev), scaling, embeds, cap_idx,
+                                                  args.unet_seconds, args.unet_batch, dev, args.seed,
+                                                  lr=args.unet_lr, init_from=args.unet_from, min_snr=args.min_snr)
     report["unet"] = {"steps": unet_steps, "seconds": time.time() - t, "batch": unet_batch,
                       "samples": unet_steps * unet_batch,
                       "params_M": sum(p.numel() for p in unet.parameters()) / 1e6}

@@ -48,6 +48,7 @@ class Settings:
     joint_steps: int = 500
     ziplora_steps: int = 100
     learning_rate: float = 5e-3
+    batch_size: int = 1  # rows of each reference set a step (MCP adds one row per auxiliary set)
     rank: int = 16
     aux_sets: int = 3
     images_per_pair: int = 4
@@ -125,7 +126,8 @@ class QualityBench:
         return out
 
     def _cfg(self, steps: int, lr: float | None = None) -> TrainConfig:
-        return TrainConfig(steps=steps, learning_rate=lr or self.s.learning_rate, seed=self.s.seed)
+        return TrainConfig(steps=steps, learning_rate=lr or self.s.learning_rate, seed=self.s.seed,
+                           batch_size=self.s.batch_size)
 
     def adapters(self, m: Method, cache: dict) -> dict:
         """Per pair, the fused adapter of method `m` (first-stage adapters cached by key)."""

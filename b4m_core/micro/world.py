@@ -272,3 +272,71 @@ def training_sample(seed: int, contents=PRETRAIN_CONTENTS, styles=PRETRAIN_STYLE
         parts = frozenset(p for p in ("size", "position", "background") if rng.random() < 0.7)
         caption = scene.caption(parts)
     return render(scene, seed), caption, scene
+
+
+# ------------------------------------------------------------------ generic images (VAE only)
+def _generic_fill(rng: np.random.Generator) -> np.ndarray:
+    """A random texture in random colours: stripes, checks, waves, dots, noise, gradients.
+
+    Families of patterns, not the world's styles: they teach the VAE to be a general image
+    codec (as SD's VAE is), so that it can reproduce textures and colours the diffusion
+    model has never seen. The UNet never trains on these."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    cols = rng.uniform(0, 255, size=(3, 3)).astype(np.float32)
+    ang = rng.uniform(0, math.pi)
+    u = xx * math.cos(ang) + yy * math.sin(ang)
+    v = -xx * math.sin(ang) + yy * math.cos(ang)
+    period = rng.uniform(3, 14)
+    kind = rng.integers(9)
+    if kind == 0:
+        g = (np.sin(u * 2 * math.pi / period + rng.uniform(0, 6.3)) > rng.uniform(-0.5, 0.5)).astype(np.float32)
+    elif kind == 1:
+        s = rng.uniform(3, 10)
+        g = ((np.floor(u / s) + np.floor(v / s)) % 2).astype(np.float32)
+    elif kind == 2:
+        g = 0.5 + 0.5 * np.sin(u * 2 * math.pi / period + rng.uniform(1, 4) * np.sin(v * 2 * math.pi / rng.uniform(8, 30)))
+    elif kind == 3:  # triangle waves
+        tri = np.abs((v % period) - period / 2) * rng.uniform(0.5, 2)
+        g = (((u + tri) // rng.uniform(2, 6)) % 2).astype(np.float32)
+    elif kind == 4:  # dots on a lattice
+        p = rng.uniform(5, 12)
+        g = (np.hypot(u % p - p / 2, v % p - p / 2) < rng.uniform(1, p / 2.2)).astype(np.float32)
+    elif kind == 5:  # smooth colour noise
+        n = rng.normal(0, 1, (rng.integers(3, 12), rng.integers(3, 12), 3)).astype(np.float32)
+        out = np.stack([np.asarray(Image.fromarray(n[..., c]).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+                        for c in range(3)], -1)
+        return np.clip(128 + 60 * out * rng.uniform(0.5, 1.5), 0, 255)
+    elif kind == 6:  # sparse specks on a dark or light field
+        g = (rng.random((SIZE, SIZE)) < rng.uniform(0.01, 0.2)).astype(np.float32)
+    elif kind == 7:  # crossing bands of three colours
+        a = ((np.floor(u / period) % 2) < 1).astype(np.float32)[..., None]
+        b = ((np.floor(v / period) % 2) < 1).astype(np.float32)[..., None]
+        return a * b * cols[0] + a * (1 - b) * cols[1] + (1 - a) * b * (cols[0] + cols[1]) / 2 + \
+            (1 - a) * (1 - b) * cols[2]
+    else:  # gradient with grain
+        g = np.clip((u - u.min()) / (np.ptp(u) + 1e-6) + rng.normal(0, rng.uniform(0, 0.15), (SIZE, SIZE)), 0, 1)
+    return _mix(g, cols[0], cols[1])
+
+
+def generic_image(seed: int) -> Image.Image:
+    """A random scene for VAE training: 0 to 3 random polygons or ellipses, each filled with
+    a generic texture, on a generic or plain background of a random colour."""
+    rng = np.random.default_rng([seed, 77])
+    out = _generic_fill(rng) if rng.random() < 0.5 else np.broadcast_to(
+        rng.uniform(0, 255, 3).astype(np.float32), (SIZE, SIZE, 3)).copy()
+    for _ in range(rng.integers(0, 4)):
+        im = Image.new("L", (SIZE * _SS, SIZE * _SS), 0)
+        draw = ImageDraw.Draw(im)
+        cx, cy, r = rng.uniform(8, 56, 2).tolist() + [rng.uniform(6, 24)]
+        if rng.random() < 0.5:
+            draw.ellipse([(cx - r) * _SS, (cy - r * rng.uniform(0.5, 1)) * _SS, (cx + r) * _SS,
+                          (cy + r * rng.uniform(0.5, 1)) * _SS], fill=255)
+        else:
+            n = rng.integers(3, 9)
+            angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+            radii = r * rng.uniform(0.5, 1.0, n)
+            draw.polygon([((cx + rr * math.cos(a)) * _SS, (cy + rr * math.sin(a)) * _SS)
+                          for a, rr in zip(angles, radii)], fill=255)
+        mask = np.asarray(im.resize((SIZE, SIZE), Image.Resampling.BOX), np.float32)[..., None] / 255.0
+        out = mask * _generic_fill(rng) + (1 - mask) * out
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
