@@ -68,14 +68,30 @@ def probe_dataset(n: int, seed: int, workers: int = 1) -> tuple[torch.Tensor, di
     return x, labels_of(scenes)
 
 
+def _blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur of a random strength per image (sigma 0 to 1.2 px): generated images
+    come through the VAE a little soft, and the probe must read them as a person would."""
+    sigma = torch.rand(x.shape[0], generator=g).to(x.device) * 1.2 + 1e-3
+    r = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
+    k = torch.exp(-r[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(1, keepdim=True)  # (B, 5)
+    b, c, h, w = x.shape
+    y = x.reshape(1, b * c, h, w)
+    kh = k.repeat_interleave(c, 0).view(b * c, 1, 1, 5)
+    y = F.conv2d(F.pad(y, (2, 2, 0, 0), mode="replicate"), kh, groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, 2, 2), mode="replicate"), kh.transpose(2, 3), groups=b * c)
+    return y.view(b, c, h, w)
+
+
 def train_probe(steps: int = 3000, batch: int = 128, n_train: int = 40000, seed: int = 0,
-                device: str = "cpu", log=print, workers: int = 1) -> tuple[ProbeNet, dict]:
+                device: str = "cpu", log=print, workers: int = 1, init: "ProbeNet | None" = None,
+                lr: float = 2e-3) -> tuple[ProbeNet, dict]:
     torch.manual_seed(seed)
     x, y = probe_dataset(n_train, seed, workers)
     xt, yt = probe_dataset(4000, seed + 1, workers)  # held-out test renders (other seeds)
-    net = ProbeNet().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    net = (init or ProbeNet()).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
     x, xt = x.to(device), xt.to(device)
     y = {k: v.to(device) for k, v in y.items()}
@@ -83,7 +99,7 @@ def train_probe(steps: int = 3000, batch: int = 128, n_train: int = 40000, seed:
         idx = torch.randint(0, x.shape[0], (batch,), generator=g).to(device)
         xb = x[idx]
         # small colour jitter so generated images (slightly off the renderer) still read
-        xb = xb + 0.04 * torch.randn(xb.shape[0], 3, 1, 1, device=device) + 0.03 * torch.randn_like(xb)
+        xb = _blur(xb, g) + 0.04 * torch.randn(xb.shape[0], 3, 1, 1, device=device) + 0.03 * torch.randn_like(xb)
         out = net(xb)
         loss = sum(F.cross_entropy(out[k], y[k][idx]) for k in HEADS)
         opt.zero_grad(set_to_none=True)
@@ -93,6 +109,8 @@ def train_probe(steps: int = 3000, batch: int = 128, n_train: int = 40000, seed:
         if step % 500 == 0:
             log(f"probe step {step} loss {loss.item():.3f}")
     acc = evaluate_probe(net, xt, {k: v.to(device) for k, v in yt.items()})
+    acc_blur = evaluate_probe(net, _blur(xt, torch.Generator().manual_seed(seed + 2)), {k: v.to(device) for k, v in yt.items()})
+    acc.update({f"{k}_blurred": v for k, v in acc_blur.items()})
     return net.cpu().eval(), acc
 
 
@@ -135,3 +153,47 @@ def load_probe(path: str | None = None) -> tuple[ProbeNet, dict]:
     with safe_open(path, framework="pt") as f:
         acc = json.loads((f.metadata() or {}).get("test_accuracy", "{}"))
     return net.eval(), acc
+
+
+def save_probe(net: ProbeNet, acc: dict, path: str | None = None) -> str:
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    path = path or str(Path(__file__).resolve().parent / "probe.safetensors")
+    save_file({k: v.contiguous().half() if v.is_floating_point() else v.contiguous()
+               for k, v in net.state_dict().items()}, path, metadata={"test_accuracy": json.dumps(acc)})
+    return path
+
+
+def main() -> None:
+    """Retrain (or, with --finetune, continue training) the shipped probe on this machine.
+
+        python -m b4m_core.micro.probes --finetune --steps 1000 --images 20000
+    """
+    import argparse
+    import json
+    import os
+    import time
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--finetune", action="store_true", help="start from the shipped probe")
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--images", type=int, default=40000)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    t = time.time()
+    init = load_probe()[0] if args.finetune else None
+    net, acc = train_probe(args.steps, batch=args.batch, n_train=args.images, seed=args.seed, device=args.device,
+                           workers=os.cpu_count() or 1, init=init, lr=args.lr)
+    path = save_probe(net, acc, args.out)
+    print(json.dumps({"probe": path, "test_accuracy": acc, "seconds": round(time.time() - t, 1)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
