@@ -182,8 +182,9 @@ def cmd_train(args) -> None:
     aux = _load_aux(args.aux, other)
     plp = PLPConfig(rank=args.rank, alpha=args.alpha or float(args.rank), rho=args.rho, basis_mode=args.basis_mode,
                     basis_seed=args.basis_seed, content_half=args.content_half, targets=args.targets)
-    cfg = _train_config(args, default_steps=300)
     base = load_base(_need_base(args), device=args.device)
+    cfg = _train_config(args, default_steps=base.default("break_steps", 300),
+                        default_lr=base.default("learning_rate", 1e-3))
     adapter = train_concept(base, concept, method=args.method, aux=aux, plp=plp, cfg=cfg, hooks=_hooks(args))
     adapter.save(args.out)
     print(args.out)
@@ -200,9 +201,11 @@ def cmd_fuse(args) -> None:
                         token=content.tokens.get("content"))
     sset = load_concept("style", args.style_images, style.words.get("style", "style"),
                         token=style.tokens.get("style"))
-    default_steps = {"b4m": 50, "ziplora": 100, "joint": 300, "merge": 0}[args.method]
-    cfg = _train_config(args, default_steps=default_steps, default_lr=1e-4 if args.method == "ziplora" else 1e-3)
     base = load_base(args.base or content.base_model, device=args.device)
+    default_steps = {"b4m": base.default("make_steps", 50), "ziplora": 100, "joint": base.default("break_steps", 300),
+                     "merge": 0}[args.method]
+    cfg = _train_config(args, default_steps=default_steps,
+                        default_lr=1e-4 if args.method == "ziplora" else base.default("learning_rate", 1e-3))
     fused = fuse(base, content, style, cset, sset, method=args.method, cfg=cfg, hooks=_hooks(args))
     fused.save(args.out)
     print(args.out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -51,6 +51,13 @@ class BaseModel:
     is_sdxl: bool
     device: torch.device
     dtype: torch.dtype
+    # training defaults measured for this model (`b4m_defaults.json` in its folder):
+    # break_steps, make_steps, learning_rate; callers fall back to generic ones without it
+    recommended: dict = field(default_factory=dict)
+
+    def default(self, key: str, fallback):
+        value = self.recommended.get(key)
+        return fallback if value is None else type(fallback)(value)
 
     @property
     def unet(self):
@@ -163,5 +170,7 @@ def load_base(base: str, device: str | torch.device | None = None,
             module.requires_grad_(False)
             module.eval()
     is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    defaults_file = Path(path) / "b4m_defaults.json"
+    recommended = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
     return BaseModel(pipe=pipe, model_id=model_id, model_hash=model_hash(pipe, path), is_sdxl=is_sdxl,
-                     device=device, dtype=dtype)
+                     device=device, dtype=dtype, recommended=recommended)

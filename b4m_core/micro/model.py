@@ -27,6 +27,7 @@ VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     layers_per_block=1, norm_num_groups=16, sample_size=64)
+TRAINING_DEFAULTS = {"break_steps": 250, "make_steps": 50, "learning_rate": 5e-3}
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
 
 
@@ -83,6 +84,8 @@ def save_micro(folder: str | Path, unet: UNet2DConditionModel, vae: AutoencoderK
              "text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizerFast"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    if not (folder / "b4m_defaults.json").is_file():  # measured training defaults (docs/micro.md)
+        (folder / "b4m_defaults.json").write_text(json.dumps(TRAINING_DEFAULTS, indent=2))
     return folder
 
 

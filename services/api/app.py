@@ -30,6 +30,8 @@ from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, Fusio
                       GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, errors)
 
 DEFAULT_TENANT = "default"
+STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
+LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
@@ -129,11 +131,12 @@ def _routes(app: FastAPI) -> None:
             raise HTTPException(409, str(exc))
 
     async def create_asset(kind: str, tenant: str, images: list[UploadFile], word: str, name: str, base_model: str,
-                           steps: int, token: str | None, aux_asset_ids: list[str], idem_key: str | None):
+                           train: dict, token: str | None, aux_asset_ids: list[str], idem_key: str | None):
         if not 1 <= len(images) <= 10:
             raise HTTPException(422, "send 1 to 10 images")
         datas = [await im.read() for im in images]
-        body = {"kind": kind, "word": word, "name": name, "base": base_model, "steps": steps, "token": token,
+        train = {k: v for k, v in train.items() if v is not None}
+        body = {"kind": kind, "word": word, "name": name, "base": base_model, **train, "token": token,
                 "aux": aux_asset_ids, "images": [hashlib.sha256(d).hexdigest() for d in datas]}
         h, existing = idempotent(tenant, idem_key, body)
         if existing:
@@ -149,7 +152,7 @@ def _routes(app: FastAPI) -> None:
                     raise HTTPException(422, f"auxiliary asset {aid} is a {a.kind}; a {kind} needs {other}s")
             asset = Asset(tenant_id=tenant, kind=kind, name=name, word=word,
                           token=token or ("sks" if kind == "content" else "zwx"),
-                          base_model=base_model or st().settings.base_model, settings={"steps": steps},
+                          base_model=base_model or st().settings.base_model, settings=train,
                           aux_asset_ids=aux_asset_ids)
             s.add(asset)
             s.flush()
@@ -179,28 +182,32 @@ def _routes(app: FastAPI) -> None:
                            class_word: Annotated[str, Form(min_length=1, max_length=50)],
                            name: Annotated[str, Form(min_length=1, max_length=200)],
                            base_model: Annotated[str, Form(max_length=500)] = "",
-                           steps: Annotated[int, Form(ge=1, le=5000)] = 300,
+                           steps: Annotated[int | None, Form(ge=1, le=5000, description=STEPS_DOC)] = None,
+                           learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
                            token: Annotated[str | None, Form(max_length=50)] = None,
                            aux_asset_ids: Annotated[list[str], Form()] = [],
                            idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
         """Upload a content's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
         stage). `aux_asset_ids` (repeated) names style assets whose images serve as MCP auxiliary sets."""
-        return await create_asset("content", tenant, images, class_word, name, base_model, steps, token,
-                                  aux_asset_ids, idempotency_key)
+        return await create_asset("content", tenant, images, class_word, name, base_model,
+                                  {"steps": steps, "learning_rate": learning_rate}, token, aux_asset_ids,
+                                  idempotency_key)
 
     @app.post("/styles", status_code=202, response_model=Accepted, tags=["assets"], responses=asset_errors)
     async def post_style(tenant: TenantId, images: Annotated[list[UploadFile], File(description="1 to 10 images")],
                          style_word: Annotated[str, Form(min_length=1, max_length=50)],
                          name: Annotated[str, Form(min_length=1, max_length=200)],
                          base_model: Annotated[str, Form(max_length=500)] = "",
-                         steps: Annotated[int, Form(ge=1, le=5000)] = 300,
+                         steps: Annotated[int | None, Form(ge=1, le=5000, description=STEPS_DOC)] = None,
+                         learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
                          token: Annotated[str | None, Form(max_length=50)] = None,
                          aux_asset_ids: Annotated[list[str], Form()] = [],
                          idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
         """Upload a style's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
         stage). `aux_asset_ids` (repeated) names content assets whose images serve as MCP auxiliary sets."""
-        return await create_asset("style", tenant, images, style_word, name, base_model, steps, token,
-                                  aux_asset_ids, idempotency_key)
+        return await create_asset("style", tenant, images, style_word, name, base_model,
+                                  {"steps": steps, "learning_rate": learning_rate}, token, aux_asset_ids,
+                                  idempotency_key)
 
     def asset_out(a: Asset, job: Job | None) -> AssetOut:
         return AssetOut(id=a.id, kind=a.kind, name=a.name, word=a.word, token=a.token, base_model=a.base_model,

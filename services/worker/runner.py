@@ -103,10 +103,12 @@ def _train(ctx: WorkerContext, job: Job) -> dict:
         base_name = asset.base_model
     plp = PLPConfig(**{k: settings[k] for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed", "content_half",
                                                  "targets") if k in settings})
-    cfg = TrainConfig(steps=int(settings.get("steps", 300)), learning_rate=float(settings.get("learning_rate", 1e-3)),
+    base = ctx.base(base_name)  # its measured defaults fill what the request left out
+    cfg = TrainConfig(steps=int(settings.get("steps") or base.default("break_steps", 300)),
+                      learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
                       aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
                       checkpoint_every=ctx.settings.checkpoint_every)
-    adapter = train_concept(ctx.base(base_name), concept, method="b4m", aux=aux, plp=plp, cfg=cfg,
+    adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg,
                             hooks=_hooks(ctx, job))
     with ctx.sessions() as s, s.begin():
         row = _save_adapter(ctx, s, job.tenant_id, adapter)
@@ -123,7 +125,9 @@ def _fuse(ctx: WorkerContext, job: Job) -> dict:
         ca, sa = _load_adapter(ctx, s, content.adapter_id), _load_adapter(ctx, s, style.adapter_id)
         cset, sset = _concept(ctx, content), _concept(ctx, style)
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
-    fused = fuse(ctx.base(base_name), ca, sa, cset, sset, method=method, cfg=TrainConfig(steps=steps),
+    base = ctx.base(base_name)
+    lr = 1e-4 if method == "ziplora" else base.default("learning_rate", 1e-3)
+    fused = fuse(base, ca, sa, cset, sset, method=method, cfg=TrainConfig(steps=steps, learning_rate=lr),
                  hooks=_hooks(ctx, job))
     with ctx.sessions() as s, s.begin():
         row = _save_adapter(ctx, s, job.tenant_id, fused)
