@@ -279,3 +279,37 @@ def test_main_job_over_http(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert Image.open(tmp_path / "grid.png").size == (3 * 68, 2 * 68)
     assert (tmp_path / "hexagon_x_zigzag.png").is_file()
+
+
+def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
+    """`b4m tenant create` / `b4m key create|revoke` against the embedded database; the API
+    accepts the printed key, stores only its hash, and refuses it once revoked."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
+    env.pop("B4M_DATABASE_URL", None)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "services.cli", *a], env=env, capture_output=True,
+                                    text=True, timeout=120)
+    assert run("tenant", "create", "acme").returncode == 0
+    dup = run("tenant", "create", "acme")
+    assert dup.returncode == 2 and "exists" in dup.stderr
+    made = run("key", "create", "acme")
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    assert run("key", "create", "nobody").returncode == 2
+    settings = Settings(data_dir=tmp_path, base_model=str(tiny_sd_path), device="cpu", auth=True)
+    app = create_app(settings)
+    with app.state.sessions() as s:
+        stored = s.scalars(select(ApiKey)).one()
+        assert stored.key_hash == hashlib.sha256(key["key"].encode()).hexdigest() and key["key"] not in stored.prefix
+    with TestClient(app) as client:
+        auth = {"Authorization": f"Bearer {key['key']}"}
+        assert client.get("/jobs", headers=auth).status_code == 200
+        assert client.get("/jobs", headers={"Authorization": f"Bearer {key['key']}x"}).status_code == 401
+        assert run("key", "revoke", key["id"]).returncode == 0
+        assert client.get("/jobs", headers=auth).status_code == 401
+    listed = json.loads(run("tenant", "list").stdout)
+    assert [t["name"] for t in listed] == ["acme"] and listed[0]["keys"][0]["revoked"]
