@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -139,6 +140,8 @@ def main() -> None:
     ap.add_argument("--break-steps", type=int, default=150)
     ap.add_argument("--make-steps", type=int, default=30)
     args = ap.parse_args()
+    # a SIGTERM (make interrupted, CI timeout) must still stop the server it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     run(Path(args.out), args.contents, args.styles, args.break_steps, args.make_steps)
 
 
