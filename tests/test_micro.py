@@ -145,6 +145,7 @@ def test_demo_cli_smoke(tmp_path):
     import subprocess
     import sys
 
+    from PIL import Image
 
     r = subprocess.run([sys.executable, "-m", "b4m_core", "demo", "--quick", "--break-steps", "2", "--make-steps", "1",
                         "--out", str(tmp_path)], capture_output=True, text=True)
