@@ -112,6 +112,8 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
     p = bsub.add_parser("quality", help="the paper's Table 1 on the micro world")
     p.add_argument("--out", default="out/quality", help="folder for results.json, table.md, grid.png")
     p.add_argument("--quick", action="store_true", help="2 x 2 pairs, fewer steps (a smoke run)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="only the table rows whose name contains one of these (e.g. 'w/o MCP' 'random')")
 
     p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
     p.add_argument("--adapter", required=True)
@@ -259,7 +261,7 @@ def cmd_demo(args) -> None:
 def cmd_bench(args) -> None:
     from .micro.quality import run_quality
 
-    run_quality(args.out, quick=args.quick, log=lambda m: print(m, file=sys.stderr))
+    run_quality(args.out, quick=args.quick, log=lambda m: print(m, file=sys.stderr), only=args.methods)
     print(Path(args.out) / "table.md")
 
 

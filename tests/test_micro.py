@@ -168,3 +168,14 @@ def test_step_budget_fits_steps_to_time():
         step += 1
     took = time.time() - t
     assert 100 <= step and 0.25 < took < 0.8, (step, took)
+
+
+def test_quality_bench_method_filter_refuses_unknown_rows(tmp_path):
+    from b4m_core.config import ConfigError
+    from b4m_core.micro.quality import methods, run_quality
+
+    with pytest.raises(ConfigError, match="no method matches"):
+        run_quality(tmp_path / "q", only=["no such row"])
+    assert not (tmp_path / "q").exists()  # refused before writing anything
+    names = [m.name for m in methods(16)]
+    assert sum("w/o mcp" in n.lower() for n in names) == 1 and sum("rho" in n for n in names) == 3

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..config import PLPConfig, TrainConfig
+from ..config import ConfigError, PLPConfig, TrainConfig
 from ..data import Concept
 from ..generation import GenerationRequest, Generator
 from ..models import BaseModel, load_base
@@ -266,16 +266,19 @@ def write_grid(cells: dict, pairs: list, path: Path) -> None:
 
 
 def run_quality(out_dir: str | Path, quick: bool = False, base: str = "micro", log=print,
-                settings: Settings | None = None, contents=None, styles=None) -> dict:
+                settings: Settings | None = None, contents=None, styles=None, only: list[str] | None = None) -> dict:
+    settings = settings or (QUICK if quick else Settings())
+    rows = [m for m in methods(settings.rank) if not only or any(o.lower() in m.name.lower() for o in only)]
+    if not rows:
+        raise ConfigError(f"no method matches {only}: {[m.name for m in methods(settings.rank)]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = settings or (QUICK if quick else Settings())
     contents = list(contents or (HELDOUT_CONTENTS[:2] if quick else HELDOUT_CONTENTS))
     styles = list(styles or (HELDOUT_STYLES[:2] if quick else HELDOUT_STYLES))
     t0 = time.perf_counter()
     bench = QualityBench(load_base(base), contents, styles, settings, log=log)
     partial = lambda r: (out / "results.partial.json").write_text(json.dumps(r, indent=2))
-    results, cells = bench.run(methods(settings.rank), on_method=partial)
+    results, cells = bench.run(rows, on_method=partial)
     results["settings"] = settings.__dict__ | {"quick": quick}
     results["time_to_new_pair"] = time_to_new_pair(results["timings_s"])
     results["total_s"] = time.perf_counter() - t0
