@@ -27,7 +27,7 @@ from ..common.settings import Settings, get_settings
 from ..common.storage import object_key
 from .queue import make_queue
 from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, FusionOut, GenerateDone, GenerateIn,
-                      GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, errors)
+                      GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, describe_openapi, errors)
 
 DEFAULT_TENANT = "default"
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
@@ -73,6 +73,16 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.state.store = settings.object_store()
     app.state.queue = make_queue(settings)
     _routes(app)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            app.openapi_schema = describe_openapi(get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
