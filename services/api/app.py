@@ -25,6 +25,7 @@ from ..common.jobs import JOB_QUEUES, IdempotencyConflict, JobStore, request_has
 from ..common.models import Adapter, ApiKey, Asset, Fusion, Generation, Job, ReferenceImage, Tenant
 from ..common.settings import Settings, get_settings
 from ..common.storage import object_key
+from ..common.tenants import hash_key
 from .queue import make_queue
 from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, FusionOut, GenerateDone, GenerateIn,
                       GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, describe_openapi, errors)
@@ -99,7 +100,7 @@ def _tenant(request: Request, authorization: Annotated[str | None, Header()] = N
             return t.id
         if not authorization or not authorization.startswith("Bearer "):
             raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
-        digest = hashlib.sha256(authorization[7:].encode()).hexdigest()
+        digest = hash_key(authorization[7:])
         for key in s.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))):
             if hmac.compare_digest(key.key_hash, digest):
                 return key.tenant_id
