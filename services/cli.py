@@ -16,6 +16,9 @@ def _add(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p = sub.add_parser("worker", help="run a Celery worker (one per GPU) on B4M_BROKER_URL")
     p.add_argument("--queues", default="training,generation")
+    p = sub.add_parser("reconcile", help="re-send jobs whose queue message was lost, queue again jobs whose worker "
+                                         "died, end jobs past their deadline (the API also does this itself)")
+    p.add_argument("--once", action="store_true", help="one sweep, print what it did, exit")
     p = sub.add_parser("tenant", help="manage tenants in the database of B4M_DATABASE_URL (or the embedded one)")
     tsub = p.add_subparsers(dest="action", required=True)
     tsub.add_parser("create", help="add a tenant").add_argument("name")
@@ -36,6 +39,27 @@ def cmd_worker(args) -> None:
     from services.worker.celery_app import app
 
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", "-Q", args.queues, "-l", "info"])
+
+
+def cmd_reconcile(args) -> None:
+    import json
+    import threading
+
+    from services.api.queue import CeleryQueue
+    from services.common.reconciler import Reconciler
+    from services.common.settings import get_settings
+
+    settings = get_settings()
+    if not settings.broker_url:
+        from b4m_core.config import ConfigError
+
+        raise ConfigError("b4m reconcile needs B4M_BROKER_URL; the embedded API reconciles its own queue")
+    queue = CeleryQueue(settings)
+    rec = Reconciler(_sessions(), settings, queue.enqueue, queue.waiting_ids, store=settings.object_store())
+    if args.once:
+        print(json.dumps(rec.sweep()))
+    else:
+        rec.run_forever(threading.Event())
 
 
 def _sessions():
@@ -87,7 +111,7 @@ def cmd_key(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     return core_main(argv, extensions=(_add,), commands={"serve": cmd_serve, "worker": cmd_worker,
-                                                         "tenant": cmd_tenant, "key": cmd_key})
+                                                         "tenant": cmd_tenant, "key": cmd_key, "reconcile": cmd_reconcile})
 
 
 if __name__ == "__main__":

@@ -318,3 +318,28 @@ def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
         assert client.get("/jobs", headers=auth).status_code == 401
     listed = json.loads(run("tenant", "list").stdout)
     assert [t["name"] for t in listed] == ["acme"] and listed[0]["keys"][0]["revoked"]
+
+
+def test_cancel_mid_training_removes_partial_state(tmp_path, tiny_sd_path):
+    settings = Settings(data_dir=tmp_path, base_model=str(tiny_sd_path), device="cpu", checkpoint_every=5)
+    with TestClient(create_app(settings)) as client:
+        r = post_asset(client, "content", 0, steps="400").json()
+        checkpoints = lambda: list((tmp_path / "objects").rglob("checkpoints/*/*"))
+        t = time.time()
+        while not checkpoints() and time.time() - t < 120:
+            time.sleep(0.1)
+        assert checkpoints(), "no checkpoint was written"
+        assert client.post(f"/jobs/{r['job_id']}/cancel", headers={"Idempotency-Key": "c1"}).status_code == 200
+        job = wait_job(client, r["job_id"])
+        assert job["status"] == "canceled" and job["progress_step"] < 400
+        assert checkpoints() == []  # the canceled job's partial state is gone
+        assert not list((tmp_path / "objects").rglob("adapters/*/*"))
+        assert client.get(f"/contents/{r['id']}").json()["adapter_id"] is None
+        # canceling again changes nothing
+        assert client.post(f"/jobs/{r['job_id']}/cancel").json()["status"] == "canceled"
+        # a content whose training was canceled has no adapter to fuse: a clear 409, nothing recorded
+        style = post_asset(client, "style", 5).json()
+        r2 = client.post("/fusions", json={"content_id": r["id"], "style_id": style["id"]})
+        assert r2.status_code == 409 and "canceled" in r2.json()["detail"]
+        assert client.get("/fusions").json()["total"] == 0
+        wait_job(client, style["job_id"])

@@ -3,8 +3,12 @@
 import pytest
 
 from services.common.db import make_engine, migrate, session_factory
-from services.common.jobs import IdempotencyConflict, JobStore, request_hash
-from services.common.models import Asset, Tenant
+import time
+
+from services.common.jobs import ClaimLost, IdempotencyConflict, JobStore, request_hash
+from services.common.models import Adapter, Asset, Job, Tenant
+from services.common.reconciler import Reconciler
+from services.common.settings import Settings
 
 
 @pytest.fixture
@@ -53,10 +57,12 @@ def test_lifecycle_progress_and_no_resurrection(store):
     jobs.progress(jid, 5, 10, 0.25)
     got = jobs.get(a, jid)
     assert (got.progress_step, got.progress_total, got.loss) == (5, 10, 0.25)
-    assert jobs.succeed(jid, {"adapter_id": "x"})
+    assert jobs.finish(jid, job.claim_token, lambda s: {"adapter_id": "x"}) == {"adapter_id": "x"}
     assert jobs.get(a, jid).outputs == {"adapter_id": "x"}
     assert jobs.start(jid) is None  # a redelivered message cannot run a finished job
-    assert not jobs.succeed(jid, {}) and jobs.fail(jid, "late") == "succeeded"
+    with pytest.raises(ClaimLost):
+        jobs.finish(jid, job.claim_token, lambda s: {})
+    assert jobs.fail(jid, "late") == "succeeded"
 
 
 def test_retries_until_attempts_run_out(store):
@@ -81,3 +87,67 @@ def test_cancel_queued_and_running(store):
     assert jobs.request_cancel(a, running).status == "running"
     assert jobs.cancel_requested(running)  # the training loop sees this between steps
     assert jobs.cancel(running) and jobs.get(a, running).status == "canceled"
+
+
+def test_a_live_lease_keeps_a_duplicate_message_from_running_the_job_twice(store):
+    jobs, sessions, (a, _, asset) = store
+    jid = _new_job(jobs, sessions, a, asset)
+    first = jobs.start(jid, lease_s=30)
+    assert jobs.start(jid, lease_s=30) is None  # the same message delivered twice
+    assert jobs.heartbeat(jid, first.claim_token, 30)
+    assert not jobs.heartbeat(jid, "someone-else", 30)
+
+
+def test_an_expired_lease_hands_the_job_to_the_next_attempt_and_only_it_commits(store):
+    jobs, sessions, (a, _, asset) = store
+    jid = _new_job(jobs, sessions, a, asset)
+    stale = jobs.start(jid, lease_s=0.2)
+    time.sleep(0.3)
+    fresh = jobs.start(jid, lease_s=30)  # the dead worker's message came back
+    assert fresh is not None and fresh.attempts == 2 and fresh.claim_token != stale.claim_token
+    assert not jobs.heartbeat(jid, stale.claim_token, 30)  # the stale attempt learns it lost the job
+
+    def write(s):
+        s.add(Adapter(tenant_id=a, kind="content", method="b4m", storage_key="k", sha256="0" * 64, size=1))
+        return {"ok": True}
+
+    with pytest.raises(ClaimLost):
+        jobs.finish(jid, stale.claim_token, write)
+    assert jobs.fail(jid, "stale attempt crashed", token=stale.claim_token) == "lost"
+    assert jobs.finish(jid, fresh.claim_token, write) == {"ok": True}
+    with sessions() as s:  # exactly one result: the stale attempt's write was rolled back
+        assert s.query(Adapter).count() == 1
+
+
+def test_reconciler_requeues_lost_workers_resends_lost_messages_and_ends_overdue_jobs(store):
+    jobs, sessions, (a, _, asset) = store
+    sent = []
+    settings = Settings(requeue_grace_s=0, job_deadline_s=3600)
+    waiting: set[str] = set()
+    rec = Reconciler(sessions, settings, enqueue=lambda j, t: sent.append(j), waiting_ids=lambda: waiting)
+    lost_msg = _new_job(jobs, sessions, a, asset)
+    in_broker = _new_job(jobs, sessions, a, asset)
+    waiting.add(in_broker)
+    dead_worker = _new_job(jobs, sessions, a, asset)
+    jobs.start(dead_worker, lease_s=0.01)
+    out_of_attempts = _new_job(jobs, sessions, a, asset, max_attempts=1)
+    jobs.start(out_of_attempts, lease_s=0.01)
+    alive = _new_job(jobs, sessions, a, asset)
+    jobs.start(alive, lease_s=60)
+    overdue = _new_job(jobs, sessions, a, asset)
+    with sessions() as s, s.begin():
+        s.get(Job, overdue).created_at = s.get(Job, overdue).created_at.replace(year=2020)
+    time.sleep(0.05)
+    report = rec.sweep()
+    assert report["resent"] == [lost_msg]
+    assert report["lease_expired"] == [dead_worker] and report["gave_up"] == [out_of_attempts]
+    assert report["deadline"] == [overdue]
+    assert sorted(sent) == sorted([lost_msg, dead_worker])
+    got = {j: jobs.get(a, j) for j in (dead_worker, out_of_attempts, alive, overdue, in_broker)}
+    assert got[dead_worker].status == "queued" and got[alive].status == "running"
+    assert got[out_of_attempts].status == "failed" and "worker lost" in got[out_of_attempts].error
+    assert got[overdue].status == "failed" and "deadline" in got[overdue].error
+    assert got[in_broker].status == "queued"
+    # the next sweep finds nothing new to send while the messages are waiting
+    waiting.update(sent)
+    assert rec.sweep()["resent"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -17,11 +18,13 @@ from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, 
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from PIL import Image
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
 from b4m_core.adapter import Adapter as CoreAdapter
 
 from ..common.db import make_engine, migrate, session_factory
 from ..common.jobs import JOB_QUEUES, IdempotencyConflict, JobStore, request_hash
+from ..common.reconciler import Reconciler
 from ..common.models import Adapter, ApiKey, Asset, Fusion, Generation, Job, ReferenceImage, Tenant
 from ..common.settings import Settings, get_settings
 from ..common.storage import object_key
@@ -30,6 +33,7 @@ from .queue import make_queue
 from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, FusionOut, GenerateDone, GenerateIn,
                       GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, describe_openapi, errors)
 
+log = logging.getLogger("b4m.api")
 DEFAULT_TENANT = "default"
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
 LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
@@ -57,7 +61,13 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        stop = None
+        if settings.reconcile_every_s > 0:  # crash recovery: lost messages, dead workers, deadlines
+            stop = Reconciler(app.state.sessions, settings, app.state.queue.enqueue, app.state.queue.waiting_ids,
+                              store=app.state.store).start_thread()
         yield
+        if stop:
+            stop.set()
         app.state.queue.close()
         app.state.engine.dispose()
 
@@ -121,6 +131,8 @@ def _read_image(upload: UploadFile, data: bytes, settings: Settings) -> tuple[st
             if w * h > settings.max_image_pixels:
                 raise HTTPException(413, f"{upload.filename}: {w}x{h} pixels is over the limit")
             im.verify()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # a truncated file fails here, not later in a worker
     except HTTPException:
         raise
     except Exception:
@@ -134,12 +146,31 @@ def _routes(app: FastAPI) -> None:
     def st():
         return app.state
 
-    def idempotent(tenant: str, key: str | None, body: dict) -> tuple[str, Job | None]:
-        h = request_hash(body)
+    def send(job_id: str, job_type: str) -> None:
+        """Hand the job to the queue; if that fails the job stays queued in the database and
+        the reconciler sends it once the broker is back: the request still succeeded."""
+        try:
+            st().queue.enqueue(job_id, job_type)
+        except Exception as exc:
+            log.warning("job %s recorded but not sent (the reconciler will): %s", job_id, exc)
+
+    def raced(tenant: str, key: str | None, h: str, response: bool = True):
+        """A concurrent request with the same key committed first: answer with its job (or 409)."""
+        if not key:
+            return None
+        _, job = idempotent_lookup(tenant, key, h)
+        if job is None or not response:
+            return job
+        return JSONResponse({"id": job.target_id, "job_id": job.id, "status": job.status}, 202)
+
+    def idempotent_lookup(tenant: str, key: str | None, h: str) -> tuple[str, Job | None]:
         try:
             return h, st().jobs.find_idempotent(tenant, key, h)
         except IdempotencyConflict as exc:
             raise HTTPException(409, str(exc))
+
+    def idempotent(tenant: str, key: str | None, body: dict) -> tuple[str, Job | None]:
+        return idempotent_lookup(tenant, key, request_hash(body))
 
     async def create_asset(kind: str, tenant: str, images: list[UploadFile], word: str, name: str, base_model: str,
                            train: dict, token: str | None, aux_asset_ids: list[str], idem_key: str | None):
@@ -178,12 +209,14 @@ def _routes(app: FastAPI) -> None:
                                     idempotency_key=idem_key, body_hash=h,
                                     max_attempts=st().settings.job_max_attempts)
                 s.commit()
-            except Exception:
+            except Exception as exc:
                 s.rollback()
                 for key in written:  # no orphan objects
                     st().store.delete(key)
+                if isinstance(exc, IntegrityError) and (won := raced(tenant, idem_key, h)):
+                    return won
                 raise
-            st().queue.enqueue(job.id, job.type)
+            send(job.id, job.type)
             return JSONResponse({"id": asset.id, "job_id": job.id, "status": job.status}, 202)
 
     asset_errors = errors(401, 404, 409, 413, 422)
@@ -325,14 +358,24 @@ def _routes(app: FastAPI) -> None:
                     raise HTTPException(404, f"{kind} {aid} not found")
                 if a.kind != kind:
                     raise HTTPException(422, f"{aid} is a {a.kind}, not a {kind}")
+                trained = latest_job(s, tenant, a.id)
+                if a.adapter_id is None and trained is not None and trained.status in ("failed", "canceled"):
+                    raise HTTPException(409, f"{kind} {aid} has no adapter: its training job {trained.id} "
+                                             f"ended {trained.status}")
             f = Fusion(tenant_id=tenant, content_id=body.content_id, style_id=body.style_id, steps=body.steps,
                        method=body.method)
             s.add(f)
             s.flush()
             job = st().jobs.add(s, tenant, "fuse", f.id, JOB_QUEUES["fuse"], idempotency_key=idempotency_key,
                                 body_hash=h, max_attempts=st().settings.job_max_attempts)
-            s.commit()
-        st().queue.enqueue(job.id, job.type)
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()
+                if won := raced(tenant, idempotency_key, h):
+                    return won
+                raise
+        send(job.id, job.type)
         return JSONResponse({"id": f.id, "job_id": job.id, "status": job.status}, 202)
 
     @app.get("/fusions", tags=["fusions"], response_model=FusionList, responses=errors(401, 422))
@@ -399,10 +442,16 @@ def _routes(app: FastAPI) -> None:
                 s.flush()
                 job = st().jobs.add(s, tenant, "generate", g.id, JOB_QUEUES["generate"],
                                     idempotency_key=idempotency_key, body_hash=h)
-                s.commit()
-                gid, jid = g.id, job.id
-            st().queue.enqueue(jid, "generate")
-        else:
+                try:
+                    s.commit()
+                    gid, jid = g.id, job.id
+                except IntegrityError:
+                    s.rollback()
+                    if not (existing := raced(tenant, idempotency_key, h, response=False)):
+                        raise
+            if existing is None:
+                send(jid, "generate")
+        if existing is not None:
             gid, jid = existing.target_id, existing.id
         deadline = time.time() + body.wait
         job = st().jobs.get(tenant, jid)
@@ -482,8 +531,11 @@ def _routes(app: FastAPI) -> None:
         return job_out(job)
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=errors(401, 404))
-    def cancel_job(job_id: str, tenant: TenantId):
-        """A queued job ends canceled at once; a running one at its next step (the worker checks a flag)."""
+    def cancel_job(job_id: str, tenant: TenantId,
+                   idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+        """A queued job ends canceled at once; a running one at its next step (the worker checks a flag)
+        and its partial state (checkpoint, uploaded files) is removed. Canceling twice is harmless, so
+        an `Idempotency-Key` is accepted and needs no bookkeeping."""
         job = st().jobs.request_cancel(tenant, job_id)
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 
+from ..common.broker import redis_job_ids, task_id
 from ..common.jobs import JOB_QUEUES
 from ..common.settings import Settings
 
@@ -22,11 +23,17 @@ class InProcessQueue:
         self.settings = settings
         self._q: queue.Queue[str | None] = queue.Queue()
         self._ctx = None
+        self._current: str | None = None
         self._thread = threading.Thread(target=self._loop, name="b4m-worker", daemon=True)
         self._thread.start()
 
     def enqueue(self, job_id: str, job_type: str) -> None:
         self._q.put(job_id)
+
+    def waiting_ids(self) -> set[str]:
+        with self._q.mutex:
+            waiting = {j for j in self._q.queue if j}
+        return waiting | ({self._current} if self._current else set())
 
     def _loop(self) -> None:
         from ..worker.runner import WorkerContext, run_job
@@ -35,6 +42,7 @@ class InProcessQueue:
             job_id = self._q.get()
             if job_id is None:
                 return
+            self._current = job_id
             try:
                 if self._ctx is None:
                     self._ctx = WorkerContext(self.settings)  # loads base models once, on first use
@@ -43,6 +51,7 @@ class InProcessQueue:
             except Exception:  # keep the thread alive; the job row holds the error
                 log.exception("job %s crashed the in-process worker", job_id)
             finally:
+                self._current = None
                 self._q.task_done()
 
     def join(self) -> None:
@@ -60,11 +69,19 @@ class CeleryQueue:
     def __init__(self, settings: Settings):
         from celery import Celery
 
+        self.settings = settings
         self.app = Celery("b4m-api", broker=settings.broker_url)
         self.app.conf.broker_connection_retry_on_startup = True
+        # a publish while Redis is down fails fast; the reconciler sends the job later
+        self.app.conf.broker_transport_options = {"socket_timeout": 5, "socket_connect_timeout": 5}
+        self.app.conf.task_publish_retry_policy = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
 
     def enqueue(self, job_id: str, job_type: str) -> None:
-        self.app.send_task("b4m.run_job", args=[job_id], queue=JOB_QUEUES[job_type])
+        self.app.send_task("b4m.run_job", args=[job_id], queue=JOB_QUEUES[job_type], task_id=task_id(job_id))
+
+    def waiting_ids(self) -> set[str]:
+        return redis_job_ids(self.settings.broker_url, sorted(set(JOB_QUEUES.values())),
+                             fresh_unacked_s=self.settings.requeue_grace_s)
 
     def check(self) -> None:
         with self.app.connection_for_write() as conn:

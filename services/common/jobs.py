@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -50,7 +52,7 @@ class JobStore:
             idempotency_key: str | None = None, body_hash: str | None = None, max_attempts: int = 3) -> Job:
         """Add a queued job to `session` (committed with the resource it belongs to)."""
         job = Job(tenant_id=tenant_id, type=type, target_id=target_id, queue=queue, idempotency_key=idempotency_key,
-                  request_hash=body_hash, max_attempts=max_attempts)
+                  request_hash=body_hash, max_attempts=max_attempts, enqueued_at=utcnow())
         session.add(job)
         return job
 
@@ -79,24 +81,41 @@ class JobStore:
         return self.get(tenant_id, job_id)
 
     # ---------------------------------------------------------------- worker side
-    def start(self, job_id: str) -> Job | None:
-        """Claim a job for this attempt; None when it must not run (finished, canceled, out of attempts)."""
+    def start(self, job_id: str, lease_s: float = 60.0) -> Job | None:
+        """Claim a job for one attempt; None when it must not run here.
+
+        A queued job is claimed; so is a running one whose lease ran out (its worker died
+        and the message came back). A running job with a live lease belongs to another
+        worker: a duplicated message never runs it twice. The returned row carries the
+        attempt's `claim_token`, which every later write of this attempt must present."""
+        now = utcnow()
         with self.sessions() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.status in TERMINAL:
                 return None
+            if job.status == "running" and job.lease_expires_at and _aware(job.lease_expires_at) > now:
+                return None
             if job.cancel_requested:
-                job.status, job.finished_at = "canceled", utcnow()
+                job.status, job.finished_at = "canceled", now
                 return None
             if job.attempts >= job.max_attempts:
-                job.status, job.finished_at = "failed", utcnow()
+                job.status, job.finished_at = "failed", now
                 job.error = job.error or f"gave up after {job.attempts} attempts"
                 return None
             job.status, job.attempts = "running", job.attempts + 1
-            job.started_at = job.started_at or utcnow()
+            job.claim_token = uuid.uuid4().hex
+            job.lease_expires_at = now + timedelta(seconds=lease_s)
+            job.started_at = job.started_at or now
             s.flush()
             s.expunge(job)
             return job
+
+    def heartbeat(self, job_id: str, token: str, lease_s: float) -> bool:
+        """Renew this attempt's lease; False when the attempt no longer holds the job."""
+        with self.sessions() as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == "running")
+                            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+            return res.rowcount == 1
 
     def progress(self, job_id: str, step: int, total: int, loss: float | None = None) -> None:
         with self.sessions() as s, s.begin():
@@ -107,33 +126,62 @@ class JobStore:
         with self.sessions() as s:
             return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
-    def set_checkpoint(self, job_id: str, key: str | None) -> None:
+    def set_checkpoint(self, job_id: str, key: str | None, step: int = 0) -> None:
         with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id).values(checkpoint_key=key, updated_at=utcnow()))
+            s.execute(update(Job).where(Job.id == job_id)
+                      .values(checkpoint_key=key, checkpoint_step=step, updated_at=utcnow()))
 
-    def succeed(self, job_id: str, outputs: dict) -> bool:
-        return self._end(job_id, "succeeded", outputs=outputs)
+    def finish(self, job_id: str, token: str, write: Callable[[Session], dict]) -> dict:
+        """Commit an attempt's results and `succeeded` in one transaction.
 
-    def cancel(self, job_id: str) -> bool:
-        return self._end(job_id, "canceled")
+        `write` adds the result rows (adapter, image list) in the same transaction, so a
+        job that succeeds has exactly one result and one that lost its claim has none.
+        Raises ClaimLost when this attempt no longer holds the job."""
+        with self.sessions() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None or job.status != "running" or job.claim_token != token:
+                raise ClaimLost(f"job {job_id} is no longer held by this attempt")
+            outputs = write(s)
+            job.status, job.outputs, job.finished_at = "succeeded", outputs, utcnow()
+            job.claim_token, job.lease_expires_at = None, None
+            return outputs
 
-    def fail(self, job_id: str, error: str, retry: bool = True) -> str:
+    def cancel(self, job_id: str, token: str | None = None) -> bool:
+        return self._end(job_id, "canceled", token)
+
+    def fail(self, job_id: str, error: str, retry: bool = True, token: str | None = None) -> str:
         """Record an error; back to `queued` while attempts remain (and retry), else `failed`."""
         with self.sessions() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.status in TERMINAL:
                 return job.status if job else "missing"
+            if token is not None and job.claim_token != token:
+                return "lost"  # another attempt holds the job now: leave it alone
             job.error = error[:4000]
+            job.claim_token, job.lease_expires_at = None, None
             if retry and job.attempts < job.max_attempts and not job.cancel_requested:
-                job.status = "queued"
+                job.status, job.enqueued_at = "queued", utcnow()
             else:
                 job.status, job.finished_at = "failed", utcnow()
             return job.status
 
-    def _end(self, job_id: str, status: str, outputs: dict | None = None) -> bool:
-        values = {"status": status, "finished_at": utcnow(), "updated_at": utcnow()}
-        if outputs is not None:
-            values["outputs"] = outputs
+    def mark_enqueued(self, job_ids: list[str]) -> None:
         with self.sessions() as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
-            return res.rowcount == 1
+            s.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow()))
+
+    def _end(self, job_id: str, status: str, token: str | None = None) -> bool:
+        q = update(Job).where(Job.id == job_id, Job.status == "running")
+        if token is not None:
+            q = q.where(Job.claim_token == token)
+        values = {"status": status, "finished_at": utcnow(), "updated_at": utcnow(), "claim_token": None,
+                  "lease_expires_at": None}
+        with self.sessions() as s, s.begin():
+            return s.execute(q.values(**values)).rowcount == 1
+
+
+class ClaimLost(Exception):
+    """This attempt no longer holds its job (the lease ran out and another attempt took it)."""
+
+
+def _aware(dt: datetime) -> datetime:
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)  # SQLite hands back naive datetimes

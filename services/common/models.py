@@ -149,6 +149,12 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     checkpoint_key: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    checkpoint_step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the attempt that holds the job: a token and a lease its worker renews (heartbeat);
+    # a job whose lease ran out lost its worker, and the reconciler queues it again
+    claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -157,4 +163,5 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
-                      Index("ix_jobs_tenant_status", "tenant_id", "status"))
+                      Index("ix_jobs_tenant_status", "tenant_id", "status"),
+                      Index("ix_jobs_status_lease", "status", "lease_expires_at"))

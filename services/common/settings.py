@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     job_max_attempts: int = 3
     checkpoint_every: int = Field(50, description="training steps between checkpoints to storage")
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout: above the longest job")
+    job_lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third")
+    job_deadline_s: int = Field(6 * 3600, description="a job running or queued longer than this ends failed")
+    reconcile_every_s: float = Field(15.0, description="how often the reconciler sweeps (0: never, in this process)")
+    requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
     @property
     def resolved_database_url(self) -> str:

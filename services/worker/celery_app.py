@@ -10,6 +10,7 @@ from functools import lru_cache
 
 from celery import Celery
 
+from ..common.broker import task_id
 from ..common.settings import get_settings
 from ..common.jobs import JOB_QUEUES as QUEUES
 
@@ -40,7 +41,8 @@ def run_job_task(job_id: str) -> str:
 
     status = run_job(context(), job_id)
     if status == "queued":  # a retryable failure: try again after a pause
-        run_job_task.apply_async((job_id,), countdown=5, queue=QUEUES.get(_job_type(job_id), "training"))
+        run_job_task.apply_async((job_id,), countdown=5, queue=QUEUES.get(_job_type(job_id), "training"),
+                                 task_id=task_id(job_id))
     return status
 
 
@@ -53,4 +55,4 @@ def _job_type(job_id: str) -> str:
 
 
 def enqueue(job_id: str, job_type: str) -> None:
-    run_job_task.apply_async((job_id,), queue=QUEUES[job_type])
+    run_job_task.apply_async((job_id,), queue=QUEUES[job_type], task_id=task_id(job_id))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
@@ -21,9 +22,9 @@ from b4m_core.models import BaseModel, load_base
 from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
 
 from ..common.db import make_engine, session_factory
-from ..common.jobs import JobStore
+from ..common.jobs import ClaimLost, JobStore
 from ..common.models import Adapter as AdapterRow
-from ..common.models import Asset, Fusion, Generation, Job
+from ..common.models import Asset, Fusion, Generation, Job, new_id
 from ..common.settings import Settings
 from ..common.storage import object_key
 
@@ -68,32 +69,62 @@ def _load_adapter(ctx: WorkerContext, session, adapter_id: str) -> Adapter:
     return Adapter.from_bytes(ctx.store.get(row.storage_key, expected_sha256=row.sha256))
 
 
-def _save_adapter(ctx: WorkerContext, session, tenant_id: str, adapter: Adapter) -> AdapterRow:
-    row = AdapterRow(tenant_id=tenant_id, kind=adapter.kind, method=adapter.method, storage_key="", sha256="",
-                     size=0, meta=adapter.metadata())
-    session.add(row)
-    session.flush()
-    obj = ctx.store.put(object_key(tenant_id, "adapters", row.id, "adapter.safetensors"), adapter.to_bytes())
-    row.storage_key, row.sha256, row.size = obj.key, obj.sha256, obj.size
-    return row
+def _upload_adapter(ctx: WorkerContext, attempt: "Attempt", tenant_id: str, adapter: Adapter):
+    """Upload first, record later: the row is written by `JobStore.finish` with the job's success."""
+    adapter_id = new_id()
+    obj = ctx.store.put(object_key(tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes())
+    attempt.uploaded.append(obj.key)
+
+    def row(s) -> AdapterRow:
+        r = AdapterRow(id=adapter_id, tenant_id=tenant_id, kind=adapter.kind, method=adapter.method,
+                       storage_key=obj.key, sha256=obj.sha256, size=obj.size, meta=adapter.metadata())
+        s.add(r)
+        return r
+
+    return adapter_id, row
 
 
-def _hooks(ctx: WorkerContext, job: Job) -> Hooks:
+@dataclass
+class Attempt:
+    """One run of a job: its claim, the objects it uploaded (removed if it does not succeed)."""
+
+    job: Job
+    uploaded: list[str] = field(default_factory=list)
+    lost: threading.Event = field(default_factory=threading.Event)
+    resumed_from_step: int = 0
+
+    @property
+    def token(self) -> str:
+        return self.job.claim_token
+
+
+def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
+    job = attempt.job
     ckpt_key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
 
     def checkpoint(step: int, state: bytes) -> None:
-        ctx.store.put(ckpt_key, state)
-        ctx.jobs.set_checkpoint(job.id, ckpt_key)
+        try:
+            ctx.store.put(ckpt_key, state)
+            ctx.jobs.set_checkpoint(job.id, ckpt_key, step)
+        except Exception as exc:  # storage down: keep training; the next checkpoint or the end may succeed
+            log.warning("job %s: checkpoint at step %d not saved: %s", job.id, step, exc)
+
+    def should_stop() -> bool:
+        if attempt.lost.is_set():  # another attempt holds the job: stop without touching it
+            raise ClaimLost(f"job {job.id}: lease lost")
+        return ctx.jobs.cancel_requested(job.id)
 
     resume = None
     if job.checkpoint_key and ctx.store.exists(job.checkpoint_key):
         resume = ctx.store.get(job.checkpoint_key)
-        log.info("job %s resumes from %s", job.id, job.checkpoint_key)
+        attempt.resumed_from_step = job.checkpoint_step
+        log.info("job %s resumes from step %d (%s)", job.id, job.checkpoint_step, job.checkpoint_key)
     return Hooks(progress=lambda step, total, loss: ctx.jobs.progress(job.id, step, total, loss),
-                 should_cancel=lambda: ctx.jobs.cancel_requested(job.id), checkpoint=checkpoint, resume=resume)
+                 should_cancel=should_stop, checkpoint=checkpoint, resume=resume)
 
 
-def _train(ctx: WorkerContext, job: Job) -> dict:
+def _train(ctx: WorkerContext, attempt: Attempt):
+    job = attempt.job
     with ctx.sessions() as s:
         asset = s.scalars(select(Asset).where(Asset.id == job.target_id, Asset.tenant_id == job.tenant_id)).one()
         concept = _concept(ctx, asset)
@@ -108,15 +139,20 @@ def _train(ctx: WorkerContext, job: Job) -> dict:
                       learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
                       aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
                       checkpoint_every=ctx.settings.checkpoint_every)
-    adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg,
-                            hooks=_hooks(ctx, job))
-    with ctx.sessions() as s, s.begin():
-        row = _save_adapter(ctx, s, job.tenant_id, adapter)
-        s.get(Asset, job.target_id).adapter_id = row.id
-    return {"adapter_id": row.id}
+    adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=_hooks(ctx, attempt))
+    adapter_id, row = _upload_adapter(ctx, attempt, job.tenant_id, adapter)
+
+    def write(s) -> dict:
+        row(s)
+        s.flush()
+        s.get(Asset, job.target_id).adapter_id = adapter_id
+        return {"adapter_id": adapter_id}
+
+    return write
 
 
-def _fuse(ctx: WorkerContext, job: Job) -> dict:
+def _fuse(ctx: WorkerContext, attempt: Attempt):
+    job = attempt.job
     with ctx.sessions() as s:
         fusion = s.scalars(select(Fusion).where(Fusion.id == job.target_id, Fusion.tenant_id == job.tenant_id)).one()
         content, style = s.get(Asset, fusion.content_id), s.get(Asset, fusion.style_id)
@@ -127,15 +163,22 @@ def _fuse(ctx: WorkerContext, job: Job) -> dict:
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
     base = ctx.base(base_name)
     lr = 1e-4 if method == "ziplora" else base.default("learning_rate", 1e-3)
-    fused = fuse(base, ca, sa, cset, sset, method=method, cfg=TrainConfig(steps=steps, learning_rate=lr),
-                 hooks=_hooks(ctx, job))
-    with ctx.sessions() as s, s.begin():
-        row = _save_adapter(ctx, s, job.tenant_id, fused)
-        s.get(Fusion, job.target_id).adapter_id = row.id
-    return {"adapter_id": row.id}
+    fused = fuse(base, ca, sa, cset, sset, method=method,
+                 cfg=TrainConfig(steps=steps, learning_rate=lr, checkpoint_every=ctx.settings.checkpoint_every),
+                 hooks=_hooks(ctx, attempt))
+    adapter_id, row = _upload_adapter(ctx, attempt, job.tenant_id, fused)
+
+    def write(s) -> dict:
+        row(s)
+        s.flush()
+        s.get(Fusion, job.target_id).adapter_id = adapter_id
+        return {"adapter_id": adapter_id}
+
+    return write
 
 
-def _generate(ctx: WorkerContext, job: Job) -> dict:
+def _generate(ctx: WorkerContext, attempt: Attempt):
+    job = attempt.job
     with ctx.sessions() as s:
         g = s.scalars(select(Generation).where(Generation.id == job.target_id,
                                                Generation.tenant_id == job.tenant_id)).one()
@@ -156,41 +199,85 @@ def _generate(ctx: WorkerContext, job: Job) -> dict:
     for i, im in enumerate(images):
         buf = io.BytesIO()
         im.save(buf, format="PNG")
-        obj = ctx.store.put(object_key(job.tenant_id, "images", job.target_id, f"{i}.png"), buf.getvalue(),
+        # keys unique to the attempt: a stale attempt's clean-up never removes another's images
+        obj = ctx.store.put(object_key(job.tenant_id, "images", job.target_id, f"{attempt.token[:8]}-{i}.png"),
+                            buf.getvalue(),
                             content_type="image/png")
+        attempt.uploaded.append(obj.key)
         out.append({"key": obj.key, "sha256": obj.sha256})
-    with ctx.sessions() as s, s.begin():
+
+    def write(s) -> dict:
         s.get(Generation, job.target_id).images = out
-    return {"images": len(out)}
+        return {"images": len(out)}
+
+    return write
 
 
 HANDLERS = {"train_content": _train, "train_style": _train, "fuse": _fuse, "generate": _generate}
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> str:
-    """Run one attempt of a job; returns the job's status afterwards."""
-    job = ctx.jobs.start(job_id)
+    """Run one attempt of a job; returns the job's status afterwards ("skipped": not ours to run).
+
+    While it runs, a heartbeat thread renews the attempt's lease; if the lease is lost
+    (this worker looked dead and another attempt took over), the attempt stops and
+    leaves the job to the other one. Objects an attempt uploaded are removed unless its
+    results commit."""
+    lease = ctx.settings.job_lease_s
+    job = ctx.jobs.start(job_id, lease_s=lease)
     if job is None:
         return "skipped"
+    attempt = Attempt(job)
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(lease / 3):
+            try:
+                if not ctx.jobs.heartbeat(job.id, attempt.token, lease):
+                    attempt.lost.set()
+                    return
+            except Exception as exc:  # database hiccup: try again next beat
+                log.warning("job %s: heartbeat failed: %s", job.id, exc)
+
+    beat = threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True)
+    beat.start()
     try:
-        outputs = HANDLERS[job.type](ctx, job)
+        write = HANDLERS[job.type](ctx, attempt)
+        resumed = {"resumed_from_step": attempt.resumed_from_step} if attempt.resumed_from_step else {}
+        ctx.jobs.finish(job.id, attempt.token, lambda s: {**write(s), **resumed})
+        attempt.uploaded.clear()  # committed: they are the job's results now
+        _drop_checkpoint(ctx, job)
+        return "succeeded"
+    except ClaimLost:
+        log.warning("job %s: another attempt holds it; this one stops", job.id)
+        return "lost"
     except TrainingCanceled:
         _drop_checkpoint(ctx, job)
-        ctx.jobs.cancel(job.id)
+        ctx.jobs.cancel(job.id, attempt.token)
         return "canceled"
     except ConfigError as exc:  # bad input: retrying cannot help
         _drop_checkpoint(ctx, job)
-        return ctx.jobs.fail(job.id, str(exc), retry=False)
-    except Exception as exc:  # infrastructure: retry while attempts remain
+        return ctx.jobs.fail(job.id, str(exc), retry=False, token=attempt.token)
+    except Exception as exc:  # infrastructure: retry while attempts remain (resuming from the checkpoint)
         log.exception("job %s failed", job.id)
-        return ctx.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", retry=True)
-    _drop_checkpoint(ctx, job)
-    ctx.jobs.succeed(job.id, outputs)
-    return "succeeded"
+        status = ctx.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", retry=True, token=attempt.token)
+        if status == "failed":
+            _drop_checkpoint(ctx, job)
+        return status
+    finally:
+        done.set()
+        for key in attempt.uploaded:  # no orphan objects from an attempt that did not commit
+            _try(lambda: ctx.store.delete(key), f"job {job.id}: could not remove {key}")
+
+
+def _try(fn, what: str) -> None:
+    try:
+        fn()
+    except Exception as exc:
+        log.warning("%s: %s", what, exc)
 
 
 def _drop_checkpoint(ctx: WorkerContext, job: Job) -> None:
     key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
-    if ctx.store.exists(key):
-        ctx.store.delete(key)
+    _try(lambda: ctx.store.delete(key), f"job {job.id}: checkpoint not removed")
     ctx.jobs.set_checkpoint(job.id, None)

@@ -1,0 +1,105 @@
+"""The reconciler: puts right what crashes and lost messages leave behind.
+
+The database is the truth about jobs; the broker only carries their ids. A sweep
+  1. ends jobs queued or running past the deadline (`failed`, with the reason),
+  2. queues again running jobs whose lease ran out (their worker died): they resume
+     from their last checkpoint; a job that lost its worker `max_attempts` times fails,
+  3. sends again queued jobs whose message is not in the broker (Redis restarted
+     empty, or the publish after the commit failed).
+Sending a message twice is harmless: `JobStore.start` claims a job for one attempt only.
+The API runs a sweep every `reconcile_every_s`; `b4m reconcile` runs it on its own.
+On PostgreSQL a transaction-level advisory lock lets one sweep run at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Callable
+
+from sqlalchemy import or_, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Job, utcnow
+from .settings import Settings
+
+log = logging.getLogger("b4m.reconciler")
+ADVISORY_LOCK = 0x6234_6D72  # "b4mr"
+
+
+class Reconciler:
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings,
+                 enqueue: Callable[[str, str], None], waiting_ids: Callable[[], set[str] | None], store=None):
+        self.sessions, self.settings, self.store = sessions, settings, store
+        self.enqueue, self.waiting_ids = enqueue, waiting_ids
+
+    def sweep(self) -> dict[str, list[str]]:
+        st = self.settings
+        try:
+            waiting = self.waiting_ids()
+        except Exception as exc:  # broker unreachable: nothing can be sent now anyway
+            log.warning("broker not readable: %s", exc)
+            waiting = None
+        now = utcnow()
+        report: dict[str, list[str]] = {"deadline": [], "lease_expired": [], "gave_up": [], "resent": []}
+        send: list[tuple[str, str]] = []
+        ended_checkpoints: list[str] = []
+        with self.sessions() as s, s.begin():
+            if s.get_bind().dialect.name == "postgresql" and not s.scalar(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK}):
+                return report  # another sweep is running
+            live = Job.status.in_(("queued", "running"))
+            for job in s.scalars(select(Job).where(live, Job.created_at < now - timedelta(seconds=st.job_deadline_s))
+                                 .with_for_update(skip_locked=True)):
+                job.status, job.finished_at, job.cancel_requested = "failed", now, True
+                job.claim_token = job.lease_expires_at = None
+                job.error = f"deadline exceeded: not finished {st.job_deadline_s} s after it was created"
+                report["deadline"].append(job.id)
+                ended_checkpoints.append(job.checkpoint_key)
+            for job in s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)
+                                 .with_for_update(skip_locked=True)):
+                job.claim_token = job.lease_expires_at = None
+                if job.attempts >= job.max_attempts or job.cancel_requested:
+                    job.status, job.finished_at = ("canceled" if job.cancel_requested else "failed"), now
+                    job.error = job.error or f"worker lost in each of {job.attempts} attempts"
+                    report["gave_up"].append(job.id)
+                    ended_checkpoints.append(job.checkpoint_key)
+                else:
+                    job.status, job.enqueued_at = "queued", now
+                    send.append((job.id, job.type))
+                    report["lease_expired"].append(job.id)
+            if waiting is not None:
+                stale = now - timedelta(seconds=st.requeue_grace_s)
+                for job in s.scalars(select(Job).where(Job.status == "queued", or_(
+                        Job.enqueued_at.is_(None), Job.enqueued_at < stale)).with_for_update(skip_locked=True)):
+                    if job.id not in waiting:
+                        job.enqueued_at = now
+                        send.append((job.id, job.type))
+                        report["resent"].append(job.id)
+        for key in filter(None, ended_checkpoints if self.store else []):  # a job that ended keeps no partial state
+            try:
+                self.store.delete(key)
+            except Exception as exc:
+                log.warning("checkpoint %s not removed: %s", key, exc)
+        for job_id, job_type in send:
+            try:
+                self.enqueue(job_id, job_type)
+            except Exception as exc:  # the next sweep tries again
+                log.warning("could not send job %s: %s", job_id, exc)
+        if any(report.values()):
+            log.info("reconciler: %s", {k: len(v) for k, v in report.items()})
+        return report
+
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("reconciler sweep failed")
+            stop.wait(self.settings.reconcile_every_s)
+
+    def start_thread(self) -> threading.Event:
+        stop = threading.Event()
+        threading.Thread(target=self.run_forever, args=(stop,), name="b4m-reconciler", daemon=True).start()
+        return stop
