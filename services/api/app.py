@@ -35,6 +35,8 @@ from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, Fusio
 
 log = logging.getLogger("b4m.api")
 DEFAULT_TENANT = "default"
+IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+MAX_OFFSET = 10**9  # beyond any table; a larger value would overflow the database integer
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
 LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
@@ -230,7 +232,7 @@ def _routes(app: FastAPI) -> None:
                            learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
                            token: Annotated[str | None, Form(max_length=50)] = None,
                            aux_asset_ids: Annotated[list[str], Form()] = [],
-                           idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                           idempotency_key: IdempotencyKey = None):
         """Upload a content's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
         stage). `aux_asset_ids` (repeated) names style assets whose images serve as MCP auxiliary sets."""
         return await create_asset("content", tenant, images, class_word, name, base_model,
@@ -246,7 +248,7 @@ def _routes(app: FastAPI) -> None:
                          learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
                          token: Annotated[str | None, Form(max_length=50)] = None,
                          aux_asset_ids: Annotated[list[str], Form()] = [],
-                         idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                         idempotency_key: IdempotencyKey = None):
         """Upload a style's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
         stage). `aux_asset_ids` (repeated) names content assets whose images serve as MCP auxiliary sets."""
         return await create_asset("style", tenant, images, style_word, name, base_model,
@@ -298,7 +300,8 @@ def _routes(app: FastAPI) -> None:
         def make_routes(kind=kind):
             @app.get(f"/{kind}s", tags=["assets"], name=f"list_{kind}s", response_model=AssetList,
                      responses=errors(401, 422))
-            def list_assets(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+            def list_assets(tenant: TenantId, limit: int = Query(50, ge=1, le=500), 
+                            offset: int = Query(0, ge=0, le=MAX_OFFSET),
                             status: JobStatus | None = Query(None, description="only those whose latest job has "
                                                                                "this status")):
                 with st().sessions() as s:
@@ -346,7 +349,7 @@ def _routes(app: FastAPI) -> None:
     @app.post("/fusions", status_code=202, response_model=Accepted, tags=["fusions"],
               responses=errors(401, 404, 409, 422))
     def post_fusion(body: FusionIn, tenant: TenantId,
-                    idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                    idempotency_key: IdempotencyKey = None):
         """Combine a trained content with a trained style and fine-tune them into one adapter."""
         h, existing = idempotent(tenant, idempotency_key, body.model_dump())
         if existing:
@@ -379,7 +382,8 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse({"id": f.id, "job_id": job.id, "status": job.status}, 202)
 
     @app.get("/fusions", tags=["fusions"], response_model=FusionList, responses=errors(401, 422))
-    def list_fusions(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+    def list_fusions(tenant: TenantId, limit: int = Query(50, ge=1, le=500), 
+                            offset: int = Query(0, ge=0, le=MAX_OFFSET),
                      status: JobStatus | None = Query(None, description="only those whose latest job has this status"),
                      content_id: str | None = None, style_id: str | None = None):
         with st().sessions() as s:
@@ -420,18 +424,18 @@ def _routes(app: FastAPI) -> None:
               responses={200: {"model": GenerateDone, "description": "the images, when `wait` was long enough"},
                          **errors(401, 404, 409, 422)})
     def post_generate(body: GenerateIn, tenant: TenantId,
-                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                      idempotency_key: IdempotencyKey = None):
         """Draw images with a fusion, a content, a style, or the bare base model."""
         if sum(x is not None for x in (body.fusion_id, body.content_id, body.style_id)) > 1:
             raise HTTPException(422, "give at most one of fusion_id, content_id, style_id")
         h, existing = idempotent(tenant, idempotency_key, body.model_dump(exclude={"wait"}))
         if existing is None:
             with st().sessions() as s:
-                if body.fusion_id and not s.scalars(select(Fusion).where(Fusion.id == body.fusion_id,
+                if body.fusion_id is not None and not s.scalars(select(Fusion).where(Fusion.id == body.fusion_id,
                                                                          Fusion.tenant_id == tenant)).first():
                     raise HTTPException(404, f"fusion {body.fusion_id} not found")
                 for aid, kind in ((body.content_id, "content"), (body.style_id, "style")):
-                    if aid:
+                    if aid is not None:
                         a = s.scalars(select(Asset).where(Asset.id == aid, Asset.tenant_id == tenant)).first()
                         if a is None:
                             raise HTTPException(404, f"{kind} {aid} not found")
@@ -464,7 +468,8 @@ def _routes(app: FastAPI) -> None:
         return JSONResponse({"id": gid, "job_id": jid, "status": job.status}, 202)
 
     @app.get("/generations", tags=["generate"], response_model=GenerationList, responses=errors(401, 422))
-    def list_generations(tenant: TenantId, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0),
+    def list_generations(tenant: TenantId, limit: int = Query(50, ge=1, le=500), 
+                            offset: int = Query(0, ge=0, le=MAX_OFFSET),
                          status: JobStatus | None = Query(None, description="only those whose job has this status"),
                          fusion_id: str | None = None):
         with st().sessions() as s:
@@ -516,7 +521,8 @@ def _routes(app: FastAPI) -> None:
 
     @app.get("/jobs", tags=["jobs"], response_model=JobList, responses=errors(401, 422))
     def list_jobs(tenant: TenantId, status: JobStatus | None = None, limit: int = Query(50, ge=1, le=500),
-                  offset: int = Query(0, ge=0)):
+                  
+                            offset: int = Query(0, ge=0, le=MAX_OFFSET)):
         try:
             rows, total = st().jobs.list(tenant, status, limit, offset)
         except ValueError as exc:
@@ -532,7 +538,7 @@ def _routes(app: FastAPI) -> None:
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=errors(401, 404))
     def cancel_job(job_id: str, tenant: TenantId,
-                   idempotency_key: Annotated[str | None, Header(max_length=200)] = None):
+                   idempotency_key: IdempotencyKey = None):
         """A queued job ends canceled at once; a running one at its next step (the worker checks a flag)
         and its partial state (checkpoint, uploaded files) is removed. Canceling twice is harmless, so
         an `Idempotency-Key` is accepted and needs no bookkeeping."""

@@ -70,8 +70,9 @@ class AssetList(BaseModel):
 
 
 class FusionIn(BaseModel):
-    content_id: str = Field(description="a trained content asset", examples=[ID_EXAMPLE])
-    style_id: str = Field(description="a trained style asset", examples=[ID_EXAMPLE])
+    content_id: str = Field(min_length=1, max_length=64, description="a trained content asset",
+                            examples=[ID_EXAMPLE])
+    style_id: str = Field(min_length=1, max_length=64, description="a trained style asset", examples=[ID_EXAMPLE])
     steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: the bare composition)")
     method: Literal["b4m", "joint", "merge", "ziplora"] = Field(
         "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison")
@@ -101,9 +102,10 @@ class GenerateIn(BaseModel):
         {"fusion_id": ID_EXAMPLE, "prompt": "a large {content} in {style} style on a blue background",
          "seed": 1, "steps": 20, "guidance": 5.0, "num_images": 2, "wait": 30}]}}
 
-    fusion_id: str | None = Field(None, description="draw with this fusion's adapter")
-    content_id: str | None = Field(None, description="or with a content's adapter alone")
-    style_id: str | None = Field(None, description="or with a style's adapter alone (none of the three: base model)")
+    fusion_id: str | None = Field(None, min_length=1, max_length=64, description="draw with this fusion's adapter")
+    content_id: str | None = Field(None, min_length=1, max_length=64, description="or with a content's adapter alone")
+    style_id: str | None = Field(None, min_length=1, max_length=64,
+                                 description="or with a style's adapter alone (none of the three: base model)")
     prompt: str = Field(min_length=1, max_length=1000, examples=["a {content} in {style} style"],
                         description="{content} and {style} expand to the adapter's token and word")
     negative_prompt: str | None = Field(None, max_length=1000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
+from celery.signals import worker_init
 
 from ..common.broker import task_id
 from ..common.settings import get_settings
@@ -26,6 +27,14 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+
+
+@worker_init.connect
+def _load_before_consuming(**_) -> None:
+    """Import the model code and connect before the first message arrives, so a received
+    job is claimed (`running`) at once: a message held for long by a worker whose job row
+    still says `queued` would look lost to the reconciler."""
+    context()
 
 
 @lru_cache(maxsize=1)
