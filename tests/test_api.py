@@ -94,6 +94,9 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
         ([("images", ("a.gif", _gif(), "image/gif"))], 422),
         ([], 422),
         ([("images", (f"{i}.png", png(i), "image/png")) for i in range(11)], 422),
+        ([("images", ("bomb.png", _png_claiming(60000, 60000), "image/png"))], 413),  # decompression bomb
+        ([("images", ("big.png", png(0) + b"\0" * (10 * 2**20), "image/png"))], 413),  # over the byte cap
+        ([("images", ("cut.png", png(0)[:200], "image/png"))], 422),  # truncated
     ]
     for files, code in cases:
         r = client.post("/contents", files=files or None, data={"class_word": "dog", "name": "x"})
@@ -101,6 +104,12 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
     r = client.post("/contents", files=[("images", ("a.png", png(1), "image/png"))],
                     data={"class_word": "dog", "name": "x", "aux_asset_ids": "nope"})
     assert r.status_code == 404
+    for data in ({"class_word": "d" * 51, "name": "x"}, {"class_word": "dog", "name": "x", "steps": "0"},
+                 {"class_word": "dog", "name": "x", "learning_rate": "2"}):
+        r = client.post("/contents", files=[("images", ("a.png", png(1), "image/png"))], data=data)
+        assert r.status_code == 422, (data, r.text)
+    assert client.post("/generate", json={"prompt": "x"}, headers={"Idempotency-Key": ""}).status_code == 422
+    assert client.get("/contents", params={"offset": 2**63}).status_code == 422
     assert counts() == before and objects() == objs
     # fusing two contents, unknown ids, bad numbers
     c = post_asset(client, "content", 0).json()
@@ -111,6 +120,18 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
     assert client.post("/generate", json={"prompt": "x", "steps": 0}).status_code == 422
     assert client.get("/jobs/unknown").status_code == 404
     app.state.queue.join()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header claims `width` x `height` pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    data = bytearray(png(0))
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
 
 
 def _gif() -> bytes:
@@ -343,3 +364,12 @@ def test_cancel_mid_training_removes_partial_state(tmp_path, tiny_sd_path):
         assert r2.status_code == 409 and "canceled" in r2.json()["detail"]
         assert client.get("/fusions").json()["total"] == 0
         wait_job(client, style["job_id"])
+
+
+def test_a_fusion_posted_while_its_inputs_train_waits_for_them(api):
+    client, app = api
+    content, style = post_asset(client, "content", 0).json(), post_asset(client, "style", 2).json()
+    fusion = client.post("/fusions", json={"content_id": content["id"], "style_id": style["id"], "steps": 1}).json()
+    job = wait_job(client, fusion["job_id"])
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert client.get(f"/fusions/{fusion['id']}").json()["adapter_id"]

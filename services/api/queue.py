@@ -46,8 +46,8 @@ class InProcessQueue:
             try:
                 if self._ctx is None:
                     self._ctx = WorkerContext(self.settings)  # loads base models once, on first use
-                if run_job(self._ctx, job_id) == "queued":  # retryable failure: run it again
-                    self._q.put(job_id)
+                if run_job(self._ctx, job_id) == "queued":  # retryable, or waiting on another job: again, later
+                    threading.Timer(1.0, self._q.put, args=(job_id,)).start()
             except Exception:  # keep the thread alive; the job row holds the error
                 log.exception("job %s crashed the in-process worker", job_id)
             finally:

@@ -165,6 +165,14 @@ class JobStore:
                 job.status, job.finished_at = "failed", utcnow()
             return job.status
 
+    def defer(self, job_id: str, token: str) -> str:
+        """Back to `queued` without using up an attempt: the job waits on another one."""
+        with self.sessions() as s, s.begin():
+            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == "running")
+                            .values(status="queued", attempts=Job.attempts - 1, claim_token=None,
+                                    lease_expires_at=None, enqueued_at=utcnow()))
+            return "queued" if res.rowcount == 1 else "lost"
+
     def mark_enqueued(self, job_ids: list[str]) -> None:
         with self.sessions() as s, s.begin():
             s.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow()))
@@ -177,6 +185,10 @@ class JobStore:
                   "lease_expires_at": None}
         with self.sessions() as s, s.begin():
             return s.execute(q.values(**values)).rowcount == 1
+
+
+class NotReady(Exception):
+    """The job depends on another that has not finished yet (a fusion of a content in training)."""
 
 
 class ClaimLost(Exception):

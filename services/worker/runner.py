@@ -22,7 +22,7 @@ from b4m_core.models import BaseModel, load_base
 from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
 
 from ..common.db import make_engine, session_factory
-from ..common.jobs import ClaimLost, JobStore
+from ..common.jobs import ClaimLost, JobStore, NotReady
 from ..common.models import Adapter as AdapterRow
 from ..common.models import Asset, Fusion, Generation, Job, new_id
 from ..common.settings import Settings
@@ -156,8 +156,14 @@ def _fuse(ctx: WorkerContext, attempt: Attempt):
     with ctx.sessions() as s:
         fusion = s.scalars(select(Fusion).where(Fusion.id == job.target_id, Fusion.tenant_id == job.tenant_id)).one()
         content, style = s.get(Asset, fusion.content_id), s.get(Asset, fusion.style_id)
-        if not content.adapter_id or not style.adapter_id:
-            raise ConfigError("the content and the style must finish training first")
+        for asset in (content, style):
+            if asset.adapter_id:
+                continue
+            training = s.scalars(select(Job).where(Job.target_id == asset.id, Job.tenant_id == job.tenant_id)
+                                 .order_by(Job.created_at.desc())).first()
+            if training is not None and training.status in ("queued", "running"):
+                raise NotReady(f"{asset.kind} {asset.id} is still training")
+            raise ConfigError(f"{asset.kind} {asset.id} has no adapter: its training did not succeed")
         ca, sa = _load_adapter(ctx, s, content.adapter_id), _load_adapter(ctx, s, style.adapter_id)
         cset, sset = _concept(ctx, content), _concept(ctx, style)
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
@@ -248,6 +254,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         attempt.uploaded.clear()  # committed: they are the job's results now
         _drop_checkpoint(ctx, job)
         return "succeeded"
+    except NotReady as exc:  # run it again later, without using an attempt
+        log.info("job %s waits: %s", job.id, exc)
+        return ctx.jobs.defer(job.id, attempt.token)
     except ClaimLost:
         log.warning("job %s: another attempt holds it; this one stops", job.id)
         return "lost"
