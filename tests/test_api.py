@@ -95,6 +95,7 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
         ([], 422),
         ([("images", (f"{i}.png", png(i), "image/png")) for i in range(11)], 422),
         ([("images", ("bomb.png", _png_claiming(60000, 60000), "image/png"))], 413),  # decompression bomb
+        ([("images", ("wide.png", _png_claiming(5000, 5000), "image/png"))], 413),  # over B4M_MAX_IMAGE_PIXELS
         ([("images", ("big.png", png(0) + b"\0" * (10 * 2**20), "image/png"))], 413),  # over the byte cap
         ([("images", ("cut.png", png(0)[:200], "image/png"))], 422),  # truncated
     ]
@@ -150,6 +151,26 @@ def test_idempotency_key(api):
     assert r.status_code == 409
     with app.state.sessions() as s:
         assert s.scalar(select(func.count(Job.id))) == 1
+    # uploads too: the same images and fields again are the same asset; other fields are a conflict
+    files = [("images", ("0.png", png(0), "image/png"))]
+    form = {"class_word": "dog", "name": "mine", "steps": "1"}
+    a = client.post("/contents", files=files, data=form, headers={"Idempotency-Key": "up"}).json()
+    b = client.post("/contents", files=files, data=form, headers={"Idempotency-Key": "up"}).json()
+    assert a == {**b, "status": a["status"]}
+    assert client.post("/contents", files=files, data={**form, "name": "other"},
+                       headers={"Idempotency-Key": "up"}).status_code == 409
+    assert client.get("/contents").json()["total"] == 1
+    # racing requests with one key: one resource, one job, the same answer for all
+    from concurrent.futures import ThreadPoolExecutor
+
+    race = {"prompt": "a race", "steps": 1}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: client.post("/generate", json=race, headers={"Idempotency-Key": "race"}),
+                                range(8)))
+    assert {r.status_code for r in answers} == {202}
+    assert len({r.json()["id"] for r in answers}) == 1
+    with app.state.sessions() as s:
+        assert s.scalar(select(func.count(Job.id)).where(Job.idempotency_key == "race")) == 1
     app.state.queue.join()
 
 

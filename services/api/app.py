@@ -137,6 +137,8 @@ def _read_image(upload: UploadFile, data: bytes, settings: Settings) -> tuple[st
             im.load()  # a truncated file fails here, not later in a worker
     except HTTPException:
         raise
+    except Image.DecompressionBombError:  # Pillow's own guard, for sizes far past ours
+        raise HTTPException(413, f"{upload.filename}: too many pixels (decompression bomb)")
     except Exception:
         raise HTTPException(422, f"{upload.filename}: not a readable image")
     if fmt not in ALLOWED_FORMATS:
