@@ -11,6 +11,7 @@ import io
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sqlalchemy import select
 
@@ -69,19 +70,22 @@ def _load_adapter(ctx: WorkerContext, session, adapter_id: str) -> Adapter:
     return Adapter.from_bytes(ctx.store.get(row.storage_key, expected_sha256=row.sha256))
 
 
-def _upload_adapter(ctx: WorkerContext, attempt: "Attempt", tenant_id: str, adapter: Adapter):
-    """Upload first, record later: the row is written by `JobStore.finish` with the job's success."""
+def _adapter_result(ctx: WorkerContext, attempt: "Attempt", adapter: Adapter, owner) -> Callable:
+    """Upload the adapter now; its row, and the `owner` row (asset or fusion) pointing at it,
+    are written by `JobStore.finish` in the transaction that marks the job succeeded."""
+    job = attempt.job
     adapter_id = new_id()
-    obj = ctx.store.put(object_key(tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes())
+    obj = ctx.store.put(object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes())
     attempt.uploaded.append(obj.key)
 
-    def row(s) -> AdapterRow:
-        r = AdapterRow(id=adapter_id, tenant_id=tenant_id, kind=adapter.kind, method=adapter.method,
-                       storage_key=obj.key, sha256=obj.sha256, size=obj.size, meta=adapter.metadata())
-        s.add(r)
-        return r
+    def write(s) -> dict:
+        s.add(AdapterRow(id=adapter_id, tenant_id=job.tenant_id, kind=adapter.kind, method=adapter.method,
+                         storage_key=obj.key, sha256=obj.sha256, size=obj.size, meta=adapter.metadata()))
+        s.flush()
+        s.get(owner, job.target_id).adapter_id = adapter_id
+        return {"adapter_id": adapter_id}
 
-    return adapter_id, row
+    return write
 
 
 @dataclass
@@ -140,15 +144,7 @@ def _train(ctx: WorkerContext, attempt: Attempt):
                       aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
                       checkpoint_every=ctx.settings.checkpoint_every)
     adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=_hooks(ctx, attempt))
-    adapter_id, row = _upload_adapter(ctx, attempt, job.tenant_id, adapter)
-
-    def write(s) -> dict:
-        row(s)
-        s.flush()
-        s.get(Asset, job.target_id).adapter_id = adapter_id
-        return {"adapter_id": adapter_id}
-
-    return write
+    return _adapter_result(ctx, attempt, adapter, Asset)
 
 
 def _fuse(ctx: WorkerContext, attempt: Attempt):
@@ -172,15 +168,7 @@ def _fuse(ctx: WorkerContext, attempt: Attempt):
     fused = fuse(base, ca, sa, cset, sset, method=method,
                  cfg=TrainConfig(steps=steps, learning_rate=lr, checkpoint_every=ctx.settings.checkpoint_every),
                  hooks=_hooks(ctx, attempt))
-    adapter_id, row = _upload_adapter(ctx, attempt, job.tenant_id, fused)
-
-    def write(s) -> dict:
-        row(s)
-        s.flush()
-        s.get(Fusion, job.target_id).adapter_id = adapter_id
-        return {"adapter_id": adapter_id}
-
-    return write
+    return _adapter_result(ctx, attempt, fused, Fusion)
 
 
 def _generate(ctx: WorkerContext, attempt: Attempt):
