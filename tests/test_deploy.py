@@ -15,3 +15,43 @@ def test_docker_compose_file_is_valid():
     for service in ("api", "worker", "postgres", "redis", "minio", "minio-bucket", "migrate"):
         assert f"  {service}:" in r.stdout
     assert "nvidia" in r.stdout  # the worker reserves a GPU
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_builds_manifests_that_validate_against_kubernetes_schemas():
+    import kubernetes_validate
+    import yaml
+
+    r = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "overlays" / "example")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    by_kind = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], []).append(d)
+        if d["apiVersion"].startswith("keda.sh"):
+            continue  # a CRD: checked by hand below
+        kubernetes_validate.validate(d, kubernetes_validate.latest_version(), strict=True)  # raises when invalid
+        assert d["metadata"].get("namespace", "b4m") == "b4m"
+    assert {"Namespace", "ConfigMap", "Secret", "Service", "Deployment", "Job", "ScaledObject"} <= set(by_kind)
+    deployments = {d["metadata"]["name"]: d for d in by_kind["Deployment"]}
+    worker = deployments["b4m-worker"]["spec"]["template"]["spec"]["containers"][0]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1 and worker["command"] == ["b4m", "worker"]
+    api = deployments["b4m-api"]["spec"]["template"]["spec"]["containers"][0]
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # every container runs the one image, and reads the generated config and secret by their hashed names
+    config = by_kind["ConfigMap"][0]["metadata"]["name"]
+    secret = by_kind["Secret"][0]["metadata"]["name"]
+    pods = [d["spec"]["template"]["spec"] for d in by_kind["Deployment"] + by_kind["Job"]]
+    for pod in pods:
+        for c in pod["containers"]:
+            assert c["image"] == "ghcr.io/example/b4m:0.1.0"
+            assert {"configMapRef": {"name": config}} in c["envFrom"] and {"secretRef": {"name": secret}} in c["envFrom"]
+    assert by_kind["Job"][0]["spec"]["template"]["spec"]["containers"][0]["command"] == ["alembic", "upgrade", "head"]
+    keys = set(by_kind["ConfigMap"][0]["data"]) | set(by_kind["Secret"][0]["data"])
+    assert {"B4M_DATABASE_URL", "B4M_BROKER_URL", "B4M_S3_ENDPOINT_URL", "B4M_S3_SECRET_KEY"} <= keys
+    scaled = by_kind["ScaledObject"][0]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["spec"]["scaleTargetRef"]["name"] in deployments
+    assert scaled["spec"]["maxReplicaCount"] == 4  # the overlay's patch
+    assert {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"} == {
+        "training", "generation"}  # the Celery queues (services/common/jobs.py JOB_QUEUES)
