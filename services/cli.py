@@ -32,7 +32,12 @@ def _add(sub) -> None:
 def cmd_serve(args) -> None:
     import uvicorn
 
-    uvicorn.run("services.api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    from services.common.observability import setup_logging
+    from services.common.settings import get_settings
+
+    setup_logging(json_logs=get_settings().log_json)  # uvicorn's loggers propagate to it
+    uvicorn.run("services.api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info",
+                log_config=None)
 
 
 def cmd_worker(args) -> None:

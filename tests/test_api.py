@@ -233,7 +233,7 @@ def test_openapi_documents_every_route(api):
     for path, ops in spec["paths"].items():
         for verb, op in ops.items():
             codes = set(op["responses"])
-            if path not in ("/healthz", "/readyz"):
+            if path not in ("/healthz", "/readyz", "/metrics"):  # no input, so no 4xx
                 assert "404" in codes or "422" in codes, (verb, path, codes)
     schemas = spec["components"]["schemas"]
     for name in ("Accepted", "JobOut", "AssetOut", "FusionOut", "GenerationOut", "GenerateIn", "FusionIn", "ErrorOut"):
@@ -394,3 +394,38 @@ def test_a_fusion_posted_while_its_inputs_train_waits_for_them(api):
     job = wait_job(client, fusion["job_id"])
     assert job["status"] == "succeeded" and job["attempts"] == 1, job
     assert client.get(f"/fusions/{fusion['id']}").json()["adapter_id"]
+
+
+def test_metrics_and_json_logs_with_job_ids(api):
+    import json
+    import logging
+
+    from services.common.observability import JsonFormatter
+
+    client, app = api
+    lines = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("b4m").addHandler(handler)
+    logging.getLogger("b4m").setLevel(logging.INFO)
+    try:
+        content = post_asset(client, "content", 0, steps="3").json()
+        assert wait_job(client, content["job_id"])["status"] == "succeeded"
+        client.post("/generate", json={"prompt": "x", "steps": 1, "width": 33})  # a 422
+    finally:
+        logging.getLogger("b4m").removeHandler(handler)
+    text = client.get("/metrics").text
+    assert 'b4m_jobs{state="succeeded",type="train_content"} 1.0' in text
+    assert 'b4m_job_duration_seconds_count{type="train_content"} 1.0' in text
+    assert 'b4m_queue_depth{queue="in-process"} 0.0' in text
+    assert 'b4m_http_requests_total{method="POST",route="/contents",status="202"} 1.0' in text
+    assert 'b4m_http_requests_total{method="POST",route="/generate",status="422"} 1.0' in text
+    records = [json.loads(x) for x in lines]
+    assert {"ts", "level", "logger", "message"} <= set(records[0])
+    # something the worker logged while it ran the job carries that job's id
+    assert any(r.get("job_id") == content["job_id"] for r in records), records

@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -24,6 +25,7 @@ from b4m_core.adapter import Adapter as CoreAdapter
 
 from ..common.db import make_engine, migrate, session_factory
 from ..common.jobs import JOB_QUEUES, IdempotencyConflict, JobStore, request_hash
+from ..common.observability import GpuCollector, HttpMetrics, JobCollector
 from ..common.reconciler import Reconciler
 from ..common.models import Adapter, ApiKey, Asset, Fusion, Generation, Job, ReferenceImage, Tenant
 from ..common.settings import Settings, get_settings
@@ -85,6 +87,7 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.state.jobs = JobStore(app.state.sessions)
     app.state.store = settings.object_store()
     app.state.queue = make_queue(settings)
+    _observe(app)
     _routes(app)
 
     def openapi() -> dict:
@@ -97,6 +100,30 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
 
     app.openapi = openapi
     return app
+
+
+def _observe(app: FastAPI) -> None:
+    """Prometheus `/metrics`: jobs, durations and queue depth from the database and broker,
+    HTTP requests by route, GPU memory where this process holds a GPU."""
+    registry = CollectorRegistry()
+    registry.register(JobCollector(app.state.sessions, app.state.queue.depths))
+    registry.register(GpuCollector())
+    http = HttpMetrics(registry)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        http.observe(request.method, getattr(route, "path", "unmatched"), response.status_code, started)
+        return response
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}},
+                              "description": "Prometheus text format"}})
+    def metrics():
+        """Jobs by state and type, job durations (last hour), queue depth, HTTP requests, GPU memory."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 def _tenant(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:

@@ -30,6 +30,9 @@ class InProcessQueue:
     def enqueue(self, job_id: str, job_type: str) -> None:
         self._q.put(job_id)
 
+    def depths(self) -> dict[str, int]:
+        return {"in-process": self._q.qsize()}
+
     def waiting_ids(self) -> set[str]:
         with self._q.mutex:
             waiting = {j for j in self._q.queue if j}
@@ -78,6 +81,15 @@ class CeleryQueue:
 
     def enqueue(self, job_id: str, job_type: str) -> None:
         self.app.send_task("b4m.run_job", args=[job_id], queue=JOB_QUEUES[job_type], task_id=task_id(job_id))
+
+    def depths(self) -> dict[str, int]:
+        import redis
+
+        r = redis.Redis.from_url(self.settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return {q: int(r.llen(q)) for q in sorted(set(JOB_QUEUES.values()))}
+        finally:
+            r.close()
 
     def waiting_ids(self) -> set[str]:
         return redis_job_ids(self.settings.broker_url, sorted(set(JOB_QUEUES.values())),

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     job_lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third")
     job_deadline_s: int = Field(6 * 3600, description="a job running or queued longer than this ends failed")
     reconcile_every_s: float = Field(15.0, description="how often the reconciler sweeps (0: never, in this process)")
+    log_json: bool = Field(False, description="JSON log lines carrying job ids (production)")
+    metrics_port: int | None = Field(None, description="worker: serve Prometheus metrics (GPU memory) on this port")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
     @property

@@ -34,6 +34,16 @@ def _load_before_consuming(**_) -> None:
     """Import the model code and connect before the first message arrives, so a received
     job is claimed (`running`) at once: a message held for long by a worker whose job row
     still says `queued` would look lost to the reconciler."""
+    from ..common.observability import GpuCollector, setup_logging
+
+    if settings.log_json:
+        setup_logging(json_logs=True)
+    if settings.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry()
+        registry.register(GpuCollector())
+        start_http_server(settings.metrics_port, registry=registry)
     context()
 
 

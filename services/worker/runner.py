@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -25,6 +26,7 @@ from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
 from ..common.db import make_engine, session_factory
 from ..common.jobs import ClaimLost, JobStore, NotReady
 from ..common.models import Adapter as AdapterRow
+from ..common.observability import current_job
 from ..common.models import Asset, Fusion, Generation, Job, new_id
 from ..common.settings import Settings
 from ..common.storage import object_key
@@ -223,6 +225,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         return "skipped"
     attempt = Attempt(job)
     done = threading.Event()
+    job_context = current_job.set(job.id)  # JSON log lines of this attempt carry its job id
 
     def heartbeat() -> None:
         while not done.wait(lease / 3):
@@ -235,12 +238,15 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
 
     beat = threading.Thread(target=heartbeat, name=f"heartbeat-{job.id}", daemon=True)
     beat.start()
+    started = time.perf_counter()
+    log.info("%s attempt %d of %d started", job.type, job.attempts, job.max_attempts)
     try:
         write = HANDLERS[job.type](ctx, attempt)
         resumed = {"resumed_from_step": attempt.resumed_from_step} if attempt.resumed_from_step else {}
         ctx.jobs.finish(job.id, attempt.token, lambda s: {**write(s), **resumed})
         attempt.uploaded.clear()  # committed: they are the job's results now
         _drop_checkpoint(ctx, job)
+        log.info("%s succeeded in %.1f s", job.type, time.perf_counter() - started)
         return "succeeded"
     except NotReady as exc:  # run it again later, without using an attempt
         log.info("job %s waits: %s", job.id, exc)
@@ -262,6 +268,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
             _drop_checkpoint(ctx, job)
         return status
     finally:
+        current_job.reset(job_context)
         done.set()
         for key in attempt.uploaded:  # no orphan objects from an attempt that did not commit
             _try(lambda: ctx.store.delete(key), f"job {job.id}: could not remove {key}")
