@@ -429,3 +429,24 @@ def test_metrics_and_json_logs_with_job_ids(api):
     assert {"ts", "level", "logger", "message"} <= set(records[0])
     # something the worker logged while it ran the job carries that job's id
     assert any(r.get("job_id") == content["job_id"] for r in records), records
+
+
+def test_job_events_stream_progress_then_end(api):
+    import json
+
+    client, _ = api
+    r = post_asset(client, "content", 0, steps="6").json()
+    events = []
+    with client.stream("GET", f"/jobs/{r['job_id']}/events", params={"interval": 0.1}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    assert events[-1][0] == "end" and events[-1][1]["status"] == "succeeded"
+    assert all(k == "progress" for k, _ in events[:-1])
+    steps = [e["progress_step"] for _, e in events]
+    assert steps == sorted(steps) and events[-1][1]["progress_step"] == 6
+    assert client.get("/jobs/nope/events").status_code == 404

@@ -6,6 +6,7 @@ worker), state in the database, files in the object store.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import io
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from PIL import Image
 from sqlalchemy import func, select
@@ -24,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from b4m_core.adapter import Adapter as CoreAdapter
 
 from ..common.db import make_engine, migrate, session_factory
-from ..common.jobs import JOB_QUEUES, IdempotencyConflict, JobStore, request_hash
+from ..common.jobs import JOB_QUEUES, TERMINAL, IdempotencyConflict, JobStore, request_hash
 from ..common.observability import GpuCollector, HttpMetrics, JobCollector
 from ..common.reconciler import Reconciler
 from ..common.models import Adapter, ApiKey, Asset, Fusion, Generation, Job, ReferenceImage, Tenant
@@ -564,6 +565,36 @@ def _routes(app: FastAPI) -> None:
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")
         return job_out(job)
+
+    @app.get("/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "`progress` events while the job changes, one `end` event"},
+                        **errors(401, 404)})
+    async def job_events(job_id: str, tenant: TenantId,
+                         interval: float = Query(0.5, ge=0.1, le=10, description="seconds between polls")):
+        """Server-Sent Events: a `progress` event (the job as in GET /jobs/{id}) each time its status,
+        step or attempt changes, then an `end` event when it succeeded, failed or was canceled."""
+        job = await asyncio.to_thread(st().jobs.get, tenant, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+
+        async def stream():
+            last = None
+            current = job
+            while True:
+                body = job_out(current)
+                seen = (body.status, body.progress_step, body.attempts)
+                if seen != last:
+                    last = seen
+                    event = "end" if body.status in TERMINAL else "progress"
+                    yield f"event: {event}\ndata: {body.model_dump_json()}\n\n"
+                    if event == "end":
+                        return
+                await asyncio.sleep(interval)
+                current = await asyncio.to_thread(st().jobs.get, tenant, job_id) or current
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=errors(401, 404))
     def cancel_job(job_id: str, tenant: TenantId,
