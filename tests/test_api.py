@@ -450,3 +450,12 @@ def test_job_events_stream_progress_then_end(api):
     steps = [e["progress_step"] for _, e in events]
     assert steps == sorted(steps) and events[-1][1]["progress_step"] == 6
     assert client.get("/jobs/nope/events").status_code == 404
+    # the job's loss curve, drawn when it succeeded
+    assert events[-1][1]["outputs"]["loss_curve"] == f"/jobs/{r['job_id']}/loss.png"
+    png_ = client.get(f"/jobs/{r['job_id']}/loss.png")
+    assert png_.status_code == 200 and png_.headers["content-type"] == "image/png"
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(png_.content))
+    assert im.size == (480, 240) and len(set(im.convert("RGB").getdata())) > 3  # a drawing, not a blank
+    assert client.get("/jobs/nope/loss.png").status_code == 404

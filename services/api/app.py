@@ -54,9 +54,12 @@ def job_out(job: Job) -> JobOut:
     if job.status == "running" and job.started_at and 0 < job.progress_step < job.progress_total:
         elapsed = time.time() - job.started_at.timestamp()
         eta = elapsed / job.progress_step * (job.progress_total - job.progress_step)
+    outputs = dict(job.outputs or {})
+    if "loss_curve" in outputs:  # a storage key inside; the client gets the route that serves it
+        outputs["loss_curve"] = f"/jobs/{job.id}/loss.png"
     return JobOut(id=job.id, type=job.type, target_id=job.target_id, status=job.status,
                   progress_step=job.progress_step, progress_total=job.progress_total, loss=job.loss,
-                  eta_seconds=eta, attempts=job.attempts, error=job.error, outputs=job.outputs or {},
+                  eta_seconds=eta, attempts=job.attempts, error=job.error, outputs=outputs,
                   created_at=_iso(job.created_at), started_at=_iso(job.started_at), finished_at=_iso(job.finished_at))
 
 
@@ -565,6 +568,20 @@ def _routes(app: FastAPI) -> None:
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")
         return job_out(job)
+
+    @app.get("/jobs/{job_id}/loss.png", tags=["jobs"], responses={
+        200: {"content": {"image/png": {}}, "description": "the loss curve (local store)"},
+        307: {"description": "redirect to a presigned URL (S3 store)"}, **errors(401, 404)})
+    def get_loss_curve(job_id: str, tenant: TenantId):
+        """The loss curve of a training or fusion job that succeeded (raw loss and a moving average)."""
+        job = st().jobs.get(tenant, job_id)
+        key = (job.outputs or {}).get("loss_curve") if job else None
+        if not key:
+            raise HTTPException(404, f"job {job_id} has no loss curve")
+        url = st().store.url(key)
+        if url:
+            return RedirectResponse(url, status_code=307)
+        return Response(st().store.get(key), media_type="image/png")
 
     @app.get("/jobs/{job_id}/events", tags=["jobs"], response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}},

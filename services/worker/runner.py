@@ -26,6 +26,7 @@ from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
 from ..common.db import make_engine, session_factory
 from ..common.jobs import ClaimLost, JobStore, NotReady
 from ..common.models import Adapter as AdapterRow
+from ..common.charts import loss_curve_png
 from ..common.observability import current_job
 from ..common.models import Asset, Fusion, Generation, Job, new_id
 from ..common.settings import Settings
@@ -98,6 +99,7 @@ class Attempt:
     uploaded: list[str] = field(default_factory=list)
     lost: threading.Event = field(default_factory=threading.Event)
     resumed_from_step: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of this attempt
 
     @property
     def token(self) -> str:
@@ -125,7 +127,11 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         resume = ctx.store.get(job.checkpoint_key)
         attempt.resumed_from_step = job.checkpoint_step
         log.info("job %s resumes from step %d (%s)", job.id, job.checkpoint_step, job.checkpoint_key)
-    return Hooks(progress=lambda step, total, loss: ctx.jobs.progress(job.id, step, total, loss),
+    def progress(step: int, total: int, loss: float) -> None:
+        attempt.losses.append((step, loss))
+        ctx.jobs.progress(job.id, step, total, loss)
+
+    return Hooks(progress=progress,
                  should_cancel=should_stop, checkpoint=checkpoint, resume=resume)
 
 
@@ -242,8 +248,15 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     log.info("%s attempt %d of %d started", job.type, job.attempts, job.max_attempts)
     try:
         write = HANDLERS[job.type](ctx, attempt)
-        resumed = {"resumed_from_step": attempt.resumed_from_step} if attempt.resumed_from_step else {}
-        ctx.jobs.finish(job.id, attempt.token, lambda s: {**write(s), **resumed})
+        extra = {"resumed_from_step": attempt.resumed_from_step} if attempt.resumed_from_step else {}
+        if attempt.losses:  # a picture of the training, served at GET /jobs/{id}/loss.png
+            steps, losses = zip(*attempt.losses)
+            png = loss_curve_png(list(steps), list(losses), f"{job.type} {job.id[:8]}")
+            obj = ctx.store.put(object_key(job.tenant_id, "jobs", job.id, f"loss-{attempt.token[:8]}.png"), png,
+                                content_type="image/png")
+            attempt.uploaded.append(obj.key)
+            extra["loss_curve"] = obj.key
+        ctx.jobs.finish(job.id, attempt.token, lambda s: {**write(s), **extra})
         attempt.uploaded.clear()  # committed: they are the job's results now
         _drop_checkpoint(ctx, job)
         log.info("%s succeeded in %.1f s", job.type, time.perf_counter() - started)
