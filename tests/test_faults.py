@@ -144,11 +144,11 @@ def test_s3_down_during_training_then_at_the_start_the_job_retries_and_finishes(
     job_id, asset_id = stack["submit"]("content", steps=120, seed=0)
     wait_until(lambda: _job(stack, job_id).progress_step >= 8, 120, "training to be under way")
     stack["proxy"].down()  # checkpoint uploads fail while it is down; training goes on
-    time.sleep(4)
+    # down until a checkpoint has failed (however slow the steps are on a busy machine)
+    wait_until(lambda: "not saved" in stack["log"].read_text(), 120, "a checkpoint to fail on storage")
     stack["proxy"].up()
     job = _finished(stack, job_id)
     assert job.status == "succeeded", job.error
-    assert "not saved" in stack["log"].read_text()  # a checkpoint was attempted while S3 was down
 
     stack["proxy"].down()  # down before the next job can read its references
     job_id2, asset_id2 = stack["submit"]("style", steps=10, seed=1)
