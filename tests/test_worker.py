@@ -105,7 +105,9 @@ def test_worker_trains_fuses_and_generates(stack):
     with sessions() as s:
         fusion = s.get(Fusion, fusion_id)
         row = s.get(AdapterRow, fusion.adapter_id)
-        assert jobs.get(tenant, job_id).outputs == {"adapter_id": row.id}
+        outputs = jobs.get(tenant, job_id).outputs
+        assert outputs["adapter_id"] == row.id
+        assert store.get(outputs["loss_curve"]).startswith(b"\x89PNG")  # the fusion's loss curve, in S3
         assert jobs.get(tenant, job_id).checkpoint_key is None  # partial state cleaned up
     fused = Adapter.from_bytes(store.get(row.storage_key, expected_sha256=row.sha256))
     assert fused.kind == "fused" and fused.tokens == {"content": "sks", "style": "zwx"}
