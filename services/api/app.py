@@ -193,19 +193,20 @@ def _routes(app: FastAPI) -> None:
         """A concurrent request with the same key committed first: answer with its job (or 409)."""
         if not key:
             return None
-        _, job = idempotent_lookup(tenant, key, h)
+        job = idempotent_lookup(tenant, key, h)
         if job is None or not response:
             return job
         return JSONResponse({"id": job.target_id, "job_id": job.id, "status": job.status}, 202)
 
-    def idempotent_lookup(tenant: str, key: str | None, h: str) -> tuple[str, Job | None]:
+    def idempotent_lookup(tenant: str, key: str | None, h: str) -> Job | None:
         try:
-            return h, st().jobs.find_idempotent(tenant, key, h)
+            return st().jobs.find_idempotent(tenant, key, h)
         except IdempotencyConflict as exc:
             raise HTTPException(409, str(exc))
 
     def idempotent(tenant: str, key: str | None, body: dict) -> tuple[str, Job | None]:
-        return idempotent_lookup(tenant, key, request_hash(body))
+        h = request_hash(body)
+        return h, idempotent_lookup(tenant, key, h)
 
     async def create_asset(kind: str, tenant: str, images: list[UploadFile], word: str, name: str, base_model: str,
                            train: dict, token: str | None, aux_asset_ids: list[str], idem_key: str | None):
