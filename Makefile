@@ -20,6 +20,10 @@ install: $(BIN)/python
 	@command -v docker-compose >/dev/null || apt-get install -y -q docker-compose >/dev/null 2>&1 || \
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q docker-compose >/dev/null 2>&1) || \
 		echo "docker-compose not installed: the compose validation test will be skipped"
+	@# Debian's Chromium for the web UI's browser test (Playwright drives it; no browser download)
+	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "chromium not installed: the web UI test will be skipped"
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -54,8 +54,9 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
         p.add_argument("--targets", choices=TARGET_SETS, default="attn")
 
 
-def build_parser(extensions=()) -> argparse.ArgumentParser:
-    """`extensions`: callables adding more subcommands (the service layer adds serve/worker)."""
+def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
+    """`extensions`: callables adding more subcommands (the service layer adds serve/worker);
+    `amend`: callables given {name: subparser} afterwards (it adds server forms of fuse/generate/export)."""
     parser = argparse.ArgumentParser(prog="b4m", description="Break-for-Make content-style customization")
     sub = parser.add_subparsers(dest="command", required=True)
     for extend in extensions:
@@ -77,10 +78,10 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
         _train_args(p)
 
     p = sub.add_parser("fuse", help="make stage: combine a content and a style adapter")
-    p.add_argument("--content", required=True, help="content adapter file")
-    p.add_argument("--style", required=True, help="style adapter file")
-    p.add_argument("--content-images", required=True)
-    p.add_argument("--style-images", required=True)
+    p.add_argument("--content", help="content adapter file")
+    p.add_argument("--style", help="style adapter file")
+    p.add_argument("--content-images", help="the content's reference folder")
+    p.add_argument("--style-images", help="the style's reference folder")
     p.add_argument("--method", choices=["b4m", "joint", "merge", "ziplora"], default="b4m")
     _train_args(p, with_plp=False)
     p.set_defaults(base=None)  # default: the base model the adapters name
@@ -116,10 +117,19 @@ def build_parser(extensions=()) -> argparse.ArgumentParser:
                    help="only the table rows whose name contains one of these (e.g. 'w/o MCP' 'random')")
 
     p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
-    p.add_argument("--adapter", required=True)
+    p.add_argument("--adapter", help="adapter file")
     p.add_argument("--format", choices=["diffusers", "kohya", "b4m"], required=True)
     p.add_argument("--out", required=True)
+    for fn in amend:
+        fn(sub.choices)
     return parser
+
+
+def require(args, *flags: str) -> None:
+    """The local form of a command that also has a server form: its file flags are required here."""
+    missing = [f for f in flags if not getattr(args, f.lstrip("-").replace("-", "_"), None)]
+    if missing:
+        raise ConfigError(f"b4m {args.command} needs {', '.join(missing)}")
 
 
 def _load_aux(folders: list[str], kind: str):
@@ -198,6 +208,7 @@ def cmd_fuse(args) -> None:
     from .models import load_base
     from .training import fuse
 
+    require(args, "--content", "--style", "--content-images", "--style-images")
     content, style = Adapter.load(args.content), Adapter.load(args.style)
     cset = load_concept("content", args.content_images, content.words.get("content", "thing"),
                         token=content.tokens.get("content"))
@@ -239,6 +250,7 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     from .adapter import Adapter
 
+    require(args, "--adapter")
     data = Adapter.load(args.adapter).export(args.format)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +281,8 @@ COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "generate": cmd_generate, "exp
             "demo": cmd_demo, "bench": cmd_bench}
 
 
-def main(argv: list[str] | None = None, extensions=(), commands: dict | None = None) -> int:
-    args = build_parser(extensions).parse_args(argv)
+def main(argv: list[str] | None = None, extensions=(), commands: dict | None = None, amend=()) -> int:
+    args = build_parser(extensions, amend).parse_args(argv)
     try:
         {**COMMANDS, **(commands or {})}[args.command](args)
     except ConfigError as exc:

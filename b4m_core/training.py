@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -43,6 +44,8 @@ class Hooks:
     should_cancel: Callable[[], bool] | None = None
     checkpoint: Callable[[int, bytes], None] | None = None  # (step, state) every N steps
     resume: bytes | None = None  # a state given to `checkpoint` earlier
+    preview: Callable[[int, "Image.Image"], None] | None = None  # (step, image) every `preview_every` steps
+    preview_every: int = 0
 
 
 # ---------------------------------------------------------------- sample cache
@@ -108,6 +111,10 @@ class TrainingSession:
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.step = 0
+        # what a preview draws: the first concept, or "<content> in <style> style" for a pair
+        phrases = [g.samples.concept.phrase for g in groups]
+        self.preview_prompt = (f"a {phrases[0]} in {phrases[1]} style" if len(phrases) == 2
+                               else groups[0].samples.concept.prompts()[0])
         dev = base.device
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.use_autocast = dev.type == "cuda" and self.autocast_dtype is not None
@@ -192,11 +199,27 @@ class TrainingSession:
                 every = self.cfg.checkpoint_every
                 if hooks.checkpoint and every and self.step % every == 0 and self.step < self.cfg.steps:
                     hooks.checkpoint(self.step, self.state())
+                pe = hooks.preview_every
+                if hooks.preview and pe and self.step % pe == 0 and self.step < self.cfg.steps:
+                    hooks.preview(self.step, self.sample(self.preview_prompt))
         finally:
             for layer in self.route_layers:
                 layer.route = None
             if self.cfg.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
+
+    @torch.no_grad()
+    def sample(self, prompt: str, seed: int = 0, steps: int = 10, guidance: float = 5.0) -> "Image.Image":
+        """One image drawn with the adapter as trained so far (the layers stay live, unmerged)."""
+        unet = self.base.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            res = self.base.resolution
+            return self.base.pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=res,
+                                  height=res, generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+        finally:
+            unet.train(was_training)
 
     # checkpoints: safetensors, so a resumed job never unpickles anything
     def state(self) -> bytes:

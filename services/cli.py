@@ -5,8 +5,12 @@ The service commands live here, not in b4m_core, which knows nothing of HTTP or 
 
 from __future__ import annotations
 
+import json
 import sys
 
+from b4m_core.cli import cmd_export as core_export
+from b4m_core.cli import cmd_fuse as core_fuse
+from b4m_core.cli import cmd_generate as core_generate
 from b4m_core.cli import main as core_main
 
 
@@ -27,6 +31,262 @@ def _add(sub) -> None:
     ksub = p.add_subparsers(dest="action", required=True)
     ksub.add_parser("create", help="a new key for a tenant").add_argument("tenant", help="tenant name or id")
     ksub.add_parser("revoke", help="revoke a key").add_argument("key", help="key id or prefix")
+
+
+def _server_flags(p) -> None:
+    p.add_argument("--url", default=None, help="the server (default: env B4M_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--api-key", default=None, help="API key (default: env B4M_API_KEY)")
+
+
+def _add_server(sub) -> None:
+    """The commands that talk to a running server through the typed client."""
+    for kind, word in (("content", "class word, e.g. dog or shape"), ("style", "style word, e.g. watercolor")):
+        p = sub.add_parser(kind, help=f"{kind}s on a server: add (upload + train), list, show")
+        ksub = p.add_subparsers(dest="action", required=True)
+        a = ksub.add_parser("add", help=f"upload a {kind}'s reference images and train it (the break stage)")
+        a.add_argument("images", nargs="+", help="1 to 10 image files (PNG, JPEG, WebP)")
+        a.add_argument("--word", required=True, help=word)
+        a.add_argument("--name", required=True, help="a display name (fuse and export accept it in place of the id)")
+        a.add_argument("--token", default=None, help="identifier token (default sks / zwx)")
+        a.add_argument("--steps", type=int, default=None, help="training steps (default: the base model's)")
+        a.add_argument("--lr", type=float, default=None, help="learning rate (default: the base model's)")
+        a.add_argument("--base-model", default=None, help="base model (default: the server's)")
+        a.add_argument("--aux", action="append", default=[], help="an asset of the other kind for MCP (repeatable)")
+        a.add_argument("--webhook", default=None, help="URL the server POSTs a signed event to when training ends")
+        a.add_argument("--idempotency-key", default=None, help="retrying with the same key never trains twice")
+        a.add_argument("--watch", action="store_true", help="show a progress bar until the training ends")
+        _server_flags(a)
+        ls = ksub.add_parser("list", help=f"the {kind}s, newest first")
+        ls.add_argument("--status", default=None, choices=["queued", "running", "succeeded", "failed", "canceled"])
+        ls.add_argument("--json", action="store_true", help="JSON instead of a table")
+        _server_flags(ls)
+        sh = ksub.add_parser("show", help=f"one {kind} (by id or name) as JSON")
+        sh.add_argument("id")
+        _server_flags(sh)
+    p = sub.add_parser("jobs", help="jobs on a server: watch (live progress bar), list, show, cancel")
+    jsub = p.add_subparsers(dest="action", required=True)
+    w = jsub.add_parser("watch", help="a progress bar from the job's live events until it ends (exit 1 unless "
+                                      "it succeeded)")
+    w.add_argument("job_id")
+    _server_flags(w)
+    ls = jsub.add_parser("list", help="jobs, newest first")
+    ls.add_argument("--status", default=None, choices=["queued", "running", "succeeded", "failed", "canceled"])
+    ls.add_argument("--json", action="store_true")
+    _server_flags(ls)
+    for name, text in (("show", "one job as JSON"), ("cancel", "cancel a job")):
+        x = jsub.add_parser(name, help=text)
+        x.add_argument("job_id")
+        _server_flags(x)
+
+
+def _amend(parsers: dict) -> None:
+    """Server forms of fuse, generate and export, beside their local-file forms."""
+    p = parsers["fuse"]
+    p.description = ("local: b4m fuse --content FILE --style FILE --content-images DIR --style-images DIR --out FILE; "
+                     "server: b4m fuse CONTENT STYLE (ids or names) [--steps N] [--watch]")
+    p.add_argument("content_ref", nargs="?", metavar="CONTENT", help="server form: a content's id or name")
+    p.add_argument("style_ref", nargs="?", metavar="STYLE", help="server form: a style's id or name")
+    p.add_argument("--watch", action="store_true", help="server form: progress bar until the fusion ends")
+    p.add_argument("--webhook", default=None, help="server form: URL to POST a signed event to when it ends")
+    _server_flags(p)
+    for action in p._actions:  # --out names a local file: the server form keeps the adapter on the server
+        if action.dest == "out":
+            action.required, action.default = False, None
+    p = parsers["generate"]
+    p.add_argument("--fusion", default=None, help="server form: draw with this fusion")
+    p.add_argument("--content-id", default=None, help="server form: draw with this content alone")
+    p.add_argument("--style-id", default=None, help="server form: draw with this style alone")
+    p.add_argument("--timeout", type=float, default=600, help="server form: seconds to wait for the images")
+    _server_flags(p)
+    p = parsers["export"]
+    p.add_argument("ref", nargs="?", metavar="ID",
+                   help="server form: an adapter, fusion, content or style id (or a content/style name)")
+    _server_flags(p)
+
+
+def _client(args):
+    from b4m_client import Client
+
+    return Client(args.url, api_key=args.api_key)
+
+
+def _watch(client, job_id: str) -> int:
+    """A tqdm bar fed by the job's Server-Sent Events; 0 when the job succeeded."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="step", dynamic_ncols=True, file=sys.stderr)
+    seen_previews = 0
+
+    def update(job) -> None:
+        nonlocal seen_previews
+        if job.progress_total and bar.total != job.progress_total:
+            bar.reset(total=job.progress_total)
+        bar.n = job.progress_step
+        bar.set_description(f"{job.type} {job.status}")
+        post = {}
+        if job.loss is not None:
+            post["loss"] = f"{job.loss:.4f}"
+        if job.eta_seconds:
+            post["eta"] = f"{job.eta_seconds:.0f}s"
+        if job.attempts > 1:
+            post["attempt"] = job.attempts
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+        for url in job.previews[seen_previews:]:
+            bar.write(f"preview: {client.url}{url}")
+        seen_previews = len(job.previews)
+
+    job = client.wait(job_id, on_progress=update, check=False)
+    update(job)
+    bar.close()
+    summary = {"id": job.id, "status": job.status, **job.outputs}
+    if job.error:
+        summary["error"] = job.error
+    if "loss_curve" in summary:
+        summary["loss_curve"] = client.url + summary["loss_curve"]
+    print(json.dumps(summary))
+    return 0 if job.status == "succeeded" else 1
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c) or "")) for r in rows]) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r.get(c) or "").ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+def _server_errors(fn):
+    """Server answers and connection failures as one-line errors (exit 2), not tracebacks."""
+    def run(args):
+        import httpx
+
+        from b4m_client import B4MError
+        from b4m_core.config import ConfigError
+
+        try:
+            code = fn(args)
+        except B4MError as exc:
+            raise ConfigError(f"server said {exc.status}: {exc.detail}") from exc
+        except httpx.TransportError as exc:
+            raise ConfigError(f"cannot reach the server ({exc})") from exc
+        if code:
+            raise SystemExit(code)
+    return run
+
+
+@_server_errors
+def cmd_asset(args):
+    kind = args.command
+    with _client(args) as c:
+        if args.action == "add":
+            add = c.add_content if kind == "content" else c.add_style
+            r = add(args.images, args.word, args.name, steps=args.steps, learning_rate=args.lr, token=args.token,
+                    base_model=args.base_model, aux_asset_ids=[c.resolve_asset(
+                        "style" if kind == "content" else "content", a).id for a in args.aux],
+                    webhook_url=args.webhook, idempotency_key=args.idempotency_key)
+            print(r.model_dump_json())
+            return _watch(c, r.job_id) if args.watch else 0
+        if args.action == "show":
+            print(c.resolve_asset(kind, args.id).model_dump_json(indent=2))
+            return 0
+        rows = [a.model_dump() for a in c.all_assets(kind, status=args.status)]
+        print(json.dumps(rows, indent=2) if args.json else
+              _table(rows, ["id", "name", "word", "token", "status", "adapter_id", "images"]))
+        return 0
+
+
+@_server_errors
+def cmd_jobs(args):
+    with _client(args) as c:
+        if args.action == "watch":
+            return _watch(c, args.job_id)
+        if args.action == "show":
+            print(c.job(args.job_id).model_dump_json(indent=2))
+        elif args.action == "cancel":
+            print(c.cancel(args.job_id).model_dump_json())
+        else:
+            rows = [j.model_dump() for j in c.jobs(status=args.status, limit=500).items]
+            print(json.dumps(rows, indent=2) if args.json else
+                  _table(rows, ["id", "type", "status", "progress_step", "progress_total", "attempts", "error"]))
+        return 0
+
+
+def cmd_fuse(args) -> None:
+    if not (args.content_ref or args.style_ref):
+        from b4m_core.cli import require
+
+        require(args, "--out")
+        return core_fuse(args)
+    return _server_fuse(args)
+
+
+@_server_errors
+def _server_fuse(args):
+    from b4m_core.config import ConfigError
+
+    if not (args.content_ref and args.style_ref):
+        raise ConfigError("b4m fuse CONTENT STYLE: give both (ids or names)")
+    with _client(args) as c:
+        content, style = c.resolve_asset("content", args.content_ref), c.resolve_asset("style", args.style_ref)
+        r = c.fuse(content.id, style.id, steps=50 if args.steps is None else args.steps, method=args.method,
+                   webhook_url=args.webhook)
+        print(r.model_dump_json())
+        return _watch(c, r.job_id) if args.watch else 0
+
+
+def cmd_generate(args) -> None:
+    if args.fusion or args.content_id or args.style_id or args.url:
+        return _server_generate(args)
+    return core_generate(args)
+
+
+@_server_errors
+def _server_generate(args):
+    from pathlib import Path
+
+    with _client(args) as c:
+        r = c.generate(args.prompt, fusion_id=args.fusion, content_id=args.content_id, style_id=args.style_id,
+                       negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                       guidance=args.guidance, width=args.width, height=args.height, num_images=args.num_images)
+        c.wait(r.job_id, timeout=args.timeout)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(args.num_images):
+            path = out / f"image_{args.seed}_{i:02d}.png"
+            path.write_bytes(c.image(r.id, i))
+            print(path)
+        return 0
+
+
+def cmd_export(args) -> None:
+    if args.ref:
+        return _server_export(args)
+    return core_export(args)
+
+
+@_server_errors
+def _server_export(args):
+    from pathlib import Path
+
+    from b4m_client import B4MError
+
+    with _client(args) as c:
+        ref = args.ref
+        adapter_id = c.resolve_adapter(ref)
+        if adapter_id == ref:  # no fusion, content or style has this id: maybe a content or style name
+            for kind in ("content", "style"):
+                try:
+                    adapter_id = c.resolve_asset(kind, ref).adapter_id or ref
+                    break
+                except B4MError as exc:
+                    if exc.status != 404:
+                        raise
+        data = c.download_adapter(adapter_id, args.format)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    print(out)
+    return 0
 
 
 def cmd_serve(args) -> None:
@@ -115,8 +375,10 @@ def cmd_key(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return core_main(argv, extensions=(_add,), commands={"serve": cmd_serve, "worker": cmd_worker,
-                                                         "tenant": cmd_tenant, "key": cmd_key, "reconcile": cmd_reconcile})
+    return core_main(argv, extensions=(_add, _add_server), amend=(_amend,),
+                     commands={"serve": cmd_serve, "worker": cmd_worker, "tenant": cmd_tenant, "key": cmd_key,
+                               "reconcile": cmd_reconcile, "content": cmd_asset, "style": cmd_asset,
+                               "jobs": cmd_jobs, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export})
 
 
 if __name__ == "__main__":

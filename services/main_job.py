@@ -1,7 +1,8 @@
 """The main job, end to end over HTTP on the embedded stack.
 
 Starts `b4m serve` (SQLite, local object store, in-process jobs, the micro model),
-uploads the shipped held-out references with `POST /contents` and `POST /styles`,
+uploads the shipped held-out references with `POST /contents` and `POST /styles`
+(through the typed client, `b4m_client`, as the `b4m` server commands do),
 fuses every pair with `POST /fusions`, draws each with `POST /generate`, writes the
 images and a content x style grid, and stops the server.
 
@@ -24,6 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from b4m_client import Client
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD, reference_folder
 
 PROMPT = "a large {content} in {style} style in the center on a white background"
@@ -35,33 +37,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_job(client: httpx.Client, job_id: str, label: str, timeout: float = 1800) -> dict:
-    t, last = time.time(), None
-    while time.time() - t < timeout:
-        job = client.get(f"/jobs/{job_id}").raise_for_status().json()
-        note = (job["status"], job["progress_step"])
-        if note != last:
-            eta = f", eta {job['eta_seconds']:.0f}s" if job.get("eta_seconds") else ""
-            print(f"  {label}: {job['status']} {job['progress_step']}/{job['progress_total']}{eta}", flush=True)
-            last = note
-        if job["status"] in ("succeeded", "failed", "canceled"):
-            if job["status"] != "succeeded":
-                raise RuntimeError(f"{label} {job['status']}: {job['error']}")
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(label)
+def _progress(label: str):
+    """Print a job's status line whenever its status or step changes (fed by its live events)."""
+    last = None
+
+    def show(job) -> None:
+        nonlocal last
+        if (job.status, job.progress_step) != last:
+            last = (job.status, job.progress_step)
+            eta = f", eta {job.eta_seconds:.0f}s" if job.eta_seconds else ""
+            print(f"  {label}: {job.status} {job.progress_step}/{job.progress_total}{eta}", flush=True)
+
+    return show
 
 
-def _upload(client: httpx.Client, kind: str, name: str, steps: int) -> dict:
-    folder = reference_folder(kind, name)
-    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in sorted(folder.glob("*.png"))]
-    word_field = "class_word" if kind == "content" else "style_word"
+def _upload(client: Client, kind: str, name: str, steps: int):
+    images = sorted(reference_folder(kind, name).glob("*.png"))
+    add = client.add_content if kind == "content" else client.add_style
     word = (CONTENT_WORD if kind == "content" else STYLE_WORD)[name]
     token = (CONTENT_TOKEN if kind == "content" else STYLE_TOKEN)[name]
-    r = client.post(f"/{kind}s", files=files, data={word_field: word, "name": name, "token": token,
-                                                    "steps": str(steps)},
-                    headers={"Idempotency-Key": f"main-job-{kind}-{name}-{steps}"})
-    return r.raise_for_status().json()
+    return add(images, word, name, steps=steps, token=token, idempotency_key=f"main-job-{kind}-{name}-{steps}")
 
 
 def run(out: Path, contents: list[str], styles: list[str], break_steps: int, make_steps: int) -> Path:
@@ -75,10 +70,10 @@ def run(out: Path, contents: list[str], styles: list[str], break_steps: int, mak
                               stdout=log, stderr=subprocess.STDOUT)
     t0 = time.time()
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        with Client(f"http://127.0.0.1:{port}", api_key="") as client:
             for _ in range(300):
                 try:
-                    if client.get("/readyz").status_code == 200:
+                    if client.ready().get("status") == "ok":
                         break
                 except httpx.HTTPError:
                     pass
@@ -91,23 +86,18 @@ def run(out: Path, contents: list[str], styles: list[str], break_steps: int, mak
                 for name in names:
                     ids[(kind, name)] = _upload(client, kind, name, break_steps)
             for (kind, name), r in ids.items():
-                _wait_job(client, r["job_id"], f"train {kind} {name}")
+                client.wait(r.job_id, on_progress=_progress(f"train {kind} {name}"), timeout=1800)
             cells = {}
             for c in contents:
                 for s in styles:
-                    f = client.post("/fusions", json={"content_id": ids[("content", c)]["id"],
-                                                      "style_id": ids[("style", s)]["id"], "steps": make_steps},
-                                    headers={"Idempotency-Key": f"main-job-fuse-{c}-{s}-{make_steps}"})
-                    f = f.raise_for_status().json()
-                    _wait_job(client, f["job_id"], f"fuse {c} x {s}")
-                    g = client.post("/generate", json={"fusion_id": f["id"], "prompt": PROMPT, "seed": 0,
-                                                       "num_images": 1, "wait": 120}).raise_for_status().json()
-                    if g["status"] != "succeeded":
-                        _wait_job(client, g["job_id"], f"generate {c} x {s}")
-                        g["images"] = [f"/generations/{g['id']}/images/0"]
-                    png = client.get(g["images"][0], follow_redirects=True).raise_for_status().content
+                    f = client.fuse(ids[("content", c)].id, ids[("style", s)].id, steps=make_steps,
+                                    idempotency_key=f"main-job-fuse-{c}-{s}-{make_steps}")
+                    client.wait(f.job_id, on_progress=_progress(f"fuse {c} x {s}"), timeout=1800)
+                    g = client.generate(PROMPT, fusion_id=f.id, seed=0, num_images=1, wait=120)
+                    if g.status != "succeeded":
+                        client.wait(g.job_id, on_progress=_progress(f"generate {c} x {s}"), timeout=600)
                     path = out / f"{c}_x_{s}.png"
-                    path.write_bytes(png)
+                    path.write_bytes(client.image(g.id, 0))
                     cells[(c, s)] = Image.open(path).convert("RGB")
                     print(f"  wrote {path}", flush=True)
     finally:

@@ -12,10 +12,12 @@ import hmac
 import io
 import logging
 import time
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, UploadFile
+from fastapi.staticfiles import StaticFiles
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from PIL import Image
@@ -34,14 +36,18 @@ from ..common.storage import object_key
 from ..common.tenants import hash_key
 from .queue import make_queue
 from .schemas import (Accepted, AssetList, AssetOut, FusionIn, FusionList, FusionOut, GenerateDone, GenerateIn,
-                      GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, describe_openapi, errors)
+                      GenerationList, GenerationOut, JobList, JobOut, JobStatus, ReadyOut, WebhookOut,
+                      WebhookSecretOut, describe_openapi, errors)
+from .webhooks import UnsafeWebhook, WebhookDispatcher, check_url, tenant_secret
 
 log = logging.getLogger("b4m.api")
+UI_DIR = Path(__file__).parent / "ui"
 DEFAULT_TENANT = "default"
 IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
 MAX_OFFSET = 10**9  # beyond any table; a larger value would overflow the database integer
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
 LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
+WEBHOOK_DOC = "POSTed a signed JSON event when the training ends (retried with backoff); see GET /webhooks/secret"
 ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
@@ -57,9 +63,15 @@ def job_out(job: Job) -> JobOut:
     outputs = dict(job.outputs or {})
     if "loss_curve" in outputs:  # a storage key inside; the client gets the route that serves it
         outputs["loss_curve"] = f"/jobs/{job.id}/loss.png"
+    previews = outputs.pop("previews", [])  # storage keys too
+    webhook = None
+    if job.webhook_url:
+        webhook = WebhookOut(url=job.webhook_url, status=job.webhook_status or "pending",
+                             attempts=job.webhook_attempts or 0, error=job.webhook_error)
     return JobOut(id=job.id, type=job.type, target_id=job.target_id, status=job.status,
                   progress_step=job.progress_step, progress_total=job.progress_total, loss=job.loss,
                   eta_seconds=eta, attempts=job.attempts, error=job.error, outputs=outputs,
+                  previews=[f"/jobs/{job.id}/previews/{i}" for i in range(len(previews))], webhook=webhook,
                   created_at=_iso(job.created_at), started_at=_iso(job.started_at), finished_at=_iso(job.finished_at))
 
 
@@ -73,7 +85,10 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
         if settings.reconcile_every_s > 0:  # crash recovery: lost messages, dead workers, deadlines
             stop = Reconciler(app.state.sessions, settings, app.state.queue.enqueue, app.state.queue.waiting_ids,
                               store=app.state.store).start_thread()
+        hooks = WebhookDispatcher(app.state.sessions, settings,
+                                  lambda job: job_out(job).model_dump(mode="json")).start_thread()
         yield
+        hooks.set()
         if stop:
             stop.set()
         app.state.queue.close()
@@ -93,6 +108,12 @@ def create_app(settings: Settings | None = None, run_migrations: bool = True) ->
     app.state.queue = make_queue(settings)
     _observe(app)
     _routes(app)
+    # the web UI: static files over the same public API (its JavaScript sends the key header)
+    app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    def root():
+        return RedirectResponse("/ui/")
 
     def openapi() -> dict:
         if app.openapi_schema is None:
@@ -208,14 +229,24 @@ def _routes(app: FastAPI) -> None:
         h = request_hash(body)
         return h, idempotent_lookup(tenant, key, h)
 
+    def webhook_ok(url: str | None) -> None:
+        if url is not None:
+            try:
+                check_url(url, st().settings.webhook_allow_private)
+            except UnsafeWebhook as exc:
+                raise HTTPException(422, str(exc))
+
     async def create_asset(kind: str, tenant: str, images: list[UploadFile], word: str, name: str, base_model: str,
-                           train: dict, token: str | None, aux_asset_ids: list[str], idem_key: str | None):
+                           train: dict, token: str | None, aux_asset_ids: list[str], idem_key: str | None,
+                           webhook_url: str | None = None):
         if not 1 <= len(images) <= 10:
             raise HTTPException(422, "send 1 to 10 images")
+        webhook_ok(webhook_url)
         datas = [await im.read() for im in images]
         train = {k: v for k, v in train.items() if v is not None}
         body = {"kind": kind, "word": word, "name": name, "base": base_model, **train, "token": token,
-                "aux": aux_asset_ids, "images": [hashlib.sha256(d).hexdigest() for d in datas]}
+                "aux": aux_asset_ids, "images": [hashlib.sha256(d).hexdigest() for d in datas],
+                "webhook_url": webhook_url}
         h, existing = idempotent(tenant, idem_key, body)
         if existing:
             return JSONResponse({"id": existing.target_id, "job_id": existing.id, "status": existing.status}, 202)
@@ -243,7 +274,7 @@ def _routes(app: FastAPI) -> None:
                                                        content_type=ctype, width=w, height=hgt))
                 job = st().jobs.add(s, tenant, f"train_{kind}", asset.id, JOB_QUEUES[f"train_{kind}"],
                                     idempotency_key=idem_key, body_hash=h,
-                                    max_attempts=st().settings.job_max_attempts)
+                                    max_attempts=st().settings.job_max_attempts, webhook_url=webhook_url)
                 s.commit()
             except Exception as exc:
                 s.rollback()
@@ -266,12 +297,13 @@ def _routes(app: FastAPI) -> None:
                            learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
                            token: Annotated[str | None, Form(max_length=50)] = None,
                            aux_asset_ids: Annotated[list[str], Form()] = [],
+                           webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
                            idempotency_key: IdempotencyKey = None):
         """Upload a content's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
         stage). `aux_asset_ids` (repeated) names style assets whose images serve as MCP auxiliary sets."""
         return await create_asset("content", tenant, images, class_word, name, base_model,
                                   {"steps": steps, "learning_rate": learning_rate}, token, aux_asset_ids,
-                                  idempotency_key)
+                                  idempotency_key, webhook_url)
 
     @app.post("/styles", status_code=202, response_model=Accepted, tags=["assets"], responses=asset_errors)
     async def post_style(tenant: TenantId, images: Annotated[list[UploadFile], File(description="1 to 10 images")],
@@ -282,12 +314,13 @@ def _routes(app: FastAPI) -> None:
                          learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
                          token: Annotated[str | None, Form(max_length=50)] = None,
                          aux_asset_ids: Annotated[list[str], Form()] = [],
+                         webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
                          idempotency_key: IdempotencyKey = None):
         """Upload a style's reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the break
         stage). `aux_asset_ids` (repeated) names content assets whose images serve as MCP auxiliary sets."""
         return await create_asset("style", tenant, images, style_word, name, base_model,
                                   {"steps": steps, "learning_rate": learning_rate}, token, aux_asset_ids,
-                                  idempotency_key)
+                                  idempotency_key, webhook_url)
 
     def asset_out(a: Asset, job: Job | None) -> AssetOut:
         return AssetOut(id=a.id, kind=a.kind, name=a.name, word=a.word, token=a.token, base_model=a.base_model,
@@ -352,6 +385,23 @@ def _routes(app: FastAPI) -> None:
                         raise HTTPException(404, f"{kind} {asset_id} not found")
                     return asset_out(a, latest_job(s, tenant, a.id))
 
+            @app.get(f"/{kind}s/{{asset_id}}/images/{{index}}", tags=["assets"], name=f"get_{kind}_image",
+                     responses={200: {"content": {"image/*": {}}, "description": "a reference image as uploaded"},
+                                307: {"description": "redirect to a presigned URL (S3 store)"},
+                                **errors(401, 404)})
+            def get_reference_image(asset_id: str, index: int, tenant: TenantId):
+                with st().sessions() as s:
+                    a = s.scalars(select(Asset).where(Asset.id == asset_id, Asset.tenant_id == tenant,
+                                                      Asset.kind == kind)).first()
+                    if a is None or not 0 <= index < len(a.images):
+                        raise HTTPException(404, "image not found")
+                    ref = a.images[index]
+                    key, sha, ctype = ref.storage_key, ref.sha256, ref.content_type
+                url = st().store.url(key)
+                if url:
+                    return RedirectResponse(url, status_code=307)
+                return Response(st().store.get(key, expected_sha256=sha), media_type=ctype)
+
             @app.delete(f"/{kind}s/{{asset_id}}", tags=["assets"], name=f"delete_{kind}", status_code=204,
                         responses=errors(401, 404, 409))
             def delete_asset(asset_id: str, tenant: TenantId,
@@ -385,6 +435,7 @@ def _routes(app: FastAPI) -> None:
     def post_fusion(body: FusionIn, tenant: TenantId,
                     idempotency_key: IdempotencyKey = None):
         """Combine a trained content with a trained style and fine-tune them into one adapter."""
+        webhook_ok(body.webhook_url)
         h, existing = idempotent(tenant, idempotency_key, body.model_dump())
         if existing:
             return JSONResponse({"id": existing.target_id, "job_id": existing.id, "status": existing.status}, 202)
@@ -404,7 +455,8 @@ def _routes(app: FastAPI) -> None:
             s.add(f)
             s.flush()
             job = st().jobs.add(s, tenant, "fuse", f.id, JOB_QUEUES["fuse"], idempotency_key=idempotency_key,
-                                body_hash=h, max_attempts=st().settings.job_max_attempts)
+                                body_hash=h, max_attempts=st().settings.job_max_attempts,
+                                webhook_url=body.webhook_url)
             try:
                 s.commit()
             except IntegrityError:
@@ -462,6 +514,7 @@ def _routes(app: FastAPI) -> None:
         """Draw images with a fusion, a content, a style, or the bare base model."""
         if sum(x is not None for x in (body.fusion_id, body.content_id, body.style_id)) > 1:
             raise HTTPException(422, "give at most one of fusion_id, content_id, style_id")
+        webhook_ok(body.webhook_url)
         h, existing = idempotent(tenant, idempotency_key, body.model_dump(exclude={"wait"}))
         if existing is None:
             with st().sessions() as s:
@@ -475,11 +528,11 @@ def _routes(app: FastAPI) -> None:
                             raise HTTPException(404, f"{kind} {aid} not found")
                         if a.kind != kind:
                             raise HTTPException(422, f"{aid} is a {a.kind}, not a {kind}")
-                g = Generation(tenant_id=tenant, **body.model_dump(exclude={"wait"}))
+                g = Generation(tenant_id=tenant, **body.model_dump(exclude={"wait", "webhook_url"}))
                 s.add(g)
                 s.flush()
                 job = st().jobs.add(s, tenant, "generate", g.id, JOB_QUEUES["generate"],
-                                    idempotency_key=idempotency_key, body_hash=h)
+                                    idempotency_key=idempotency_key, body_hash=h, webhook_url=body.webhook_url)
                 try:
                     s.commit()
                     gid, jid = g.id, job.id
@@ -601,7 +654,7 @@ def _routes(app: FastAPI) -> None:
             current = job
             while True:
                 body = job_out(current)
-                seen = (body.status, body.progress_step, body.attempts)
+                seen = (body.status, body.progress_step, body.attempts, len(body.previews))
                 if seen != last:
                     last = seen
                     event = "end" if body.status in TERMINAL else "progress"
@@ -613,6 +666,28 @@ def _routes(app: FastAPI) -> None:
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/jobs/{job_id}/previews/{index}", tags=["jobs"], responses={
+        200: {"content": {"image/png": {}}, "description": "the preview (local store)"},
+        307: {"description": "redirect to a presigned URL (S3 store)"}, **errors(401, 404)})
+    def get_preview(job_id: str, index: int, tenant: TenantId):
+        """A preview drawn with the adapter part-way through training (listed in the job's `previews`)."""
+        job = st().jobs.get(tenant, job_id)
+        keys = (job.outputs or {}).get("previews", []) if job else []
+        if not 0 <= index < len(keys):
+            raise HTTPException(404, "preview not found")
+        url = st().store.url(keys[index])
+        if url:
+            return RedirectResponse(url, status_code=307)
+        return Response(st().store.get(keys[index]), media_type="image/png")
+
+    @app.get("/webhooks/secret", tags=["webhooks"], response_model=WebhookSecretOut, responses=errors(401))
+    def get_webhook_secret(tenant: TenantId):
+        """The key that signs this tenant's webhooks. Each event is a POST of `{"type": "job.succeeded" |
+        "job.failed" | "job.canceled", "job_id", "data": <the job>}` with headers `webhook-id` (the job id:
+        the same on every retry, so dedupe on it), `webhook-timestamp` and `webhook-signature`.
+        A receiver that does not answer 2xx is retried with exponential backoff."""
+        return {"secret": tenant_secret(st().sessions, tenant)}
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses=errors(401, 404))
     def cancel_job(job_id: str, tenant: TenantId,

@@ -24,6 +24,14 @@ class Accepted(BaseModel):
     status: JobStatus = Field(description="the job's status when answering", examples=["queued"])
 
 
+class WebhookOut(BaseModel):
+    url: str
+    status: Literal["pending", "delivered", "failed"] = Field(
+        description="pending until the job ends and a delivery succeeds; failed after the last retry")
+    attempts: int = Field(description="deliveries tried")
+    error: str | None = Field(None, description="why the last delivery failed")
+
+
 class JobOut(BaseModel):
     id: str = Field(examples=[ID_EXAMPLE])
     type: Literal["train_content", "train_style", "fuse", "generate"] = Field(description="what the job does")
@@ -36,6 +44,9 @@ class JobOut(BaseModel):
     attempts: int = Field(description="times a worker has started this job (redelivery counts)")
     error: str | None = Field(None, description="why the job failed")
     outputs: dict = Field(description="what the job made, e.g. {'adapter_id': ...} or {'images': n}")
+    previews: list[str] = Field([], description="URLs of preview images drawn with the adapter as it trains "
+                                                "(every B4M_PREVIEW_EVERY steps), oldest first")
+    webhook: WebhookOut | None = Field(None, description="delivery of the job's webhook, when it has one")
     created_at: str = Field(description="ISO 8601, UTC")
     started_at: str | None = None
     finished_at: str | None = None
@@ -76,6 +87,8 @@ class FusionIn(BaseModel):
     steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: the bare composition)")
     method: Literal["b4m", "joint", "merge", "ziplora"] = Field(
         "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison")
+    webhook_url: str | None = Field(None, min_length=1, max_length=2000,
+                                    description="POSTed a signed JSON event when the job ends (retried with backoff)")
 
 
 class FusionOut(BaseModel):
@@ -117,6 +130,8 @@ class GenerateIn(BaseModel):
     num_images: int = Field(1, ge=1, le=8)
     wait: float = Field(0.0, ge=0.0, le=300.0,
                         description="seconds to wait for the images: 200 with them if the job ends in time, else 202")
+    webhook_url: str | None = Field(None, min_length=1, max_length=2000,
+                                    description="POSTed a signed JSON event when the job ends (retried with backoff)")
 
 
 class GenerateDone(Accepted):
@@ -148,6 +163,12 @@ class GenerationList(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="this tenant's signing key: verify `webhook-signature` = v1,base64(HMAC-SHA256("
+                                    "key, webhook-id + '.' + webhook-timestamp + '.' + body)); key = base64 after "
+                                    "'whsec_'", examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
 
 
 class ReadyOut(BaseModel):

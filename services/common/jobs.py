@@ -49,10 +49,12 @@ class JobStore:
         return job
 
     def add(self, session: Session, tenant_id: str, type: str, target_id: str, queue: str,
-            idempotency_key: str | None = None, body_hash: str | None = None, max_attempts: int = 3) -> Job:
+            idempotency_key: str | None = None, body_hash: str | None = None, max_attempts: int = 3,
+            webhook_url: str | None = None) -> Job:
         """Add a queued job to `session` (committed with the resource it belongs to)."""
         job = Job(tenant_id=tenant_id, type=type, target_id=target_id, queue=queue, idempotency_key=idempotency_key,
-                  request_hash=body_hash, max_attempts=max_attempts, enqueued_at=utcnow())
+                  request_hash=body_hash, max_attempts=max_attempts, enqueued_at=utcnow(), webhook_url=webhook_url,
+                  webhook_status="pending" if webhook_url else None)
         session.add(job)
         return job
 
@@ -131,6 +133,17 @@ class JobStore:
             s.execute(update(Job).where(Job.id == job_id)
                       .values(checkpoint_key=key, checkpoint_step=step, updated_at=utcnow()))
 
+    def add_preview(self, job_id: str, token: str, key: str) -> bool:
+        """List a preview image (a storage key) in the job's outputs while this attempt holds it."""
+        with self.sessions() as s, s.begin():
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is None or job.status != "running" or job.claim_token != token:
+                return False
+            outputs = dict(job.outputs or {})
+            outputs["previews"] = [k for k in outputs.get("previews", []) if k != key] + [key]
+            job.outputs = outputs
+            return True
+
     def finish(self, job_id: str, token: str, write: Callable[[Session], dict]) -> dict:
         """Commit an attempt's results and `succeeded` in one transaction.
 
@@ -142,6 +155,8 @@ class JobStore:
             if job is None or job.status != "running" or job.claim_token != token:
                 raise ClaimLost(f"job {job_id} is no longer held by this attempt")
             outputs = write(s)
+            if (job.outputs or {}).get("previews"):  # drawn during training: they stay with the job
+                outputs = {**outputs, "previews": job.outputs["previews"]}
             job.status, job.outputs, job.finished_at = "succeeded", outputs, utcnow()
             job.claim_token, job.lease_expires_at = None, None
             return outputs

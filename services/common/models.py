@@ -36,6 +36,8 @@ class Tenant(Base):
     __tablename__ = "tenants"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    # signs this tenant's webhooks (HMAC-SHA256); made on first use, so tenants can't forge each other's
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -158,10 +160,18 @@ class Job(Base):
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # webhook on job end: the job row is its own outbox (no transition can forget it); the
+    # dispatcher claims a due delivery by moving `webhook_next_at`, retries with backoff
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    webhook_status: Mapped[str | None] = mapped_column(String(16), nullable=True)  # pending|delivered|failed
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    webhook_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
                       Index("ix_jobs_tenant_status", "tenant_id", "status"),
-                      Index("ix_jobs_status_lease", "status", "lease_expires_at"))
+                      Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+                      Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"))

@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     reconcile_every_s: float = Field(15.0, description="how often the reconciler sweeps (0: never, in this process)")
     log_json: bool = Field(False, description="JSON log lines carrying job ids (production)")
     metrics_port: int | None = Field(None, description="worker: serve Prometheus metrics (GPU memory) on this port")
+    webhook_allow_private: bool = Field(False, description="let webhook URLs reach private/loopback addresses "
+                                                         "(off: a tenant cannot aim the service at its own network)")
+    webhook_max_attempts: int = Field(8, ge=1, description="deliveries tried before a webhook is marked failed")
+    webhook_backoff_s: float = Field(5.0, gt=0, description="wait after the first failed delivery; doubles each time")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="seconds a receiver has to answer")
+    webhook_poll_s: float = Field(1.0, gt=0, description="how often the API looks for webhooks to send")
+    preview_every: int = Field(50, ge=0, description="training: a preview image every N steps (0: none)")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
     @property

@@ -131,8 +131,19 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         attempt.losses.append((step, loss))
         ctx.jobs.progress(job.id, step, total, loss)
 
-    return Hooks(progress=progress,
-                 should_cancel=should_stop, checkpoint=checkpoint, resume=resume)
+    def preview(step: int, image) -> None:
+        # keyed by step, not attempt: a resumed attempt keeps the earlier previews valid
+        try:
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            obj = ctx.store.put(object_key(job.tenant_id, "jobs", job.id, f"preview-{step:06d}.png"), buf.getvalue(),
+                                content_type="image/png")
+            ctx.jobs.add_preview(job.id, attempt.token, obj.key)
+        except Exception as exc:  # a preview is a nicety: never fail the training for one
+            log.warning("job %s: preview at step %d not saved: %s", job.id, step, exc)
+
+    return Hooks(progress=progress, should_cancel=should_stop, checkpoint=checkpoint, resume=resume,
+                 preview=preview, preview_every=ctx.settings.preview_every)
 
 
 def _train(ctx: WorkerContext, attempt: Attempt):

@@ -1,0 +1,191 @@
+"""The typed client, the `b4m` server commands and webhooks, against a real `b4m serve` process
+(auth on, two tenants) on the tiny SD model."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from b4m_client import B4MError, Client, JobFailed, verify_webhook
+
+from .conftest import write_images
+from .faults import free_port, wait_until
+from .live import LiveServer, b4m_cli
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_sd_path):
+    srv = LiveServer(tmp_path_factory.mktemp("live"), str(tiny_sd_path), preview_every=2,
+                     webhook_allow_private="true", webhook_backoff_s=0.5, webhook_poll_s=0.1)
+    yield srv
+    srv.close()
+
+
+def is_png(data: bytes) -> bool:
+    return Image.open(io.BytesIO(data)).format == "PNG"
+
+
+def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
+    imgs = write_images(tmp_path / "c", 0, 2)
+    with Client(server.url, api_key=server.keys["alice"]) as alice, \
+            Client(server.url, api_key=server.keys["bob"]) as bob:
+        content = alice.add_content(sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6,
+                                    idempotency_key="client-rex")
+        again = alice.add_content(sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6,
+                                  idempotency_key="client-rex")
+        assert again.id == content.id  # the same request retried trains once
+        style = alice.add_style([(imgs / "00.png").read_bytes()], style_word="ink", name="inky", steps=4)
+        seen = []
+        job = alice.wait(content.job_id, on_progress=seen.append, timeout=300)
+        assert job.status == "succeeded" and job.outputs["adapter_id"]
+        assert [j.progress_step for j in seen] == sorted(j.progress_step for j in seen)  # live, in order
+        assert seen[-1].progress_step == 6
+        # previews every 2 steps (not at the last: the result itself is the last picture)
+        assert job.previews == [f"/jobs/{job.id}/previews/0", f"/jobs/{job.id}/previews/1"]
+        assert is_png(alice.preview(job.id, 1)) and is_png(alice.loss_curve(job.id))
+        alice.wait(style.job_id, timeout=300)
+
+        # names work where ids do; a fusion and a generation
+        assert alice.resolve_asset("content", "rex").id == content.id
+        fusion = alice.fuse(content.id, style.id, steps=2)
+        assert alice.wait(fusion.job_id, timeout=300).status == "succeeded"
+        done = alice.generate("a {content} in {style} style", fusion_id=fusion.id, steps=2, num_images=2, wait=120)
+        assert done.images == [f"/generations/{done.id}/images/0", f"/generations/{done.id}/images/1"]
+        assert is_png(alice.image(done.id, 1))
+        assert is_png(alice.reference_image("content", content.id, 1))
+        kohya = alice.download_adapter(alice.resolve_adapter(fusion.id), "kohya")
+        assert any(k.startswith("lora_unet_") for k in json.loads(kohya[8:8 + int.from_bytes(kohya[:8], "little")]))
+
+        # bob sees none of it
+        assert bob.contents().total == 0
+        for call in (lambda: bob.content(content.id), lambda: bob.job(job.id), lambda: bob.image(done.id, 0),
+                     lambda: bob.fuse(content.id, style.id)):
+            with pytest.raises(B4MError) as err:
+                call()
+            assert err.value.status == 404
+        with pytest.raises(B4MError) as err:
+            Client(server.url, api_key="b4m_wrong").contents()
+        assert err.value.status == 401
+
+        # a job that fails raises JobFailed from wait()
+        doomed = alice.add_content([(imgs / "00.png").read_bytes()], class_word="dog", name="doomed", steps=500)
+        alice.cancel(doomed.job_id)
+        with pytest.raises(JobFailed) as failed:
+            alice.wait(doomed.job_id, timeout=120)
+        assert failed.value.job.status == "canceled"
+
+
+def test_cli_server_commands(server, tmp_path):
+    env = server.cli_env("alice")
+    imgs = write_images(tmp_path / "c", 5, 2)
+    r = b4m_cli(env, "content", "add", *sorted(imgs.glob("*.png")), "--word", "cat", "--name", "tom", "--steps", 4,
+                "--watch")
+    assert r.returncode == 0, r.stderr
+    end = json.loads(r.stdout.strip().splitlines()[-1])
+    assert end["status"] == "succeeded" and end["adapter_id"] and end["loss_curve"].startswith(server.url)
+    assert "4/4" in r.stderr and "loss=" in r.stderr  # the progress bar, fed by the job's events
+    r = b4m_cli(env, "style", "add", imgs / "00.png", "--word", "chalk", "--name", "chalky", "--steps", 2, "--watch")
+    assert r.returncode == 0, r.stderr
+
+    r = b4m_cli(env, "content", "list")
+    assert r.returncode == 0 and "tom" in r.stdout and "succeeded" in r.stdout
+    assert [a["name"] for a in json.loads(b4m_cli(env, "style", "list", "--json").stdout)].count("chalky") == 1
+
+    r = b4m_cli(env, "fuse", "tom", "chalky", "--steps", 2, "--watch")  # names, not ids
+    assert r.returncode == 0, r.stderr
+    fused = json.loads(r.stdout.strip().splitlines()[-1])
+    fusion_id = json.loads(r.stdout.strip().splitlines()[0])["id"]
+
+    r = b4m_cli(env, "generate", "--fusion", fusion_id, "--prompt", "a {content} in {style} style", "--steps", 2,
+                "--num-images", 2, "--out", tmp_path / "imgs")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 2
+
+    for fmt in ("kohya", "diffusers"):
+        out = tmp_path / f"tom_chalky_{fmt}.safetensors"
+        r = b4m_cli(env, "export", fusion_id, "--format", fmt, "--out", out)
+        assert r.returncode == 0, r.stderr
+        keys = list(load_file(out))
+        assert keys and all(k.startswith("lora_unet_" if fmt == "kohya" else "unet.") for k in keys)
+    r = b4m_cli(env, "export", fused["adapter_id"], "--format", "b4m", "--out", tmp_path / "x.safetensors")
+    assert r.returncode == 0, r.stderr
+
+    r = b4m_cli(env, "jobs", "watch", fused["id"])  # an ended job: its summary at once
+    assert r.returncode == 0 and json.loads(r.stdout)["status"] == "succeeded"
+    assert fused["id"] in b4m_cli(env, "jobs", "list").stdout
+
+    # errors are one line, not a traceback, and change nothing
+    r = b4m_cli(env, "fuse", "nobody", "chalky")
+    assert r.returncode == 2 and "server said 404" in r.stderr and "Traceback" not in r.stderr
+    r = b4m_cli({**env, "B4M_API_KEY": "b4m_wrong"}, "content", "list")
+    assert r.returncode == 2 and "401" in r.stderr
+    r = b4m_cli({**env, "B4M_URL": f"http://127.0.0.1:{free_port()}"}, "jobs", "list")
+    assert r.returncode == 2 and "cannot reach the server" in r.stderr
+    r = b4m_cli(env, "content", "add", imgs / "00.png", "--word", "cat", "--name", "slow", "--steps", 3000)
+    job_id = json.loads(r.stdout)["job_id"]
+    b4m_cli(env, "jobs", "cancel", job_id)
+    r = b4m_cli(env, "jobs", "watch", job_id)
+    assert r.returncode == 1 and json.loads(r.stdout.strip().splitlines()[-1])["status"] == "canceled"
+
+
+class Receiver:
+    """A webhook endpoint that fails the first `failures` deliveries with 500."""
+
+    def __init__(self, failures: int):
+        self.calls, self.failures = [], failures
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.calls.append((time.monotonic(), dict(self.headers), body))
+                self.send_response(500 if len(outer.calls) <= outer.failures else 204)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_webhook_signed_retried_with_backoff(server, tmp_path):
+    rx = Receiver(failures=2)
+    try:
+        with Client(server.url, api_key=server.keys["alice"]) as alice, \
+                Client(server.url, api_key=server.keys["bob"]) as bob:
+            imgs = write_images(tmp_path / "c", 9, 1)
+            r = alice.add_style(sorted(imgs.glob("*.png")), style_word="ink", name="hooked", steps=2,
+                                webhook_url=rx.url)
+            wait_until(lambda: len(rx.calls) >= 3, 60, "three webhook deliveries")
+            job = wait_until(lambda: (j := alice.job(r.job_id)).webhook.status == "delivered" and j, 10,
+                             "delivery recorded")
+            assert job.webhook.attempts == 3 and job.webhook.error is None
+            secret = alice.webhook_secret()
+            assert secret == alice.webhook_secret() and secret != bob.webhook_secret()
+            for _, headers, body in rx.calls:
+                event = verify_webhook(secret, headers, body)
+                assert event["type"] == "job.succeeded" and event["data"]["outputs"]["adapter_id"]
+                assert headers["webhook-id"] == r.job_id  # the same on every retry: receivers dedupe on it
+                with pytest.raises(ValueError):  # another tenant's key does not verify: no forging
+                    verify_webhook(bob.webhook_secret(), headers, body)
+            with pytest.raises(ValueError):  # a tampered body does not verify
+                verify_webhook(secret, rx.calls[0][1], rx.calls[0][2].replace(b"succeeded", b"failed"))
+            gaps = [b[0] - a[0] for a, b in zip(rx.calls, rx.calls[1:])]
+            assert gaps[0] >= 0.45 and gaps[1] >= 0.95 and gaps[1] > gaps[0]  # 0.5 s, then 1 s (+ polling)
+            with pytest.raises(B4MError) as err:
+                alice.fuse("x", "y", webhook_url="ftp://example.com/hook")
+            assert err.value.status == 422
+    finally:
+        rx.close()

@@ -1,0 +1,114 @@
+"""The web UI end to end in headless Chromium (Debian's, driven by Playwright), against a real
+`b4m serve` with auth on and the shipped micro model: upload 2 contents and 2 styles, watch
+them train, fuse every cell of the matrix by clicking it, open a cell's samples, generate.
+
+`B4M_UI_SCREENSHOT=docs/ui.png` also writes the final page there (`B4M_UI_STEPS` sets the
+break steps: more make a better picture; the test's default keeps it short)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD, reference_folder
+
+from .live import LiveServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make install "
+                                                                    "installs it)")
+CONTENTS, STYLES = ("hexagon", "flower"), ("zigzag", "plaid")
+STEPS = int(os.environ.get("B4M_UI_STEPS", "60"))
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = LiveServer(tmp_path, "micro", tenants=("designer",), preview_every=20)
+    yield srv
+    srv.close()
+
+
+def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    blob = re.compile(r"^blob:")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--headless", "--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1200})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server.url + "/")  # redirects to /ui/
+        expect(page).to_have_title(re.compile("B4M"))
+        expect(page.locator("#server-status")).to_contain_text("401")  # no key yet: the server refuses
+        page.fill("#api-key", server.keys["designer"])
+        page.press("#api-key", "Enter")
+        page.locator("#api-key").blur()
+        expect(page.locator("#server-status")).to_have_text("")
+
+        for kind, names, words, tokens in (("content", CONTENTS, CONTENT_WORD, CONTENT_TOKEN),
+                                           ("style", STYLES, STYLE_WORD, STYLE_TOKEN)):
+            for name in names:
+                form = page.locator(f"#{kind}-form")
+                form.locator("input[name=images]").set_input_files(sorted(reference_folder(kind, name).glob("*.png")))
+                form.locator("input[name=word]").fill(words[name])
+                form.locator("input[name=name]").fill(name)
+                form.locator("input[name=token]").fill(tokens[name])
+                form.locator("input[name=steps]").fill(str(STEPS))
+                form.locator("button").click()
+                expect(form.locator("input[name=name]")).to_have_value("")  # accepted: the form resets
+        # watch training: a progress bar per job, live, until all four succeed
+        jobs = page.locator("#jobs li")
+        expect(jobs).to_have_count(4)
+        expect(page.locator("#jobs li[data-status=running] progress").first).to_be_visible(timeout=60_000)
+        expect(page.locator("#jobs li[data-status=succeeded]")).to_have_count(4, timeout=600_000)
+        expect(page.locator("#jobs li .previews img").first).to_have_attribute("src", blob)  # previews shown
+        expect(page.locator("#jobs li .status").first).to_contain_text(f"{STEPS}/{STEPS}")
+
+        # the library: reference thumbnails on both axes, every cell empty; click each to fuse it
+        expect(page.locator("#matrix th img[src^='blob:']")).to_have_count(4)
+        page.fill("#fusion-steps", "20")
+        for c in CONTENTS:
+            for s in STYLES:
+                cell = page.locator(f"td[data-content='{c}'][data-style='{s}']")
+                expect(cell).to_have_class(re.compile("empty"))
+                cell.click()
+                expect(cell).not_to_have_class(re.compile("empty"))
+        filled = page.locator("#matrix td.filled img")
+        expect(filled).to_have_count(4, timeout=600_000)  # fused, then sampled: a thumbnail each
+        for i in range(4):
+            expect(filled.nth(i)).to_have_attribute("src", blob)
+
+        # a filled cell shows its samples
+        page.locator(f"td[data-content='{CONTENTS[0]}'][data-style='{STYLES[1]}']").click()
+        expect(page.locator("#samples")).to_be_visible()
+        expect(page.locator("#samples-title")).to_have_text(f"{CONTENTS[0]} × {STYLES[1]}")
+        expect(page.locator("#sample-images img[src^='blob:']")).to_have_count(4)
+
+        # the generate form
+        page.select_option("#generate-fusion", label=f"{CONTENTS[1]} × {STYLES[0]}")
+        page.fill("#generate-form input[name=num_images]", "3")
+        page.locator("#generate-form button").click()
+        expect(page.locator("#generated img[src^='blob:']")).to_have_count(3, timeout=120_000)
+
+        # bad input: a clear message, nothing made
+        form = page.locator("#content-form")
+        form.locator("input[name=images]").set_input_files(
+            files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+        form.locator("input[name=word]").fill("shape")
+        form.locator("input[name=name]").fill("broken")
+        form.locator("button").click()
+        expect(page.locator("#form-error")).to_contain_text("422")
+        assert not errors, errors
+
+        shot = tmp_path / "ui.png"
+        page.locator("#samples").scroll_into_view_if_needed()
+        page.evaluate("window.scrollTo(0, 0)")
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("B4M_UI_SCREENSHOT"):
+            shutil.copy(shot, os.environ["B4M_UI_SCREENSHOT"])
+        browser.close()
