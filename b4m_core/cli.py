@@ -47,7 +47,8 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
     if with_plp:
         p.add_argument("--rank", type=int, default=16)
         p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-        p.add_argument("--rho", type=float, default=0.5, help="PLP split ratio")
+        p.add_argument("--rho", type=float, default=None,
+                       help="PLP split ratio (default: the base model's measured one, 0.75 on micro; else 0.5)")
         p.add_argument("--basis-mode", choices=BASIS_MODES, default="exact")
         p.add_argument("--basis-seed", type=int, default=0)
         p.add_argument("--content-half", choices=CONTENT_HALVES, default="up")
@@ -192,9 +193,10 @@ def cmd_train(args) -> None:
     concept = load_concept(args.kind, args.images, args.word, token=args.token or None)
     other = "style" if args.kind == "content" else "content"
     aux = _load_aux(args.aux, other)
-    plp = PLPConfig(rank=args.rank, alpha=args.alpha or float(args.rank), rho=args.rho, basis_mode=args.basis_mode,
-                    basis_seed=args.basis_seed, content_half=args.content_half, targets=args.targets)
     base = load_base(_need_base(args), device=args.device)
+    plp = base.plp_config(rank=args.rank, alpha=args.alpha or float(args.rank), rho=args.rho,
+                          basis_mode=args.basis_mode, basis_seed=args.basis_seed, content_half=args.content_half,
+                          targets=args.targets)
     cfg = _train_config(args, default_steps=base.default("break_steps", 300),
                         default_lr=base.default("learning_rate", 1e-3))
     adapter = train_concept(base, concept, method=args.method, aux=aux, plp=plp, cfg=cfg, hooks=_hooks(args))

@@ -52,12 +52,21 @@ class BaseModel:
     device: torch.device
     dtype: torch.dtype
     # training defaults measured for this model (`b4m_defaults.json` in its folder):
-    # break_steps, make_steps, learning_rate; callers fall back to generic ones without it
+    # break_steps, make_steps, learning_rate, rho; callers fall back to generic ones without it
     recommended: dict = field(default_factory=dict)
 
     def default(self, key: str, fallback):
         value = self.recommended.get(key)
         return fallback if value is None else type(fallback)(value)
+
+    def plp_config(self, **given) -> "PLPConfig":
+        """A PLP shape: what the caller gave, else this model's measured defaults (rho), else PLPConfig's."""
+        from .config import PLPConfig
+
+        given = {k: v for k, v in given.items() if v is not None}
+        if "rho" in self.recommended and "rho" not in given:
+            given["rho"] = float(self.recommended["rho"])
+        return PLPConfig(**given)
 
     @property
     def unet(self):

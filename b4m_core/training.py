@@ -547,7 +547,7 @@ def train_concept(base: BaseModel, concept: Concept, method: str = "b4m", aux: l
                   plp: PLPConfig | None = None, cfg: TrainConfig | None = None,
                   hooks: Hooks | None = None) -> Adapter:
     """Break stage (`b4m`) or a plain LoRA (`lora`, the baselines' first stage)."""
-    plp, cfg = plp or PLPConfig(), cfg or TrainConfig()
+    plp, cfg = plp or base.plp_config(), cfg or TrainConfig()
     if method == "b4m":
         return BreakStage(base, concept, list(aux or []), plp, cfg).train(hooks)
     if method == "lora":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 
+from b4m_core.cli import cmd_demo as core_demo
 from b4m_core.cli import cmd_export as core_export
 from b4m_core.cli import cmd_fuse as core_fuse
 from b4m_core.cli import cmd_generate as core_generate
@@ -98,6 +99,10 @@ def _amend(parsers: dict) -> None:
     p.add_argument("--style-id", default=None, help="server form: draw with this style alone")
     p.add_argument("--timeout", type=float, default=600, help="server form: seconds to wait for the images")
     _server_flags(p)
+    p = parsers["demo"]
+    p.add_argument("--url", default=None, help="run the demo on this server through the API (the client), "
+                                               "instead of in this process")
+    p.add_argument("--api-key", default=None, help="API key for --url (default: env B4M_API_KEY)")
     p = parsers["export"]
     p.add_argument("ref", nargs="?", metavar="ID",
                    help="server form: an adapter, fusion, content or style id (or a content/style name)")
@@ -258,6 +263,29 @@ def _server_generate(args):
         return 0
 
 
+def cmd_demo(args) -> None:
+    if not args.url:
+        return core_demo(args)
+    return _server_demo(args)
+
+
+@_server_errors
+def _server_demo(args):
+    from pathlib import Path
+
+    from b4m_core.micro.world import HELDOUT_CONTENTS, HELDOUT_STYLES
+    from services.main_job import run_on, save_grid
+
+    n = 2 if args.quick else None
+    contents, styles = list(HELDOUT_CONTENTS[:n] if n else HELDOUT_CONTENTS), list(HELDOUT_STYLES[:n] if n else
+                                                                                   HELDOUT_STYLES)
+    with _client(args) as c:
+        cells = run_on(c, Path(args.out), contents, styles, args.break_steps or (80 if args.quick else 200),
+                       args.make_steps or (20 if args.quick else 50))
+    print(save_grid(Path(args.out), cells, contents, styles))
+    return 0
+
+
 def cmd_export(args) -> None:
     if args.ref:
         return _server_export(args)
@@ -378,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     return core_main(argv, extensions=(_add, _add_server), amend=(_amend,),
                      commands={"serve": cmd_serve, "worker": cmd_worker, "tenant": cmd_tenant, "key": cmd_key,
                                "reconcile": cmd_reconcile, "content": cmd_asset, "style": cmd_asset,
-                               "jobs": cmd_jobs, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export})
+                               "jobs": cmd_jobs, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export,
+                               "demo": cmd_demo})
 
 
 if __name__ == "__main__":

@@ -59,6 +59,32 @@ def _upload(client: Client, kind: str, name: str, steps: int):
     return add(images, word, name, steps=steps, token=token, idempotency_key=f"main-job-{kind}-{name}-{steps}")
 
 
+def run_on(client: Client, out: Path, contents: list[str], styles: list[str], break_steps: int,
+           make_steps: int) -> dict:
+    """The demo's flow on any server the client reaches: train, fuse every pair, draw one image each."""
+    out.mkdir(parents=True, exist_ok=True)
+    ids = {}
+    for kind, names in (("content", contents), ("style", styles)):
+        for name in names:
+            ids[(kind, name)] = _upload(client, kind, name, break_steps)
+    for (kind, name), r in ids.items():
+        client.wait(r.job_id, on_progress=_progress(f"train {kind} {name}"), timeout=1800)
+    cells = {}
+    for c in contents:
+        for s in styles:
+            f = client.fuse(ids[("content", c)].id, ids[("style", s)].id, steps=make_steps,
+                            idempotency_key=f"main-job-fuse-{c}-{s}-{make_steps}")
+            client.wait(f.job_id, on_progress=_progress(f"fuse {c} x {s}"), timeout=1800)
+            g = client.generate(PROMPT, fusion_id=f.id, seed=0, num_images=1, wait=120)
+            if g.status != "succeeded":
+                client.wait(g.job_id, on_progress=_progress(f"generate {c} x {s}"), timeout=600)
+            path = out / f"{c}_x_{s}.png"
+            path.write_bytes(client.image(g.id, 0))
+            cells[(c, s)] = Image.open(path).convert("RGB")
+            print(f"  wrote {path}", flush=True)
+    return cells
+
+
 def run(out: Path, contents: list[str], styles: list[str], break_steps: int, make_steps: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -81,33 +107,19 @@ def run(out: Path, contents: list[str], styles: list[str], break_steps: int, mak
             else:
                 raise RuntimeError(f"server did not start; see {out / 'server.log'}")
             print(f"b4m serve is up on port {port}", flush=True)
-            ids = {}
-            for kind, names in (("content", contents), ("style", styles)):
-                for name in names:
-                    ids[(kind, name)] = _upload(client, kind, name, break_steps)
-            for (kind, name), r in ids.items():
-                client.wait(r.job_id, on_progress=_progress(f"train {kind} {name}"), timeout=1800)
-            cells = {}
-            for c in contents:
-                for s in styles:
-                    f = client.fuse(ids[("content", c)].id, ids[("style", s)].id, steps=make_steps,
-                                    idempotency_key=f"main-job-fuse-{c}-{s}-{make_steps}")
-                    client.wait(f.job_id, on_progress=_progress(f"fuse {c} x {s}"), timeout=1800)
-                    g = client.generate(PROMPT, fusion_id=f.id, seed=0, num_images=1, wait=120)
-                    if g.status != "succeeded":
-                        client.wait(g.job_id, on_progress=_progress(f"generate {c} x {s}"), timeout=600)
-                    path = out / f"{c}_x_{s}.png"
-                    path.write_bytes(client.image(g.id, 0))
-                    cells[(c, s)] = Image.open(path).convert("RGB")
-                    print(f"  wrote {path}", flush=True)
+            cells = run_on(client, out, contents, styles, break_steps, make_steps)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    grid = _grid(cells, contents, styles)
-    grid.save(out / "grid.png")
+    save_grid(out, cells, contents, styles)
     (out / "summary.json").write_text(json.dumps({"seconds": time.time() - t0, "contents": contents,
                                                   "styles": styles, "prompt": PROMPT}, indent=2))
     print(f"grid: {out / 'grid.png'} ({time.time() - t0:.0f}s)")
+    return out / "grid.png"
+
+
+def save_grid(out: Path, cells, contents, styles) -> Path:
+    _grid(cells, contents, styles).save(out / "grid.png")
     return out / "grid.png"
 
 
@@ -117,7 +129,9 @@ def _grid(cells, contents, styles) -> Image.Image:
 
     blank = np.full((64, 64, 3), 255, np.uint8)
     rows = [[blank] + [ref("style", s) for s in styles]]
-    rows += [[ref("content", c)] + [np.asarray(cells[(c, s)]) for s in styles] for c in contents]
+    # cells at the references' size, whatever the base model draws (1024 px on SDXL)
+    rows += [[ref("content", c)] + [np.asarray(cells[(c, s)].resize((64, 64), Image.LANCZOS)) for s in styles]
+             for c in contents]
     pad = lambda a: np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255)
     return Image.fromarray(np.concatenate([np.concatenate([pad(x) for x in r], 1) for r in rows], 0))
 

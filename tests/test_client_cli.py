@@ -121,6 +121,12 @@ def test_cli_server_commands(server, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "succeeded"
     assert fused["id"] in b4m_cli(env, "jobs", "list").stdout
 
+    # the demo's flow over the API (2 x 2 shipped references), its grid written locally
+    r = b4m_cli(env, "demo", "--url", server.url, "--quick", "--break-steps", 2, "--make-steps", 1, "--out",
+                tmp_path / "demo")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert Image.open(tmp_path / "demo" / "grid.png").size == (3 * 68, 3 * 68)
+
     # errors are one line, not a traceback, and change nothing
     r = b4m_cli(env, "fuse", "nobody", "chalky")
     assert r.returncode == 2 and "server said 404" in r.stderr and "Traceback" not in r.stderr

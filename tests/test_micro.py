@@ -100,6 +100,18 @@ def test_micro_loads_as_a_diffusers_pipeline_and_draws(micro):
     assert np.asarray(images[0]).std() > 3
 
 
+def test_micro_measured_defaults_fill_what_a_run_leaves_out(micro):
+    from b4m_core.training import train_concept
+
+    # rho 0.75: Table 1's rho sweep on this model (docs/quality/README.md); a given value wins
+    assert micro.plp_config().rho == 0.75 and micro.plp_config(rho=0.5, rank=4).rho == 0.5
+    assert micro.default("break_steps", 300) == 250 and micro.default("learning_rate", 1e-3) == 5e-3
+    from b4m_core.config import TrainConfig
+
+    adapter = train_concept(micro, reference_concept("style", "plaid"), cfg=TrainConfig(steps=1))
+    assert adapter.plp.rho == 0.75
+
+
 def test_micro_weights_are_small():
     from b4m_core.micro.model import MODEL_DIR
 

@@ -43,3 +43,24 @@ def test_readme_walkthrough(tmp_path):
     # access log shares stdout)
     cancel = [x for x in lines[: lines.index("409")] if x.startswith("{")][-1]
     assert '"type":"train_content"' in cancel and re.search(r'"status":"(canceled|running)"', cancel), cancel
+
+
+def test_readme_cli_walkthrough(tmp_path):
+    """The `b4m` server commands block runs as written (progress bars, names for ids, export)."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- cli-walkthrough[^>]*-->\n```bash\n(.*?)```", text, re.S)
+    assert m, "README lost its CLI walk-through block"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("B4M_")}
+    env.update(PORT=str(_free_port()), B4M_DATA_DIR=str(tmp_path / "data"), B4M_DEVICE="cpu", HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    walk = ROOT / "out/cli_walk"
+    for f in walk.glob("*") if walk.exists() else []:
+        f.unlink()
+    script = "set -e\ntrap 'kill $SERVER 2>/dev/null' EXIT\n" + m.group(1)
+    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "100/100" in proc.stderr and "20/20" in proc.stderr  # the progress bars
+    assert re.search(r"^hexagon|\s hexagon\s", proc.stdout, re.M)  # the content list's table
+    assert len(list(walk.glob("image_*.png"))) == 2
+    with safe_open(str(walk / "hexagon_zigzag_kohya.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import PLPConfig, TrainConfig
+from ..config import TrainConfig
 from ..generation import GenerationRequest, Generator
 from ..models import load_base
 from ..training import fuse, train_concept
@@ -34,7 +34,7 @@ def run_demo(out_dir: str | Path, contents=None, styles=None, break_steps: int =
     styles = list(styles or HELDOUT_STYLES)
     t0 = time.perf_counter()
     model = load_base(base)
-    plp = PLPConfig()
+    plp = model.plp_config()
     adapters, refs = {}, {}
     for kind, names in (("content", contents), ("style", styles)):
         for name in names:

@@ -241,7 +241,7 @@ def _routes(app: FastAPI) -> None:
                            webhook_url: str | None = None):
         if not 1 <= len(images) <= 10:
             raise HTTPException(422, "send 1 to 10 images")
-        webhook_ok(webhook_url)
+        await asyncio.to_thread(webhook_ok, webhook_url)  # may resolve a host name: off the event loop
         datas = [await im.read() for im in images]
         train = {k: v for k, v in train.items() if v is not None}
         body = {"kind": kind, "word": word, "name": name, "base": base_model, **train, "token": token,

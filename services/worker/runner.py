@@ -17,7 +17,7 @@ from typing import Callable
 from sqlalchemy import select
 
 from b4m_core.adapter import Adapter
-from b4m_core.config import ConfigError, PLPConfig, TrainConfig
+from b4m_core.config import ConfigError, TrainConfig
 from b4m_core.data import Concept, open_image
 from b4m_core.generation import GenerationRequest, Generator
 from b4m_core.models import BaseModel, load_base
@@ -155,9 +155,9 @@ def _train(ctx: WorkerContext, attempt: Attempt):
             Asset.tenant_id == job.tenant_id, Asset.id.in_(asset.aux_asset_ids or []))).all()]
         settings = dict(asset.settings or {})
         base_name = asset.base_model
-    plp = PLPConfig(**{k: settings[k] for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed", "content_half",
-                                                 "targets") if k in settings})
     base = ctx.base(base_name)  # its measured defaults fill what the request left out
+    plp = base.plp_config(**{k: settings[k] for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed",
+                                                       "content_half", "targets") if k in settings})
     cfg = TrainConfig(steps=int(settings.get("steps") or base.default("break_steps", 300)),
                       learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
                       aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
