@@ -25,7 +25,7 @@ class Accepted(BaseModel):
 
 
 class WebhookOut(BaseModel):
-    url: str
+    url: str = Field(description="where the event is POSTed")
     status: Literal["pending", "delivered", "failed"] = Field(
         description="pending until the job ends and a delivery succeeds; failed after the last retry")
     attempts: int = Field(description="deliveries tried")
