@@ -144,11 +144,9 @@ class Client:
 
     def resolve_asset(self, kind: Literal["content", "style"], id_or_name: str) -> AssetOut:
         """An asset by id, or else by name (the newest of that name)."""
-        try:
-            return self.content(id_or_name) if kind == "content" else self.style(id_or_name)
-        except B4MError as exc:
-            if exc.status != 404:
-                raise
+        found = _unless_404(self.content if kind == "content" else self.style, id_or_name)
+        if found is not None:
+            return found
         for a in self.all_assets(kind):
             if a.name == id_or_name:
                 return a
@@ -205,13 +203,13 @@ class Client:
         return self._request("GET", f"/adapters/{adapter_id}/download", params={"format": format}).content
 
     def resolve_adapter(self, any_id: str) -> str:
-        """The adapter id behind a fusion, content or style id (or an adapter id itself)."""
-        for getter in (self.fusion, self.content, self.style):
-            try:
-                row = getter(any_id)
-            except B4MError as exc:
-                if exc.status != 404:
-                    raise
+        """The adapter id behind a fusion, content or style id, or a content or style name
+        (else `any_id` itself: an adapter id)."""
+        lookups = [(self.fusion, any_id), (self.content, any_id), (self.style, any_id),
+                   (self.resolve_asset, "content", any_id), (self.resolve_asset, "style", any_id)]
+        for fn, *args in lookups:
+            row = _unless_404(fn, *args)
+            if row is None:
                 continue
             if not row.adapter_id:
                 raise B4MError(409, f"{any_id} has no adapter yet (its job is {row.status})")
@@ -287,6 +285,16 @@ class Client:
     def ready(self) -> dict:
         r = self._http.get("/readyz")
         return r.json()
+
+
+def _unless_404(fn, *args):
+    """fn(*args), or None when the server answers 404."""
+    try:
+        return fn(*args)
+    except B4MError as exc:
+        if exc.status != 404:
+            raise
+        return None
 
 
 def _params(**kw) -> dict:

@@ -296,20 +296,8 @@ def cmd_export(args) -> None:
 def _server_export(args):
     from pathlib import Path
 
-    from b4m_client import B4MError
-
     with _client(args) as c:
-        ref = args.ref
-        adapter_id = c.resolve_adapter(ref)
-        if adapter_id == ref:  # no fusion, content or style has this id: maybe a content or style name
-            for kind in ("content", "style"):
-                try:
-                    adapter_id = c.resolve_asset(kind, ref).adapter_id or ref
-                    break
-                except B4MError as exc:
-                    if exc.status != 404:
-                        raise
-        data = c.download_adapter(adapter_id, args.format)
+        data = c.download_adapter(c.resolve_adapter(args.ref), args.format)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(data)

@@ -116,6 +116,8 @@ def test_cli_server_commands(server, tmp_path):
         assert keys and all(k.startswith("lora_unet_" if fmt == "kohya" else "unet.") for k in keys)
     r = b4m_cli(env, "export", fused["adapter_id"], "--format", "b4m", "--out", tmp_path / "x.safetensors")
     assert r.returncode == 0, r.stderr
+    r = b4m_cli(env, "export", "tom", "--format", "b4m", "--out", tmp_path / "tom.safetensors")  # by name
+    assert r.returncode == 0 and load_file(tmp_path / "tom.safetensors"), r.stderr
 
     r = b4m_cli(env, "jobs", "watch", fused["id"])  # an ended job: its summary at once
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "succeeded"

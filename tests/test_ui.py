@@ -105,7 +105,6 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         assert not errors, errors
 
         shot = tmp_path / "ui.png"
-        page.locator("#samples").scroll_into_view_if_needed()
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shot), full_page=True)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
