@@ -64,3 +64,31 @@ def test_readme_cli_walkthrough(tmp_path):
     assert len(list(walk.glob("image_*.png"))) == 2
     with safe_open(str(walk / "hexagon_zigzag_kohya.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") for k in f.keys())
+
+
+def test_readme_client_example(tmp_path):
+    """The README's Python client example runs as written against a `b4m serve` (micro model)."""
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"```python\n(from b4m_client import Client\n.*?)```", text, re.S)
+    assert m, "README lost its client example"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("B4M_")}
+    env.update(B4M_DATA_DIR=str(tmp_path / "data"), B4M_DEVICE="cpu", HF_HUB_OFFLINE="1",
+               B4M_URL=f"http://127.0.0.1:{port}")
+    for f in (ROOT / "out").glob("flower_plaid*"):
+        f.unlink()
+    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        script = ("import time, httpx\nfor _ in range(300):\n    try:\n        httpx.get('" + env["B4M_URL"] +
+                  "/healthz'); break\n    except httpx.HTTPError:\n        time.sleep(0.3)\n" + m.group(1))
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "succeeded 100" in proc.stdout  # on_progress saw the job end
+    assert (ROOT / "out/flower_plaid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with safe_open(str(ROOT / "out/flower_plaid_kohya.safetensors"), "pt") as f:
+        assert any(k.startswith("lora_unet_") for k in f.keys())
