@@ -7,6 +7,8 @@ WORKDIR /app
 RUN pip install "torch>=2.4" --index-url ${TORCH_INDEX}
 COPY pyproject.toml README.md alembic.ini ./
 COPY b4m_core ./b4m_core
+COPY b4m_contract ./b4m_contract
+COPY b4m_client ./b4m_client
 COPY services ./services
 COPY migrations ./migrations
 RUN pip install ".[service]"

@@ -11,12 +11,12 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import httpx
 
-from services.api.schemas import (Accepted, AssetList, AssetOut, FusionList, FusionOut, GenerateDone, GenerationList,
-                                  GenerationOut, JobList, JobOut)
-from services.common.signing import sign
+from b4m_contract.jobs import TERMINAL, JobStatus
+from b4m_contract.schemas import (Accepted, AssetList, AssetOut, FusionList, FusionOut, GenerateDone, GenerationList,
+                                 GenerationOut, JobList, JobOut)
+from b4m_contract.signing import sign
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled")
 ImageInput = str | os.PathLike | bytes
 
 
@@ -270,7 +270,7 @@ class Client:
                 job = self.job(job_id)
             if deadline and time.monotonic() > deadline and job.status not in TERMINAL:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
-        if check and job.status != "succeeded":
+        if check and job.status != JobStatus.SUCCEEDED:
             raise JobFailed(job)
         return job
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from . import formats
 from .config import ConfigError, PLPConfig
 
 FORMAT_VERSION = "1"
@@ -115,7 +115,7 @@ class Adapter:
     def from_bytes(cls, data: bytes) -> "Adapter":
         try:
             tensors = st_load(data)
-            meta = _read_metadata(data)
+            meta = formats.read_metadata(data)
         except Exception as exc:  # safetensors raises several types on garbage
             raise ConfigError(f"not a safetensors adapter file: {exc}") from exc
         return cls._from_parts(tensors, meta)
@@ -143,49 +143,18 @@ class Adapter:
 
     # ----------------------------------------------------------------- exports
     def to_diffusers(self) -> dict[str, torch.Tensor]:
-        """`unet.<layer>.lora.down.weight` / `.lora.up.weight`, scale baked into `up`.
-
-        `StableDiffusionPipeline.load_lora_weights` and the SDXL one accept this.
-        """
-        out = {}
-        for name, (up, down, scale) in self.low_rank().items():
-            out[f"unet.{name}.lora.down.weight"] = down.float().contiguous()
-            out[f"unet.{name}.lora.up.weight"] = (up.float() * scale).contiguous()
-        return out
+        """The diffusers LoRA state dict (see `formats.to_diffusers`)."""
+        return st_load(self.export("diffusers"))
 
     def to_kohya(self) -> dict[str, torch.Tensor]:
-        """`lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha` (ComfyUI, A1111)."""
-        out = {}
-        for name, (up, down, scale) in self.low_rank().items():
-            key = "lora_unet_" + name.replace(".", "_")
-            rank = down.shape[0]
-            out[f"{key}.lora_down.weight"] = down.float().contiguous()
-            out[f"{key}.lora_up.weight"] = up.float().contiguous()
-            out[f"{key}.alpha"] = torch.tensor(float(scale * rank))
-        return out
+        """The kohya LoRA state dict (see `formats.to_kohya`)."""
+        return st_load(self.export("kohya"))
 
     def export(self, fmt: str) -> bytes:
-        meta = {"b4m": json.dumps(self.metadata(), sort_keys=True)}
-        if fmt == "diffusers":
-            return st_save(self.to_diffusers(), metadata=meta)
-        if fmt == "kohya":
-            meta.update({"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
-                         "ss_network_alpha": str(self.alpha), "ss_base_model_version": self.base_model})
-            return st_save(self.to_kohya(), metadata=meta)
-        if fmt in ("b4m", "native"):
-            return self.to_bytes()
-        raise ConfigError(f"export format must be b4m, diffusers or kohya, got {fmt!r}")
-
-
-def _read_metadata(data: bytes) -> dict | None:
-    # safetensors header: 8-byte little-endian length, then JSON with "__metadata__".
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    raw = (header.get("__metadata__") or {}).get("b4m")
-    return json.loads(raw) if raw else None
-
-
-def read_metadata(path: str | Path) -> dict | None:
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("b4m")
-    return json.loads(raw) if raw else None
+        """This adapter as a file in `fmt`: b4m (ours), diffusers or kohya."""
+        if fmt == "native":
+            fmt = "b4m"
+        try:
+            return formats.convert(self.to_bytes(), fmt)
+        except formats.FormatError as exc:
+            raise ConfigError(str(exc)) from exc

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
+from b4m_contract.jobs import JobStatus
+
 from b4m_core.cli import cmd_demo as core_demo
 from b4m_core.cli import cmd_export as core_export
 from b4m_core.cli import cmd_fuse as core_fuse
@@ -58,7 +60,7 @@ def _add_server(sub) -> None:
         a.add_argument("--watch", action="store_true", help="show a progress bar until the training ends")
         _server_flags(a)
         ls = ksub.add_parser("list", help=f"the {kind}s, newest first")
-        ls.add_argument("--status", default=None, choices=["queued", "running", "succeeded", "failed", "canceled"])
+        ls.add_argument("--status", default=None, choices=list(JobStatus))
         ls.add_argument("--json", action="store_true", help="JSON instead of a table")
         _server_flags(ls)
         sh = ksub.add_parser("show", help=f"one {kind} (by id or name) as JSON")
@@ -71,7 +73,7 @@ def _add_server(sub) -> None:
     w.add_argument("job_id")
     _server_flags(w)
     ls = jsub.add_parser("list", help="jobs, newest first")
-    ls.add_argument("--status", default=None, choices=["queued", "running", "succeeded", "failed", "canceled"])
+    ls.add_argument("--status", default=None, choices=list(JobStatus))
     ls.add_argument("--json", action="store_true")
     _server_flags(ls)
     for name, text in (("show", "one job as JSON"), ("cancel", "cancel a job")):
@@ -150,7 +152,7 @@ def _watch(client, job_id: str) -> int:
     if "loss_curve" in summary:
         summary["loss_curve"] = client.url + summary["loss_curve"]
     print(json.dumps(summary))
-    return 0 if job.status == "succeeded" else 1
+    return 0 if job.status == JobStatus.SUCCEEDED else 1
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
@@ -312,7 +314,7 @@ def cmd_serve(args) -> None:
     from services.common.settings import get_settings
 
     setup_logging(json_logs=get_settings().log_json)  # uvicorn's loggers propagate to it
-    uvicorn.run("services.api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info",
+    uvicorn.run("services.embedded:create_server_app", factory=True, host=args.host, port=args.port, log_level="info",
                 log_config=None)
 
 
@@ -326,7 +328,7 @@ def cmd_reconcile(args) -> None:
     import json
     import threading
 
-    from services.api.queue import CeleryQueue
+    from services.common.broker import CeleryQueue
     from services.common.reconciler import Reconciler
     from services.common.settings import get_settings
 

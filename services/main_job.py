@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from b4m_client import Client
+from b4m_contract.jobs import JobStatus
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD, reference_folder
 
 PROMPT = "a large {content} in {style} style in the center on a white background"
@@ -76,7 +77,7 @@ def run_on(client: Client, out: Path, contents: list[str], styles: list[str], br
                             idempotency_key=f"main-job-fuse-{c}-{s}-{make_steps}")
             client.wait(f.job_id, on_progress=_progress(f"fuse {c} x {s}"), timeout=1800)
             g = client.generate(PROMPT, fusion_id=f.id, seed=0, num_images=1, wait=120)
-            if g.status != "succeeded":
+            if g.status != JobStatus.SUCCEEDED:
                 client.wait(g.job_id, on_progress=_progress(f"generate {c} x {s}"), timeout=600)
             path = out / f"{c}_x_{s}.png"
             path.write_bytes(client.image(g.id, 0))

@@ -1,44 +1,135 @@
+"""Fixtures every test folder shares: tiny models, databases, an S3 endpoint, and the rules
+for markers (a test that needs a service the machine lacks is skipped with the reason)
+and for processes (whatever a test started is stopped when it ends, fails or times out)."""
+
 import os
+import shutil
 import socket
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 from sqlalchemy import create_engine, text
 
-from b4m_core.data import Concept
-from b4m_core.models import load_base
-from b4m_core.tiny import build_tiny_sd, build_tiny_sdxl
+from .helpers.images import random_images
+from .helpers.processes import free_port, scaled, spawn, stop, stop_started, wait_until
 
-torch.set_num_threads(2)
+PG_ADMIN = os.environ.get("B4M_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("B4M_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+TEST_TIMEOUT_S = 600
 
 
+# ---------------------------------------------------------------- markers: skip what cannot run here
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _postgres_missing() -> str | None:
+    try:
+        engine = create_engine(PG_ADMIN, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return None
+    except Exception as exc:
+        return f"PostgreSQL not reachable at {PG_ADMIN}: {type(exc).__name__}"
+
+
+def _redis_missing() -> str | None:
+    host_port = REDIS_URL.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    if not _reachable(host, int(port)):
+        return f"Redis not reachable at {REDIS_URL}"
+    if shutil.which("redis-server") is None:
+        return "redis-server not installed (fault tests start their own)"
+    return None
+
+
+def _browser_missing() -> str | None:
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        return "chromium not installed"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright not installed"
+    return None
+
+
+def _gpu_missing() -> str | None:
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA device"
+
+
+MISSING = {"postgres": _postgres_missing, "redis": _redis_missing, "browser": _browser_missing, "gpu": _gpu_missing}
+_missing_cache: dict[str, str | None] = {}
+
+
+def missing(marker: str) -> str | None:
+    if marker not in _missing_cache:
+        _missing_cache[marker] = MISSING[marker]()
+    return _missing_cache[marker]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for marker, _ in MISSING.items():
+            if item.get_closest_marker(marker) and (why := missing(marker)):
+                item.add_marker(pytest.mark.skip(reason=why))
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(scaled(TEST_TIMEOUT_S)))
+
+
+@pytest.fixture(autouse=True)
+def _stop_test_processes():
+    """Whatever process the test started (helpers.processes.spawn) is stopped with its group."""
+    yield
+    stop_started("test")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_fixture_processes():
+    yield
+    stop_started()
+
+
+# ---------------------------------------------------------------- tiny models
 @pytest.fixture(scope="session")
 def tiny_sd_path(tmp_path_factory):
+    from b4m_core.tiny import build_tiny_sd
+
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_path(tmp_path_factory):
+    from b4m_core.tiny import build_tiny_sdxl
+
     return build_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "model")
 
 
 @pytest.fixture(scope="session")
 def sd(tiny_sd_path):
+    import torch
+
+    from b4m_core.models import load_base
+
+    torch.set_num_threads(2)
     return load_base(str(tiny_sd_path), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def sdxl(tiny_sdxl_path):
+    from b4m_core.models import load_base
+
     return load_base(str(tiny_sdxl_path), device="cpu")
 
 
@@ -47,20 +138,10 @@ def any_base(request):
     return request.getfixturevalue(request.param)
 
 
-def random_images(seed: int, n: int, size=(40, 48)):
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def write_images(folder, seed: int, n: int):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(random_images(seed, n)):
-        im.save(folder / f"{i:02d}.png")
-    return folder
-
-
 @pytest.fixture
 def concepts():
+    from b4m_core.data import Concept
+
     content = Concept("content", random_images(0, 3), "dog")
     style = Concept("style", random_images(1, 2), "watercolor")
     aux_styles = [Concept("style", random_images(10 + i, 2), f"style{i}", token=f"as{i}") for i in range(3)]
@@ -69,12 +150,11 @@ def concepts():
 
 
 # ---------------------------------------------------------------- databases
-PG_ADMIN = os.environ.get("B4M_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
-
-
 @pytest.fixture
 def pg_url():
     """A fresh database on the machine's PostgreSQL, dropped afterwards."""
+    if why := missing("postgres"):
+        pytest.skip(why)
     name = f"b4m_test_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
     with admin.connect() as c:
@@ -85,7 +165,7 @@ def pg_url():
     admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'b4m.db'}"
@@ -93,27 +173,21 @@ def db_url(request, tmp_path):
 
 
 # ---------------------------------------------------------------- S3 (moto_server over HTTP)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    port = _free_port()
+    port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = spawn([str(exe), "-H", "127.0.0.1", "-p", str(port)], owner="fixture", stdout=open(os.devnull, "w"),
+                 stderr=open(os.devnull, "w"))
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
+
+    def up() -> bool:
         try:
             urllib.request.urlopen(url, timeout=0.5)
-            break
+            return True
         except Exception:
-            time.sleep(0.1)
+            return False
+
+    wait_until(up, 30, "moto_server to start", interval=0.1)
     yield url
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
+    stop(proc, grace=10)

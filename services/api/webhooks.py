@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import or_, select, update
 
-from ..common.jobs import TERMINAL
+from b4m_contract.jobs import TERMINAL
 from ..common.models import Job, Tenant, utcnow
 from ..common.settings import Settings
-from ..common.signing import new_secret, sign
+from b4m_contract.signing import new_secret, sign
 
 log = logging.getLogger("b4m.webhooks")
 CLAIM_S = 60.0  # a claimed delivery is ours for this long (a dispatcher that dies frees it)

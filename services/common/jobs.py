@@ -11,18 +11,42 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable
+from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import JOB_STATUSES, Job, utcnow
+from b4m_contract.jobs import JOB_QUEUES, TERMINAL, JobStatus, JobType
 
-TERMINAL = ("succeeded", "failed", "canceled")
-# Training and generation get separate queues, so a long training never delays a drawing.
-JOB_QUEUES = {"train_content": "training", "train_style": "training", "fuse": "training", "generate": "generation"}
+from .models import Adapter, Asset, Fusion, Generation, Job, utcnow
+
+# short names for the conditional updates (plain strings, as the database column holds them)
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (status.value for status in JobStatus)
+
+
+@dataclass(frozen=True)
+class NewAdapter:
+    """An adapter file a job uploaded; its row is written when the job succeeds."""
+
+    id: str
+    kind: str
+    method: str
+    storage_key: str
+    sha256: str
+    size: int
+    meta: dict
+
+
+@dataclass
+class JobResult:
+    """What an attempt made, committed by `JobStore.finish` with `succeeded`: a training or
+    fusion job's adapter, or a generation's images ({key, sha256} each), plus extra outputs."""
+
+    adapter: NewAdapter | None = None
+    images: list[dict] | None = None
+    outputs: dict = field(default_factory=dict)
 
 
 class IdempotencyConflict(Exception):
@@ -48,11 +72,12 @@ class JobStore:
             raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
         return job
 
-    def add(self, session: Session, tenant_id: str, type: str, target_id: str, queue: str,
+    def add(self, session: Session, tenant_id: str, type: JobType, target_id: str,
             idempotency_key: str | None = None, body_hash: str | None = None, max_attempts: int = 3,
             webhook_url: str | None = None) -> Job:
         """Add a queued job to `session` (committed with the resource it belongs to)."""
-        job = Job(tenant_id=tenant_id, type=type, target_id=target_id, queue=queue, idempotency_key=idempotency_key,
+        job = Job(tenant_id=tenant_id, type=type, target_id=target_id, queue=JOB_QUEUES[type],
+                  idempotency_key=idempotency_key,
                   request_hash=body_hash, max_attempts=max_attempts, enqueued_at=utcnow(), webhook_url=webhook_url,
                   webhook_status="pending" if webhook_url else None)
         session.add(job)
@@ -65,8 +90,8 @@ class JobStore:
     def list(self, tenant_id: str, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
         q = select(Job).where(Job.tenant_id == tenant_id)
         if status:
-            if status not in JOB_STATUSES:
-                raise ValueError(f"status must be one of {JOB_STATUSES}")
+            if status not in set(JobStatus):
+                raise ValueError(f"status must be one of {', '.join(JobStatus)}")
             q = q.where(Job.status == status)
         with self.sessions() as s:
             total = s.scalar(select(func.count()).select_from(q.subquery()))
@@ -76,9 +101,9 @@ class JobStore:
     def request_cancel(self, tenant_id: str, job_id: str) -> Job | None:
         """Queued jobs end at once; running ones get the flag their loop checks between steps."""
         with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "queued")
-                      .values(status="canceled", finished_at=utcnow(), cancel_requested=True))
-            s.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == "running")
+            s.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == QUEUED)
+                      .values(status=CANCELED, finished_at=utcnow(), cancel_requested=True))
+            s.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == RUNNING)
                       .values(cancel_requested=True))
         return self.get(tenant_id, job_id)
 
@@ -95,16 +120,16 @@ class JobStore:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.status in TERMINAL:
                 return None
-            if job.status == "running" and job.lease_expires_at and _aware(job.lease_expires_at) > now:
+            if job.status == RUNNING and job.lease_expires_at and _aware(job.lease_expires_at) > now:
                 return None
             if job.cancel_requested:
-                job.status, job.finished_at = "canceled", now
+                job.status, job.finished_at = CANCELED, now
                 return None
             if job.attempts >= job.max_attempts:
-                job.status, job.finished_at = "failed", now
+                job.status, job.finished_at = FAILED, now
                 job.error = job.error or f"gave up after {job.attempts} attempts"
                 return None
-            job.status, job.attempts = "running", job.attempts + 1
+            job.status, job.attempts = RUNNING, job.attempts + 1
             job.claim_token = uuid.uuid4().hex
             job.lease_expires_at = now + timedelta(seconds=lease_s)
             job.started_at = job.started_at or now
@@ -115,13 +140,13 @@ class JobStore:
     def heartbeat(self, job_id: str, token: str, lease_s: float) -> bool:
         """Renew this attempt's lease; False when the attempt no longer holds the job."""
         with self.sessions() as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == "running")
+            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
                             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
             return res.rowcount == 1
 
     def progress(self, job_id: str, step: int, total: int, loss: float | None = None) -> None:
         with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+            s.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING)
                       .values(progress_step=step, progress_total=total, loss=loss, updated_at=utcnow()))
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -137,69 +162,81 @@ class JobStore:
         """List a preview image (a storage key) in the job's outputs while this attempt holds it."""
         with self.sessions() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
-            if job is None or job.status != "running" or job.claim_token != token:
+            if job is None or job.status != RUNNING or job.claim_token != token:
                 return False
             outputs = dict(job.outputs or {})
             outputs["previews"] = [k for k in outputs.get("previews", []) if k != key] + [key]
             job.outputs = outputs
             return True
 
-    def finish(self, job_id: str, token: str, write: Callable[[Session], dict]) -> dict:
+    def finish(self, job_id: str, token: str, result: JobResult) -> dict:
         """Commit an attempt's results and `succeeded` in one transaction.
 
-        `write` adds the result rows (adapter, image list) in the same transaction, so a
-        job that succeeds has exactly one result and one that lost its claim has none.
-        Raises ClaimLost when this attempt no longer holds the job."""
+        The result rows (the adapter and the asset or fusion pointing at it, or the
+        generation's images) are written in the same transaction, so a job that succeeds
+        has exactly one result and one that lost its claim has none. Raises ClaimLost
+        when this attempt no longer holds the job."""
         with self.sessions() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
-            if job is None or job.status != "running" or job.claim_token != token:
+            if job is None or job.status != RUNNING or job.claim_token != token:
                 raise ClaimLost(f"job {job_id} is no longer held by this attempt")
-            outputs = write(s)
+            outputs = {**_write_result(s, job, result), **result.outputs}
             if (job.outputs or {}).get("previews"):  # drawn during training: they stay with the job
                 outputs = {**outputs, "previews": job.outputs["previews"]}
-            job.status, job.outputs, job.finished_at = "succeeded", outputs, utcnow()
+            job.status, job.outputs, job.finished_at = SUCCEEDED, outputs, utcnow()
             job.claim_token, job.lease_expires_at = None, None
             return outputs
 
     def cancel(self, job_id: str, token: str | None = None) -> bool:
-        return self._end(job_id, "canceled", token)
+        return self._end(job_id, CANCELED, token)
 
     def fail(self, job_id: str, error: str, retry: bool = True, token: str | None = None) -> str:
         """Record an error; back to `queued` while attempts remain (and retry), else `failed`."""
         with self.sessions() as s, s.begin():
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.status in TERMINAL:
-                return job.status if job else "missing"
+                return job.status if job else "missing"  # not a status: nothing to do
             if token is not None and job.claim_token != token:
                 return "lost"  # another attempt holds the job now: leave it alone
             job.error = error[:4000]
             job.claim_token, job.lease_expires_at = None, None
             if retry and job.attempts < job.max_attempts and not job.cancel_requested:
-                job.status, job.enqueued_at = "queued", utcnow()
+                job.status, job.enqueued_at = QUEUED, utcnow()
             else:
-                job.status, job.finished_at = "failed", utcnow()
+                job.status, job.finished_at = FAILED, utcnow()
             return job.status
 
     def defer(self, job_id: str, token: str) -> str:
         """Back to `queued` without using up an attempt: the job waits on another one."""
         with self.sessions() as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == "running")
-                            .values(status="queued", attempts=Job.attempts - 1, claim_token=None,
+            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
+                            .values(status=QUEUED, attempts=Job.attempts - 1, claim_token=None,
                                     lease_expires_at=None, enqueued_at=utcnow()))
-            return "queued" if res.rowcount == 1 else "lost"
-
-    def mark_enqueued(self, job_ids: list[str]) -> None:
-        with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id.in_(job_ids)).values(enqueued_at=utcnow()))
+            return QUEUED if res.rowcount == 1 else "lost"
 
     def _end(self, job_id: str, status: str, token: str | None = None) -> bool:
-        q = update(Job).where(Job.id == job_id, Job.status == "running")
+        q = update(Job).where(Job.id == job_id, Job.status == RUNNING)
         if token is not None:
             q = q.where(Job.claim_token == token)
         values = {"status": status, "finished_at": utcnow(), "updated_at": utcnow(), "claim_token": None,
                   "lease_expires_at": None}
         with self.sessions() as s, s.begin():
             return s.execute(q.values(**values)).rowcount == 1
+
+
+def _write_result(s: Session, job: Job, result: JobResult) -> dict:
+    if result.adapter is not None:
+        a = result.adapter
+        s.add(Adapter(id=a.id, tenant_id=job.tenant_id, kind=a.kind, method=a.method, storage_key=a.storage_key,
+                      sha256=a.sha256, size=a.size, meta=a.meta))
+        s.flush()
+        owner = Fusion if job.type == JobType.FUSE else Asset
+        s.get(owner, job.target_id).adapter_id = a.id
+        return {"adapter_id": a.id}
+    if result.images is not None:
+        s.get(Generation, job.target_id).images = result.images
+        return {"images": len(result.images)}
+    return {}
 
 
 class NotReady(Exception):

@@ -15,9 +15,7 @@ from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integ
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-JOB_TYPES = ("train_content", "train_style", "fuse", "generate")
-ASSET_KINDS = ("content", "style")
+from b4m_contract.jobs import JobStatus
 
 
 def new_id() -> str:
@@ -142,7 +140,7 @@ class Job(Base):
     type: Mapped[str] = mapped_column(String(32))
     target_id: Mapped[str] = mapped_column(String(32), index=True)  # asset, fusion or generation id
     queue: Mapped[str] = mapped_column(String(32), default="training")
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     progress_step: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int] = mapped_column(Integer, default=0)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)

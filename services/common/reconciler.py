@@ -21,6 +21,7 @@ from typing import Callable
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from .jobs import CANCELED, FAILED, QUEUED, RUNNING
 from .models import Job, utcnow
 from .settings import Settings
 
@@ -49,29 +50,29 @@ class Reconciler:
             if s.get_bind().dialect.name == "postgresql" and not s.scalar(
                     text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK}):
                 return report  # another sweep is running
-            live = Job.status.in_(("queued", "running"))
+            live = Job.status.in_((QUEUED, RUNNING))
             for job in s.scalars(select(Job).where(live, Job.created_at < now - timedelta(seconds=st.job_deadline_s))
                                  .with_for_update(skip_locked=True)):
-                job.status, job.finished_at, job.cancel_requested = "failed", now, True
+                job.status, job.finished_at, job.cancel_requested = FAILED, now, True
                 job.claim_token = job.lease_expires_at = None
                 job.error = f"deadline exceeded: not finished {st.job_deadline_s} s after it was created"
                 report["deadline"].append(job.id)
                 ended_checkpoints.append(job.checkpoint_key)
-            for job in s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)
+            for job in s.scalars(select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now)
                                  .with_for_update(skip_locked=True)):
                 job.claim_token = job.lease_expires_at = None
                 if job.attempts >= job.max_attempts or job.cancel_requested:
-                    job.status, job.finished_at = ("canceled" if job.cancel_requested else "failed"), now
+                    job.status, job.finished_at = (CANCELED if job.cancel_requested else FAILED), now
                     job.error = job.error or f"worker lost in each of {job.attempts} attempts"
                     report["gave_up"].append(job.id)
                     ended_checkpoints.append(job.checkpoint_key)
                 else:
-                    job.status, job.enqueued_at = "queued", now
+                    job.status, job.enqueued_at = QUEUED, now
                     send.append((job.id, job.type))
                     report["lease_expired"].append(job.id)
             if waiting is not None:
                 stale = now - timedelta(seconds=st.requeue_grace_s)
-                for job in s.scalars(select(Job).where(Job.status == "queued", or_(
+                for job in s.scalars(select(Job).where(Job.status == QUEUED, or_(
                         Job.enqueued_at.is_(None), Job.enqueued_at < stale)).with_for_update(skip_locked=True)):
                     if job.id not in waiting:
                         job.enqueued_at = now

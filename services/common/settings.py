@@ -11,8 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from typing import TYPE_CHECKING
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from .storage import ObjectStore
 
 
 class Settings(BaseSettings):
@@ -56,7 +61,7 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(self.data_dir / 'b4m.db').resolve()}"
 
-    def object_store(self):
+    def object_store(self) -> "ObjectStore":
         from .storage import LocalStore, S3Store
 
         if self.storage == "s3":

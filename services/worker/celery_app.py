@@ -11,9 +11,10 @@ from functools import lru_cache
 from celery import Celery
 from celery.signals import worker_init
 
+from b4m_contract.jobs import JOB_QUEUES, JobStatus, JobType
+
 from ..common.broker import task_id
 from ..common.settings import get_settings
-from ..common.jobs import JOB_QUEUES as QUEUES
 
 settings = get_settings()
 app = Celery("b4m", broker=settings.broker_url or "memory://")
@@ -59,19 +60,15 @@ def run_job_task(job_id: str) -> str:
     from .runner import run_job
 
     status = run_job(context(), job_id)
-    if status == "queued":  # a retryable failure: try again after a pause
-        run_job_task.apply_async((job_id,), countdown=5, queue=QUEUES.get(_job_type(job_id), "training"),
+    if status == JobStatus.QUEUED:  # a retryable failure: try again after a pause
+        run_job_task.apply_async((job_id,), countdown=5, queue=JOB_QUEUES[_job_type(job_id)],
                                  task_id=task_id(job_id))
     return status
 
 
-def _job_type(job_id: str) -> str:
+def _job_type(job_id: str) -> JobType:
     from ..common.models import Job
 
     with context().sessions() as s:
         job = s.get(Job, job_id)
-        return job.type if job else "train_content"
-
-
-def enqueue(job_id: str, job_type: str) -> None:
-    run_job_task.apply_async((job_id,), queue=QUEUES[job_type], task_id=task_id(job_id))
+        return JobType(job.type) if job else JobType.TRAIN_CONTENT

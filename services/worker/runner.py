@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from sqlalchemy import select
 
@@ -23,12 +22,15 @@ from b4m_core.generation import GenerationRequest, Generator
 from b4m_core.models import BaseModel, load_base
 from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
 
-from ..common.db import make_engine, session_factory
-from ..common.jobs import ClaimLost, JobStore, NotReady
-from ..common.models import Adapter as AdapterRow
+from b4m_contract.jobs import JobStatus, JobType
+
 from ..common.charts import loss_curve_png
-from ..common.observability import current_job
+from ..common.db import make_engine, session_factory
+from ..common.jobs import ClaimLost, JobResult, JobStore, NewAdapter, NotReady
+from ..common.models import Adapter as AdapterRow
 from ..common.models import Asset, Fusion, Generation, Job, new_id
+from ..common.observability import current_job
+from ..common.queries import Training, describe_unready, owned, training_state
 from ..common.settings import Settings
 from ..common.storage import object_key
 
@@ -73,22 +75,15 @@ def _load_adapter(ctx: WorkerContext, session, adapter_id: str) -> Adapter:
     return Adapter.from_bytes(ctx.store.get(row.storage_key, expected_sha256=row.sha256))
 
 
-def _adapter_result(ctx: WorkerContext, attempt: "Attempt", adapter: Adapter, owner) -> Callable:
-    """Upload the adapter now; its row, and the `owner` row (asset or fusion) pointing at it,
-    are written by `JobStore.finish` in the transaction that marks the job succeeded."""
+def _adapter_result(ctx: WorkerContext, attempt: "Attempt", adapter: Adapter) -> JobResult:
+    """Upload the adapter now; its row, and the asset or fusion pointing at it, are written
+    by `JobStore.finish` in the transaction that marks the job succeeded."""
     job = attempt.job
     adapter_id = new_id()
     obj = ctx.store.put(object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes())
     attempt.uploaded.append(obj.key)
-
-    def write(s) -> dict:
-        s.add(AdapterRow(id=adapter_id, tenant_id=job.tenant_id, kind=adapter.kind, method=adapter.method,
-                         storage_key=obj.key, sha256=obj.sha256, size=obj.size, meta=adapter.metadata()))
-        s.flush()
-        s.get(owner, job.target_id).adapter_id = adapter_id
-        return {"adapter_id": adapter_id}
-
-    return write
+    return JobResult(adapter=NewAdapter(id=adapter_id, kind=adapter.kind, method=adapter.method, storage_key=obj.key,
+                                        sha256=obj.sha256, size=obj.size, meta=adapter.metadata()))
 
 
 @dataclass
@@ -146,10 +141,10 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
                  preview=preview, preview_every=ctx.settings.preview_every)
 
 
-def _train(ctx: WorkerContext, attempt: Attempt):
+def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
     job = attempt.job
     with ctx.sessions() as s:
-        asset = s.scalars(select(Asset).where(Asset.id == job.target_id, Asset.tenant_id == job.tenant_id)).one()
+        asset = owned(s, Asset, job.tenant_id, job.target_id)
         concept = _concept(ctx, asset)
         aux = [_concept(ctx, a) for a in s.scalars(select(Asset).where(
             Asset.tenant_id == job.tenant_id, Asset.id.in_(asset.aux_asset_ids or []))).all()]
@@ -163,22 +158,20 @@ def _train(ctx: WorkerContext, attempt: Attempt):
                       aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
                       checkpoint_every=ctx.settings.checkpoint_every)
     adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=_hooks(ctx, attempt))
-    return _adapter_result(ctx, attempt, adapter, Asset)
+    return _adapter_result(ctx, attempt, adapter)
 
 
-def _fuse(ctx: WorkerContext, attempt: Attempt):
+def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
     job = attempt.job
     with ctx.sessions() as s:
-        fusion = s.scalars(select(Fusion).where(Fusion.id == job.target_id, Fusion.tenant_id == job.tenant_id)).one()
+        fusion = owned(s, Fusion, job.tenant_id, job.target_id)
         content, style = s.get(Asset, fusion.content_id), s.get(Asset, fusion.style_id)
         for asset in (content, style):
-            if asset.adapter_id:
-                continue
-            training = s.scalars(select(Job).where(Job.target_id == asset.id, Job.tenant_id == job.tenant_id)
-                                 .order_by(Job.created_at.desc())).first()
-            if training is not None and training.status in ("queued", "running"):
-                raise NotReady(f"{asset.kind} {asset.id} is still training")
-            raise ConfigError(f"{asset.kind} {asset.id} has no adapter: its training did not succeed")
+            state, training = training_state(s, asset)
+            if state == Training.PENDING:
+                raise NotReady(describe_unready(asset, training))
+            if state == Training.FAILED:
+                raise ConfigError(describe_unready(asset, training))
         ca, sa = _load_adapter(ctx, s, content.adapter_id), _load_adapter(ctx, s, style.adapter_id)
         cset, sset = _concept(ctx, content), _concept(ctx, style)
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
@@ -187,14 +180,13 @@ def _fuse(ctx: WorkerContext, attempt: Attempt):
     fused = fuse(base, ca, sa, cset, sset, method=method,
                  cfg=TrainConfig(steps=steps, learning_rate=lr, checkpoint_every=ctx.settings.checkpoint_every),
                  hooks=_hooks(ctx, attempt))
-    return _adapter_result(ctx, attempt, fused, Fusion)
+    return _adapter_result(ctx, attempt, fused)
 
 
-def _generate(ctx: WorkerContext, attempt: Attempt):
+def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
     job = attempt.job
     with ctx.sessions() as s:
-        g = s.scalars(select(Generation).where(Generation.id == job.target_id,
-                                               Generation.tenant_id == job.tenant_id)).one()
+        g = owned(s, Generation, job.tenant_id, job.target_id)
         adapter_id, base_name = None, ctx.settings.base_model
         if g.fusion_id:
             f = s.get(Fusion, g.fusion_id)
@@ -218,15 +210,11 @@ def _generate(ctx: WorkerContext, attempt: Attempt):
                             content_type="image/png")
         attempt.uploaded.append(obj.key)
         out.append({"key": obj.key, "sha256": obj.sha256})
-
-    def write(s) -> dict:
-        s.get(Generation, job.target_id).images = out
-        return {"images": len(out)}
-
-    return write
+    return JobResult(images=out)
 
 
-HANDLERS = {"train_content": _train, "train_style": _train, "fuse": _fuse, "generate": _generate}
+HANDLERS = {JobType.TRAIN_CONTENT: _train, JobType.TRAIN_STYLE: _train, JobType.FUSE: _fuse,
+            JobType.GENERATE: _generate}
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> str:
@@ -258,7 +246,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     started = time.perf_counter()
     log.info("%s attempt %d of %d started", job.type, job.attempts, job.max_attempts)
     try:
-        write = HANDLERS[job.type](ctx, attempt)
+        result = HANDLERS[job.type](ctx, attempt)
         extra = {"resumed_from_step": attempt.resumed_from_step} if attempt.resumed_from_step else {}
         if attempt.losses:  # a picture of the training, served at GET /jobs/{id}/loss.png
             steps, losses = zip(*attempt.losses)
@@ -267,11 +255,12 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
                                 content_type="image/png")
             attempt.uploaded.append(obj.key)
             extra["loss_curve"] = obj.key
-        ctx.jobs.finish(job.id, attempt.token, lambda s: {**write(s), **extra})
+        result.outputs.update(extra)
+        ctx.jobs.finish(job.id, attempt.token, result)
         attempt.uploaded.clear()  # committed: they are the job's results now
         _drop_checkpoint(ctx, job)
         log.info("%s succeeded in %.1f s", job.type, time.perf_counter() - started)
-        return "succeeded"
+        return JobStatus.SUCCEEDED
     except NotReady as exc:  # run it again later, without using an attempt
         log.info("job %s waits: %s", job.id, exc)
         return ctx.jobs.defer(job.id, attempt.token)
@@ -281,14 +270,14 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     except TrainingCanceled:
         _drop_checkpoint(ctx, job)
         ctx.jobs.cancel(job.id, attempt.token)
-        return "canceled"
+        return JobStatus.CANCELED
     except ConfigError as exc:  # bad input: retrying cannot help
         _drop_checkpoint(ctx, job)
         return ctx.jobs.fail(job.id, str(exc), retry=False, token=attempt.token)
     except Exception as exc:  # infrastructure: retry while attempts remain (resuming from the checkpoint)
         log.exception("job %s failed", job.id)
         status = ctx.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", retry=True, token=attempt.token)
-        if status == "failed":
+        if status == JobStatus.FAILED:
             _drop_checkpoint(ctx, job)
         return status
     finally:

@@ -8,14 +8,14 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from services.api.app import create_app
+from services.embedded import create_embedded_app as create_app
 from services.api.webhooks import UnsafeWebhook, WebhookDispatcher, check_url
 from services.common.db import make_engine, migrate, session_factory
 from services.common.models import Job, Tenant
 from services.common.settings import Settings
 
-from .faults import free_port
-from .test_client_cli import Receiver
+from ..helpers.processes import free_port
+from ..helpers.webhooks import Receiver
 
 
 @pytest.fixture

@@ -23,7 +23,10 @@ from services.common.models import Adapter as AdapterRow
 from services.common.models import Asset, Fusion, Generation, ReferenceImage, Tenant
 from services.common.storage import S3Store, object_key
 
-from .conftest import random_images
+from ..helpers.images import random_images
+from ..helpers.faults import start_worker
+from ..helpers.processes import stop
+from ..helpers.rows import add_asset
 
 REDIS_DB = 7
 
@@ -40,16 +43,12 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
                B4M_S3_SECRET_KEY="test", B4M_DEVICE="cpu", B4M_CHECKPOINT_EVERY="2", HF_HUB_OFFLINE="1",
                B4M_BASE_MODEL=str(tiny_sd_path))
     store = S3Store(bucket, endpoint_url=s3_endpoint, access_key="test", secret_key="test", create_bucket=True)
-    log = open(tmp_path / "worker.log", "w")
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "services.worker.celery_app", "worker",
-                               "--pool=solo", "--concurrency=1", "-Q", "training,generation", "-l", "info"],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    worker = start_worker(env, tmp_path / "worker.log")
     engine = make_engine(pg_url)
     client = Celery(broker=env["B4M_BROKER_URL"])
     yield {"sessions": session_factory(engine), "store": store, "client": client, "base": str(tiny_sd_path),
            "log": tmp_path / "worker.log"}
-    worker.terminate()
-    worker.wait(timeout=30)
+    stop(worker)
     engine.dispose()
 
 
@@ -64,20 +63,6 @@ def _wait(jobs: JobStore, tenant: str, job_id: str, log, timeout: float = 180) -
     raise AssertionError(f"job {job_id} still {jobs.get(tenant, job_id).status}: {log.read_text()[-3000:]}")
 
 
-def _asset(s, store, tenant, kind, word, token, base, seed):
-    a = Asset(tenant_id=tenant, kind=kind, name=word, word=word, token=token, base_model=base,
-              settings={"steps": 4, "rank": 4, "alpha": 4.0})
-    s.add(a)
-    s.flush()
-    for i, im in enumerate(random_images(seed, 2)):
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        obj = store.put(object_key(tenant, "references", a.id, f"{i}.png"), buf.getvalue())
-        a.images.append(ReferenceImage(position=i, storage_key=obj.key, sha256=obj.sha256, content_type="image/png",
-                                       width=im.width, height=im.height))
-    return a
-
-
 def test_worker_trains_fuses_and_generates(stack):
     sessions, store, client = stack["sessions"], stack["store"], stack["client"]
     jobs = JobStore(sessions)
@@ -86,7 +71,7 @@ def test_worker_trains_fuses_and_generates(stack):
         with sessions() as s:
             target = session_work(s)
             s.flush()
-            job = jobs.add(s, tenant, job_type, target.id, queue)
+            job = jobs.add(s, tenant, job_type, target.id)
             s.commit()
             jid, tid = job.id, target.id
         client.send_task("b4m.run_job", args=[jid], queue=queue)
@@ -98,8 +83,8 @@ def test_worker_trains_fuses_and_generates(stack):
         s.add(t)
         s.commit()
         tenant = t.id
-    _, content_id = run(lambda s: _asset(s, store, tenant, "content", "dog", "sks", stack["base"], 0), "train_content")
-    _, style_id = run(lambda s: _asset(s, store, tenant, "style", "ink", "zwx", stack["base"], 1), "train_style")
+    _, content_id = run(lambda s: add_asset(s, store, tenant, "content", "dog", "sks", stack["base"], 0), "train_content")
+    _, style_id = run(lambda s: add_asset(s, store, tenant, "style", "ink", "zwx", stack["base"], 1), "train_style")
     job_id, fusion_id = run(lambda s: _add(s, Fusion(tenant_id=tenant, content_id=content_id, style_id=style_id,
                                                      steps=2)), "fuse")
     with sessions() as s:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .conftest import _free_port
+from ..helpers.processes import free_port as _free_port
+from ..helpers.processes import run, spawn, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,7 @@ def test_readme_walkthrough(tmp_path):
     for f in (ROOT / "out").glob("walk_*"):
         f.unlink()
     script = "set -e\ntrap 'kill $SERVER 2>/dev/null' EXIT\n" + walkthrough()
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run(["bash", "-c", script], cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert '"status":"queued"' in out.replace(" ", "")  # the 202 bodies
@@ -57,7 +58,7 @@ def test_readme_cli_walkthrough(tmp_path):
     for f in walk.glob("*") if walk.exists() else []:
         f.unlink()
     script = "set -e\ntrap 'kill $SERVER 2>/dev/null' EXIT\n" + m.group(1)
-    proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = run(["bash", "-c", script], cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "100/100" in proc.stderr and "20/20" in proc.stderr  # the progress bars
     assert re.search(r"^hexagon|\s hexagon\s", proc.stdout, re.M)  # the content list's table
@@ -77,16 +78,14 @@ def test_readme_client_example(tmp_path):
                B4M_URL=f"http://127.0.0.1:{port}")
     for f in (ROOT / "out").glob("flower_plaid*"):
         f.unlink()
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         script = ("import time, httpx\nfor _ in range(300):\n    try:\n        httpx.get('" + env["B4M_URL"] +
                   "/healthz'); break\n    except httpx.HTTPError:\n        time.sleep(0.3)\n" + m.group(1))
-        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=600)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "succeeded 100" in proc.stdout  # on_progress saw the job end
     assert (ROOT / "out/flower_plaid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -24,7 +24,7 @@ EXAMPLES = 25  # per operation and mode (valid inputs, then inputs that break th
 def fuzzed_app(tmp_path_factory, tiny_sd_path):
     from sqlalchemy import create_engine, text
 
-    from .conftest import PG_ADMIN
+    from ..conftest import PG_ADMIN
 
     name = "b4m_fuzz"
     admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
@@ -37,7 +37,7 @@ def fuzzed_app(tmp_path_factory, tiny_sd_path):
                               broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}", base_model=str(tiny_sd_path),
                               reconcile_every_s=0))
     yield app
-    app.state.engine.dispose()
+    app.state.runtime.engine.dispose()
     redis.Redis(db=REDIS_DB).flushdb()
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

@@ -9,7 +9,7 @@ from b4m_core.adapter import Adapter
 from b4m_core.config import PLPConfig, TrainConfig
 from b4m_core.training import IncompatibleAdapters, compose, fuse, train_concept
 
-from .conftest import write_images
+from ..helpers.images import write_images
 
 
 def _cli(*args):
@@ -49,7 +49,7 @@ def test_separate_processes_share_bases_and_compose_exactly(tmp_path, tiny_sd_pa
 
 @pytest.fixture(scope="module")
 def pair(sd):
-    from .conftest import random_images
+    from ..helpers.images import random_images
     from b4m_core.data import Concept
 
     content = Concept("content", random_images(0, 3), "dog")

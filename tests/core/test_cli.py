@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from b4m_core.adapter import Adapter
 
-from .conftest import write_images
+from ..helpers.images import write_images
 
 
 def b4m(*args):

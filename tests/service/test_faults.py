@@ -13,7 +13,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from services.api.queue import CeleryQueue
+from services.common.broker import CeleryQueue
 from services.common.db import make_engine, migrate, session_factory
 from services.common.jobs import JobStore
 from services.common.models import Adapter as AdapterRow
@@ -22,8 +22,10 @@ from services.common.reconciler import Reconciler
 from services.common.settings import Settings
 from services.common.storage import S3Store
 
-from .faults import RedisServer, TcpProxy, sigkill, start_worker, stop, wait_until
-from .test_worker import _asset
+from ..helpers.faults import RedisServer, TcpProxy, start_worker
+from ..helpers.images import png
+from ..helpers.processes import free_port, sigkill, spawn, stop, wait_until
+from ..helpers.rows import add_asset
 
 pytestmark = pytest.mark.timeout(300)
 LEASE_S = 2.0
@@ -60,11 +62,11 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
 
     def submit(kind: str, steps: int, seed: int) -> tuple[str, str]:
         with sessions() as s:
-            a = _asset(s, store, tenant, kind, "dog" if kind == "content" else "ink",
+            a = add_asset(s, store, tenant, kind, "dog" if kind == "content" else "ink",
                        "sks" if kind == "content" else "zwx", str(tiny_sd_path), seed)
             a.settings = {"steps": steps, "rank": 4, "alpha": 4.0}
             s.flush()
-            job = JobStore(sessions).add(s, tenant, f"train_{kind}", a.id, "training", max_attempts=3)
+            job = JobStore(sessions).add(s, tenant, f"train_{kind}", a.id, max_attempts=3)
             s.commit()
             ids = (job.id, a.id)
         queue.enqueue(ids[0], f"train_{kind}")
@@ -180,8 +182,6 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
     started again: the running job resumes from its checkpoint, the one waiting behind it runs."""
     import httpx
 
-    from .faults import free_port
-    from .test_api import png
 
     port = free_port()
     env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), B4M_BASE_MODEL=str(tiny_sd_path), HF_HUB_OFFLINE="1",
@@ -195,8 +195,8 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
         import subprocess
         import sys
 
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                                stdout=open(tmp_path / "api.log", "a"), stderr=subprocess.STDOUT)
+        proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
+                     stdout=open(tmp_path / "api.log", "a"), stderr=subprocess.STDOUT)
         wait_until(lambda: _get(f"{url}/healthz"), 60, "the API to come up")
         return proc
 

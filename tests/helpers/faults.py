@@ -3,30 +3,14 @@ proxy to take the S3 endpoint down and bring it back, worker processes to SIGKIL
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from .processes import free_port, spawn, wait_until
 
 
 class RedisServer:
@@ -41,7 +25,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        self.proc = spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no", "--dir", str(self.folder)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
@@ -132,22 +116,9 @@ class TcpProxy:
 
 
 def start_worker(env: dict, log: Path) -> subprocess.Popen:
+    """A Celery worker process (one job at a time), as `b4m worker` runs it."""
     out = open(log, "a")
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "services.worker.celery_app", "worker",
-                             "--pool=solo", "--concurrency=1", "-Q", "training,generation", "-l", "info",
-                             "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                            env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def sigkill(proc: subprocess.Popen) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            sigkill(proc)
+    return spawn([sys.executable, "-m", "celery", "-A", "services.worker.celery_app", "worker",
+                  "--pool=solo", "--concurrency=1", "-Q", "training,generation", "-l", "info",
+                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
+                 env=env, stdout=out, stderr=subprocess.STDOUT)

@@ -10,12 +10,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .faults import free_port, stop
+from .processes import free_port, run, scaled, spawn, stop
 
 
 def b4m_cli(env: dict, *args, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run([sys.executable, "-m", "services.cli", *map(str, args)], env=env, timeout=timeout)
 
 
 class LiveServer:
@@ -35,9 +34,9 @@ class LiveServer:
             assert r.returncode == 0, r.stderr
             self.keys[name] = json.loads(r.stdout)["key"]
         self.log = open(data_dir / "server.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(self.port)],
-                                     env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        end = time.time() + 90
+        self.proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(self.port)],
+                          owner="fixture", env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        end = time.time() + scaled(90)
         while True:
             try:
                 urllib.request.urlopen(self.url + "/healthz", timeout=1)

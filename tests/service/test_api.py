@@ -8,17 +8,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from services.api.app import create_app
 from services.common.models import ApiKey, Asset, Job, Tenant
 from services.common.settings import Settings
+from services.embedded import create_embedded_app as create_app
 
-from .conftest import random_images
-
-
-def png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    random_images(seed, 1)[0].save(buf, format="PNG")
-    return buf.getvalue()
+from ..helpers.images import png, random_images
+from ..helpers.processes import free_port, run, scaled, spawn, stop
 
 
 @pytest.fixture
@@ -84,7 +79,7 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
     client, app = api
 
     def counts():
-        with app.state.sessions() as s:
+        with app.state.runtime.sessions() as s:
             return s.scalar(select(func.count(Asset.id))), s.scalar(select(func.count(Job.id)))
 
     objects = lambda: sorted(p for p in (tmp_path / "objects").rglob("*") if p.is_file())
@@ -120,7 +115,7 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
     assert client.post("/generate", json={"prompt": "x", "width": 33}).status_code == 422
     assert client.post("/generate", json={"prompt": "x", "steps": 0}).status_code == 422
     assert client.get("/jobs/unknown").status_code == 404
-    app.state.queue.join()
+    app.state.runtime.queue.join()
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -149,7 +144,7 @@ def test_idempotency_key(api):
     assert a["id"] == b["id"] and a["job_id"] == b["job_id"]
     r = client.post("/generate", json={**body, "seed": 9}, headers={"Idempotency-Key": "k1"})
     assert r.status_code == 409
-    with app.state.sessions() as s:
+    with app.state.runtime.sessions() as s:
         assert s.scalar(select(func.count(Job.id))) == 1
     # uploads too: the same images and fields again are the same asset; other fields are a conflict
     files = [("images", ("0.png", png(0), "image/png"))]
@@ -169,17 +164,17 @@ def test_idempotency_key(api):
                                 range(8)))
     assert {r.status_code for r in answers} == {202}
     assert len({r.json()["id"] for r in answers}) == 1
-    with app.state.sessions() as s:
+    with app.state.runtime.sessions() as s:
         assert s.scalar(select(func.count(Job.id)).where(Job.idempotency_key == "race")) == 1
-    app.state.queue.join()
+    app.state.runtime.queue.join()
 
 
 def test_delete_with_fusions_needs_force(api):
     client, app = api
     c, s_ = post_asset(client, "content", 0).json(), post_asset(client, "style", 5).json()
-    app.state.queue.join()
+    app.state.runtime.queue.join()
     f = client.post("/fusions", json={"content_id": c["id"], "style_id": s_["id"], "steps": 0}).json()
-    app.state.queue.join()
+    app.state.runtime.queue.join()
     assert client.delete(f"/contents/{c['id']}").status_code == 409
     assert client.delete(f"/contents/{c['id']}", params={"force": "true"}).status_code == 204
     assert client.get(f"/contents/{c['id']}").status_code == 404
@@ -190,7 +185,7 @@ def test_lists_filter_in_sql_and_fusion_delete_removes_its_adapter(api, tmp_path
     client, app = api
     ok = [post_asset(client, "content", i).json() for i in (0, 2, 4)]
     style = post_asset(client, "style", 9).json()
-    app.state.queue.join()
+    app.state.runtime.queue.join()
     bad = post_asset(client, "content", 6, steps="0")  # refused: steps >= 1
     assert bad.status_code == 422
     # a canceled one: queued behind a job that holds the in-process worker
@@ -198,7 +193,7 @@ def test_lists_filter_in_sql_and_fusion_delete_removes_its_adapter(api, tmp_path
     canceled = post_asset(client, "content", 10).json()
     assert client.post(f"/jobs/{canceled['job_id']}/cancel").json()["status"] == "canceled"
     client.post(f"/jobs/{blocker['job_id']}/cancel")
-    app.state.queue.join()
+    app.state.runtime.queue.join()
     # the status filter runs before paging: a page of 2 succeeded contents, 3 in all
     page = client.get("/contents", params={"status": "succeeded", "limit": 2}).json()
     assert page["total"] == 3 and len(page["items"]) == 2 and {i["status"] for i in page["items"]} == {"succeeded"}
@@ -207,7 +202,7 @@ def test_lists_filter_in_sql_and_fusion_delete_removes_its_adapter(api, tmp_path
     assert client.get("/contents", params={"status": "canceled"}).json()["total"] == 2
     assert client.get("/contents", params={"status": "bogus"}).status_code == 422
     f = client.post("/fusions", json={"content_id": ok[0]["id"], "style_id": style["id"], "steps": 1}).json()
-    app.state.queue.join()
+    app.state.runtime.queue.join()
     fusions = client.get("/fusions", params={"content_id": ok[0]["id"], "status": "succeeded"}).json()
     assert [x["id"] for x in fusions["items"]] == [f["id"]] and fusions["items"][0]["adapter_id"]
     assert client.get("/fusions", params={"content_id": ok[1]["id"]}).json()["total"] == 0
@@ -258,7 +253,7 @@ def test_tenants_see_only_their_own(db_url, tmp_path, tiny_sd_path):
     settings = Settings(data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu", auth=True)
     app = create_app(settings)
     keys = {}
-    with app.state.sessions() as s:
+    with app.state.runtime.sessions() as s:
         for name in ("a", "b"):
             t = Tenant(name=name)
             s.add(t)
@@ -288,16 +283,14 @@ def test_b4m_serve_answers_over_real_http(tmp_path, tiny_sd_path):
     import sys
     import urllib.request
 
-    from .conftest import _free_port
-
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), B4M_BASE_MODEL=str(tiny_sd_path), HF_HUB_OFFLINE="1")
     env.pop("B4M_DATABASE_URL", None)
     env.pop("B4M_BROKER_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(150):
+        for _ in range(int(scaled(150))):
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
                     body = r.read()
@@ -309,8 +302,7 @@ def test_b4m_serve_answers_over_real_http(tmp_path, tiny_sd_path):
         assert b'"ok"' in body
         assert (tmp_path / "b4m.db").is_file()  # the embedded default: SQLite in the data folder
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop(proc)
 
 
 def test_main_job_over_http(tmp_path):
@@ -320,9 +312,8 @@ def test_main_job_over_http(tmp_path):
 
     from PIL import Image
 
-    r = subprocess.run([sys.executable, "-m", "services.main_job", "--out", str(tmp_path), "--break-steps", "2",
-                        "--make-steps", "1", "--contents", "hexagon", "--styles", "plaid", "zigzag"],
-                       capture_output=True, text=True, timeout=600)
+    r = run([sys.executable, "-m", "services.main_job", "--out", str(tmp_path), "--break-steps", "2",
+             "--make-steps", "1", "--contents", "hexagon", "--styles", "plaid", "zigzag"], timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert Image.open(tmp_path / "grid.png").size == (3 * 68, 2 * 68)
     assert (tmp_path / "hexagon_x_zigzag.png").is_file()
@@ -338,27 +329,26 @@ def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
 
     env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
     env.pop("B4M_DATABASE_URL", None)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "services.cli", *a], env=env, capture_output=True,
-                                    text=True, timeout=120)
-    assert run("tenant", "create", "acme").returncode == 0
-    dup = run("tenant", "create", "acme")
+    cli = lambda *a: run([sys.executable, "-m", "services.cli", *a], env=env, timeout=120)
+    assert cli("tenant", "create", "acme").returncode == 0
+    dup = cli("tenant", "create", "acme")
     assert dup.returncode == 2 and "exists" in dup.stderr
-    made = run("key", "create", "acme")
+    made = cli("key", "create", "acme")
     assert made.returncode == 0, made.stderr
     key = json.loads(made.stdout)
-    assert run("key", "create", "nobody").returncode == 2
+    assert cli("key", "create", "nobody").returncode == 2
     settings = Settings(data_dir=tmp_path, base_model=str(tiny_sd_path), device="cpu", auth=True)
     app = create_app(settings)
-    with app.state.sessions() as s:
+    with app.state.runtime.sessions() as s:
         stored = s.scalars(select(ApiKey)).one()
         assert stored.key_hash == hashlib.sha256(key["key"].encode()).hexdigest() and key["key"] not in stored.prefix
     with TestClient(app) as client:
         auth = {"Authorization": f"Bearer {key['key']}"}
         assert client.get("/jobs", headers=auth).status_code == 200
         assert client.get("/jobs", headers={"Authorization": f"Bearer {key['key']}x"}).status_code == 401
-        assert run("key", "revoke", key["id"]).returncode == 0
+        assert cli("key", "revoke", key["id"]).returncode == 0
         assert client.get("/jobs", headers=auth).status_code == 401
-    listed = json.loads(run("tenant", "list").stdout)
+    listed = json.loads(cli("tenant", "list").stdout)
     assert [t["name"] for t in listed] == ["acme"] and listed[0]["keys"][0]["revoked"]
 
 

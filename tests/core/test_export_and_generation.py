@@ -24,7 +24,7 @@ def _unet_out(base_or_pipe, is_sdxl):
 
 @pytest.fixture(scope="module")
 def fused_adapters(sd, sdxl):
-    from .conftest import random_images
+    from ..helpers.images import random_images
     from b4m_core.data import Concept
 
     out = {}

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from b4m_client import B4MError, Client, JobFailed, verify_webhook
 
-from .conftest import write_images
-from .faults import free_port, wait_until
-from .live import LiveServer, b4m_cli
+from ..helpers.images import write_images
+from ..helpers.live import LiveServer, b4m_cli
+from ..helpers.processes import free_port, wait_until
+from ..helpers.webhooks import Receiver
 
 
 @pytest.fixture(scope="module")
@@ -141,31 +142,6 @@ def test_cli_server_commands(server, tmp_path):
     b4m_cli(env, "jobs", "cancel", job_id)
     r = b4m_cli(env, "jobs", "watch", job_id)
     assert r.returncode == 1 and json.loads(r.stdout.strip().splitlines()[-1])["status"] == "canceled"
-
-
-class Receiver:
-    """A webhook endpoint that fails the first `failures` deliveries with 500."""
-
-    def __init__(self, failures: int):
-        self.calls, self.failures = [], failures
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.calls.append((time.monotonic(), dict(self.headers), body))
-                self.send_response(500 if len(outer.calls) <= outer.failures else 204)
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
 
 
 def test_webhook_signed_retried_with_backoff(server, tmp_path):

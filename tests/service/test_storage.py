@@ -5,7 +5,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import _free_port
+from ..helpers.processes import free_port as _free_port
 from services.common.storage import IntegrityError, LocalStore, S3Store, StorageError, object_key, sha256
 
 

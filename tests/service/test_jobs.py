@@ -5,7 +5,7 @@ import pytest
 from services.common.db import make_engine, migrate, session_factory
 import time
 
-from services.common.jobs import ClaimLost, IdempotencyConflict, JobStore, request_hash
+from services.common.jobs import ClaimLost, IdempotencyConflict, JobResult, JobStore, NewAdapter, request_hash
 from services.common.models import Adapter, Asset, Job, Tenant
 from services.common.reconciler import Reconciler
 from services.common.settings import Settings
@@ -30,7 +30,7 @@ def store(db_url):
 
 def _new_job(store, sessions, tenant, target, key=None, body=None, max_attempts=3):
     with sessions() as s:
-        job = store.add(s, tenant, "train_content", target, "training", idempotency_key=key,
+        job = store.add(s, tenant, "train_content", target, idempotency_key=key,
                         body_hash=request_hash(body) if body is not None else None, max_attempts=max_attempts)
         s.commit()
         return job.id
@@ -57,11 +57,11 @@ def test_lifecycle_progress_and_no_resurrection(store):
     jobs.progress(jid, 5, 10, 0.25)
     got = jobs.get(a, jid)
     assert (got.progress_step, got.progress_total, got.loss) == (5, 10, 0.25)
-    assert jobs.finish(jid, job.claim_token, lambda s: {"adapter_id": "x"}) == {"adapter_id": "x"}
-    assert jobs.get(a, jid).outputs == {"adapter_id": "x"}
+    assert jobs.finish(jid, job.claim_token, JobResult(outputs={"x": 1})) == {"x": 1}
+    assert jobs.get(a, jid).outputs == {"x": 1}
     assert jobs.start(jid) is None  # a redelivered message cannot run a finished job
     with pytest.raises(ClaimLost):
-        jobs.finish(jid, job.claim_token, lambda s: {})
+        jobs.finish(jid, job.claim_token, JobResult())
     assert jobs.fail(jid, "late") == "succeeded"
 
 
@@ -107,16 +107,17 @@ def test_an_expired_lease_hands_the_job_to_the_next_attempt_and_only_it_commits(
     assert fresh is not None and fresh.attempts == 2 and fresh.claim_token != stale.claim_token
     assert not jobs.heartbeat(jid, stale.claim_token, 30)  # the stale attempt learns it lost the job
 
-    def write(s):
-        s.add(Adapter(tenant_id=a, kind="content", method="b4m", storage_key="k", sha256="0" * 64, size=1))
-        return {"ok": True}
+    def result(adapter_id: str) -> JobResult:
+        return JobResult(adapter=NewAdapter(id=adapter_id, kind="content", method="b4m", storage_key="k",
+                                            sha256="0" * 64, size=1, meta={}), outputs={"ok": True})
 
     with pytest.raises(ClaimLost):
-        jobs.finish(jid, stale.claim_token, write)
+        jobs.finish(jid, stale.claim_token, result("a" * 32))
     assert jobs.fail(jid, "stale attempt crashed", token=stale.claim_token) == "lost"
-    assert jobs.finish(jid, fresh.claim_token, write) == {"ok": True}
-    with sessions() as s:  # exactly one result: the stale attempt's write was rolled back
+    assert jobs.finish(jid, fresh.claim_token, result("b" * 32)) == {"adapter_id": "b" * 32, "ok": True}
+    with sessions() as s:  # exactly one result, the asset points at it: the stale attempt wrote nothing
         assert s.query(Adapter).count() == 1
+        assert s.get(Asset, asset).adapter_id == "b" * 32
 
 
 def test_reconciler_requeues_lost_workers_resends_lost_messages_and_ends_overdue_jobs(store):

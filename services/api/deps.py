@@ -1,0 +1,88 @@
+"""Typed dependencies of the routes: the runtime's parts, a database session, the caller's tenant.
+
+`Runtime` is what `create_app` builds once per process (settings, database, job store,
+object store, queue); routes ask for the parts they use by type, e.g.
+`def get_job(job_id: str, tenant: TenantId, jobs: Jobs)`."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Iterator
+
+from fastapi import Depends, Header, HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ..common.broker import JobQueue
+from ..common.jobs import JobStore
+from ..common.models import ApiKey, Tenant
+from ..common.settings import Settings
+from ..common.storage import ObjectStore
+from ..common.tenants import hash_key
+
+DEFAULT_TENANT = "default"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    jobs: JobStore
+    store: ObjectStore
+    queue: JobQueue
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _session(rt: Annotated[Runtime, Depends(runtime)]) -> Iterator[Session]:
+    with rt.sessions() as s:
+        yield s
+
+
+def _tenant(s: Annotated[Session, Depends(_session)], rt: Annotated[Runtime, Depends(runtime)],
+            authorization: Annotated[str | None, Header()] = None) -> str:
+    """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off."""
+    if not rt.settings.auth:
+        t = s.scalars(select(Tenant).where(Tenant.name == DEFAULT_TENANT)).first()
+        if t is None:
+            t = Tenant(name=DEFAULT_TENANT)
+            s.add(t)
+            s.commit()
+        return t.id
+    if not authorization or not authorization.startswith("Bearer "):
+        raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
+    digest = hash_key(authorization[7:])
+    for key in s.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))):
+        if hmac.compare_digest(key.key_hash, digest):
+            return key.tenant_id
+    raise HTTPException(401, "invalid API key")
+
+
+def _settings(request: Request) -> Settings:
+    return runtime(request).settings
+
+
+def _jobs(request: Request) -> JobStore:
+    return runtime(request).jobs
+
+
+def _store(request: Request) -> ObjectStore:
+    return runtime(request).store
+
+
+def _queue(request: Request) -> JobQueue:
+    return runtime(request).queue
+
+
+RuntimeDep = Annotated[Runtime, Depends(runtime)]
+AppSettings = Annotated[Settings, Depends(_settings)]
+DbSession = Annotated[Session, Depends(_session)]
+TenantId = Annotated[str, Depends(_tenant)]
+Jobs = Annotated[JobStore, Depends(_jobs)]
+Store = Annotated[ObjectStore, Depends(_store)]
+Queue = Annotated[JobQueue, Depends(_queue)]

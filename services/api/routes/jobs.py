@@ -1,0 +1,104 @@
+"""Jobs: list, show, follow live (Server-Sent Events), cancel; a job's loss curve and previews."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import StreamingResponse
+
+from b4m_contract.jobs import TERMINAL, JobStatus
+from b4m_contract.schemas import JobList, JobOut
+
+from ..deps import Jobs, RuntimeDep, TenantId
+from ..openapi import errors
+from ..responses import STORED_FILE, stored_file
+from ..views import job_out
+from .common import MAX_OFFSET, IdempotencyKey
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.get("/jobs", response_model=JobList, responses=errors(401, 422))
+def list_jobs(tenant: TenantId, jobs: Jobs, status: JobStatus | None = None, limit: int = Query(50, ge=1, le=500),
+              offset: int = Query(0, ge=0, le=MAX_OFFSET)):
+    rows, total = jobs.list(tenant, status, limit, offset)
+    return {"items": [job_out(j) for j in rows], "total": total, "limit": limit, "offset": offset}
+
+
+def _job_or_404(jobs, tenant: str, job_id: str):
+    job = jobs.get(tenant, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=errors(401, 404))
+def get_job(job_id: str, tenant: TenantId, jobs: Jobs):
+    return job_out(_job_or_404(jobs, tenant, job_id))
+
+
+@router.get("/jobs/{job_id}/loss.png", responses={
+    200: {"content": {"image/png": {}}, "description": "the loss curve (local store)"}, **STORED_FILE,
+    **errors(401, 404)})
+def get_loss_curve(job_id: str, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
+    """The loss curve of a training or fusion job that succeeded (raw loss and a moving average)."""
+    job = jobs.get(tenant, job_id)
+    key = (job.outputs or {}).get("loss_curve") if job else None
+    if not key:
+        raise HTTPException(404, f"job {job_id} has no loss curve")
+    return stored_file(rt.store, key, "image/png")
+
+
+@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}},
+                             "description": "`progress` events while the job changes, one `end` event"},
+                       **errors(401, 404)})
+async def job_events(job_id: str, tenant: TenantId, jobs: Jobs,
+                     interval: float = Query(0.5, ge=0.1, le=10, description="seconds between polls")):
+    """Server-Sent Events: a `progress` event (the job as in GET /jobs/{id}) each time its status,
+    step or attempt changes, then an `end` event when it succeeded, failed or was canceled."""
+    job = await asyncio.to_thread(jobs.get, tenant, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+
+    async def stream():
+        last = None
+        current = job
+        while True:
+            body = job_out(current)
+            seen = (body.status, body.progress_step, body.attempts, len(body.previews))
+            if seen != last:
+                last = seen
+                event = "end" if body.status in TERMINAL else "progress"
+                yield f"event: {event}\ndata: {body.model_dump_json()}\n\n"
+                if event == "end":
+                    return
+            await asyncio.sleep(interval)
+            current = await asyncio.to_thread(jobs.get, tenant, job_id) or current
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/jobs/{job_id}/previews/{index}", responses={
+    200: {"content": {"image/png": {}}, "description": "the preview (local store)"}, **STORED_FILE,
+    **errors(401, 404)})
+def get_preview(job_id: str, index: int, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
+    """A preview drawn with the adapter part-way through training (listed in the job's `previews`)."""
+    job = jobs.get(tenant, job_id)
+    keys = (job.outputs or {}).get("previews", []) if job else []
+    if not 0 <= index < len(keys):
+        raise HTTPException(404, "preview not found")
+    return stored_file(rt.store, keys[index], "image/png")
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=errors(401, 404))
+def cancel_job(job_id: str, tenant: TenantId, jobs: Jobs, idempotency_key: IdempotencyKey = None):
+    """A queued job ends canceled at once; a running one at its next step (the worker checks a flag)
+    and its partial state (checkpoint, uploaded files) is removed. Canceling twice is harmless, so
+    an `Idempotency-Key` is accepted and needs no bookkeeping."""
+    job = jobs.request_cancel(tenant, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return job_out(job)

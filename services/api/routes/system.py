@@ -1,0 +1,50 @@
+"""Operations: liveness, readiness, Prometheus metrics; the tenant's webhook signing key."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from b4m_contract.schemas import ReadyOut, WebhookSecretOut
+
+from ..deps import RuntimeDep, TenantId
+from ..openapi import errors
+from ..webhooks import tenant_secret
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["ops"])
+def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
+def readyz(rt: RuntimeDep):
+    checks = {}
+    for name, check in (("database", lambda: rt.engine.connect().close()), ("storage", rt.store.check),
+                        ("broker", rt.queue.check)):
+        try:
+            check()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"error: {exc}"
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+
+
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+def metrics(request: Request):
+    """Jobs by state and type, job durations (last hour), queue depth, HTTP requests, GPU memory."""
+    return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/webhooks/secret", tags=["webhooks"], response_model=WebhookSecretOut, responses=errors(401))
+def get_webhook_secret(tenant: TenantId, rt: RuntimeDep):
+    """The key that signs this tenant's webhooks. Each event is a POST of `{"type": "job.succeeded" |
+    "job.failed" | "job.canceled", "job_id", "data": <the job>}` with headers `webhook-id` (the job id:
+    the same on every retry, so dedupe on it), `webhook-timestamp` and `webhook-signature`.
+    A receiver that does not answer 2xx is retried with exponential backoff."""
+    return {"secret": tenant_secret(rt.sessions, tenant)}

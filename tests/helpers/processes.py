@@ -1,0 +1,93 @@
+"""Processes a test starts: each in its own process group, registered, and stopped with its
+whole group (a shell's background server included) when the test or fixture that started
+it ends, fails or times out. Waits scale with B4M_TEST_SLOWDOWN on a slow or busy machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+SLOWDOWN = float(os.environ.get("B4M_TEST_SLOWDOWN", "1"))
+_started: list[tuple[subprocess.Popen, str]] = []  # (process, "test" | "fixture")
+
+
+def scaled(seconds: float) -> float:
+    """A wait or timeout, stretched by B4M_TEST_SLOWDOWN (default 1)."""
+    return seconds * SLOWDOWN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something true; fail after `timeout` (scaled) seconds."""
+    end = time.monotonic() + scaled(timeout)
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {scaled(timeout):.0f} s waiting for {what}")
+
+
+def spawn(cmd, owner: str = "test", **kw) -> subprocess.Popen:
+    """Start `cmd` in a new process group and register it; `owner="fixture"` for processes a
+    module- or session-scoped fixture stops itself."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **kw)
+    _started.append((proc, owner))
+    return proc
+
+
+def run(cmd, timeout: float, **kw) -> subprocess.CompletedProcess:
+    """`subprocess.run` whose whole process group is stopped on a timeout or any error."""
+    proc = spawn(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=scaled(timeout))
+    finally:
+        stop(proc, grace=5)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    """Kill the process alone (a crash), not its group."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def stop(proc: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to the process's group, SIGKILL after `grace` seconds; also reaps children
+    that outlived their parent in the group."""
+    if proc.poll() is None:
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(proc, signal.SIGKILL)  # whatever is left of the group
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+def stop_started(owner: str | None = None) -> int:
+    """Stop every registered process (of `owner`, if given) still running; returns how many."""
+    n = 0
+    for proc, who in list(_started):
+        if owner is None or who == owner:
+            if proc.poll() is None:
+                n += 1
+            stop(proc, grace=5)
+            _started.remove((proc, who))
+    return n
