@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test bench main-job clean
+.PHONY: install test test-fast lint format bench main-job clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,18 @@ install: $(BIN)/python
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Everything but the slow tests (servers, long training): the quick loop while working.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 # The main job: b4m serve on the embedded stack, driven over HTTP with the shipped references.
 main-job: install

@@ -47,14 +47,14 @@ class InProcessQueue:
         return waiting | ({self._current} if self._current else set())
 
     def _loop(self) -> None:
-        from .worker.runner import WorkerContext, run_job
-
         while True:
             job_id = self._q.get()
             if job_id is None:
                 return
             self._current = job_id
             try:
+                from .worker.runner import WorkerContext, run_job  # the model code, on the first job
+
                 if self._ctx is None:
                     self._ctx = WorkerContext(self.settings)  # loads base models once, on first use
                 if run_job(self._ctx, job_id) == JobStatus.QUEUED:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 from fastapi import HTTPException
-from PIL import Image
 
 from ..common.settings import Settings
 
@@ -14,6 +13,8 @@ ALLOWED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp
 
 def check_image(filename: str | None, data: bytes, settings: Settings) -> tuple[str, int, int]:
     """(content type, width, height) of an acceptable image; 413 or 422 otherwise."""
+    from PIL import Image  # loaded on the first upload: an API replica starts faster
+
     if len(data) > settings.max_upload_bytes:
         raise HTTPException(413, f"{filename}: larger than {settings.max_upload_bytes} bytes")
     try:

@@ -20,7 +20,6 @@ from datetime import timedelta
 from typing import Callable
 from urllib.parse import urlsplit
 
-import httpx
 from sqlalchemy import or_, select, update
 
 from b4m_contract.jobs import TERMINAL
@@ -67,8 +66,10 @@ def tenant_secret(sessions, tenant_id: str) -> str:
 
 class WebhookDispatcher:
     def __init__(self, sessions, settings: Settings, render: Callable[[Job], dict],
-                 client: httpx.Client | None = None):
+                 client=None):
         self.sessions, self.settings, self.render = sessions, settings, render
+        import httpx  # here, not at import: an API replica starts faster
+
         self.http = client or httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
 
     def backoff(self, attempts: int) -> float:

@@ -1,3 +1,9 @@
+"""`b4m` on local files. The commands run in this process (`b4m_core.cli.main`, what
+`python -m b4m_core` calls), so each does not pay a fresh interpreter's torch import;
+one case runs the real module entry point."""
+
+import contextlib
+import io
 import subprocess
 import sys
 
@@ -5,12 +11,25 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from b4m_core.adapter import Adapter
+from b4m_core.cli import main
 
 from ..helpers.images import write_images
 
 
-def b4m(*args):
-    return subprocess.run([sys.executable, "-m", "b4m_core", *map(str, args)], capture_output=True, text=True)
+def b4m(*args) -> subprocess.CompletedProcess:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def test_the_module_entry_point_reports_errors_with_exit_code_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "b4m_core", "generate", "--adapter", tmp_path / "nope.safetensors",
+                        "--prompt", "x", "--out", tmp_path / "o"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "adapter file not found" in r.stderr
 
 
 def test_full_flow_on_local_files(tmp_path, tiny_sd_path):

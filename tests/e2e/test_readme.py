@@ -11,7 +11,7 @@ from safetensors import safe_open
 from ..helpers.processes import free_port as _free_port
 from ..helpers.processes import run, spawn, stop
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def walkthrough() -> str:

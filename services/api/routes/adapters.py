@@ -7,8 +7,6 @@ from typing import Literal
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import Response
 
-from b4m_core.formats import FormatError, convert
-
 from ...common.models import Adapter
 from ..deps import DbSession, RuntimeDep, TenantId
 from ..openapi import errors
@@ -23,6 +21,8 @@ def download_adapter(adapter_id: str, tenant: TenantId, s: DbSession, rt: Runtim
                      format: Literal["b4m", "diffusers", "kohya"] = Query(
                          "b4m", description="b4m: ours (PLP halves + metadata, reloadable); diffusers: "
                                             "load_lora_weights; kohya: lora_unet_* keys with alpha")):
+    from b4m_core.formats import FormatError, convert  # numpy: loaded on the first download
+
     row = owned_or_404(s, Adapter, tenant, adapter_id, "adapter")
     data = rt.store.get(row.storage_key, expected_sha256=row.sha256)
     if format != "b4m":
