@@ -6,14 +6,25 @@ import hmac
 import json
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 
 import httpx
 
 from b4m_contract.jobs import TERMINAL, JobStatus
-from b4m_contract.schemas import (Accepted, AssetList, AssetOut, FusionList, FusionOut, GenerateDone, GenerationList,
-                                 GenerationOut, JobList, JobOut)
+from b4m_contract.schemas import (
+    Accepted,
+    AssetList,
+    AssetOut,
+    FusionList,
+    FusionOut,
+    GenerateDone,
+    GenerationList,
+    GenerationOut,
+    JobList,
+    JobOut,
+)
 from b4m_contract.signing import sign
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -40,18 +51,24 @@ class Client:
     """`url` and `api_key` default to the environment: `B4M_URL` (else http://127.0.0.1:8000)
     and `B4M_API_KEY` (none: a server with auth off)."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 120.0,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 120.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.url = (url or os.environ.get("B4M_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("B4M_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport,
-                                  follow_redirects=True)
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, timeout=timeout, transport=transport, follow_redirects=True
+        )
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -73,9 +90,20 @@ class Client:
         return {"Idempotency-Key": key} if key else {}
 
     # ------------------------------------------------------------------ assets
-    def _add_asset(self, kind: str, images: Sequence[ImageInput], word: str, name: str, steps: int | None,
-                   learning_rate: float | None, token: str | None, base_model: str | None,
-                   aux_asset_ids: Sequence[str], webhook_url: str | None, idempotency_key: str | None) -> Accepted:
+    def _add_asset(
+        self,
+        kind: str,
+        images: Sequence[ImageInput],
+        word: str,
+        name: str,
+        steps: int | None,
+        learning_rate: float | None,
+        token: str | None,
+        base_model: str | None,
+        aux_asset_ids: Sequence[str],
+        webhook_url: str | None,
+        idempotency_key: str | None,
+    ) -> Accepted:
         files = []
         for i, im in enumerate(images):
             if isinstance(im, bytes):
@@ -84,8 +112,13 @@ class Client:
                 p = Path(im)
                 files.append(("images", (p.name, p.read_bytes(), "application/octet-stream")))
         data: dict = {"class_word" if kind == "content" else "style_word": word, "name": name}
-        for field, value in (("steps", steps), ("learning_rate", learning_rate), ("token", token),
-                             ("base_model", base_model), ("webhook_url", webhook_url)):
+        for field, value in (
+            ("steps", steps),
+            ("learning_rate", learning_rate),
+            ("token", token),
+            ("base_model", base_model),
+            ("webhook_url", webhook_url),
+        ):
             if value is not None:
                 data[field] = str(value)
         if aux_asset_ids:
@@ -93,29 +126,73 @@ class Client:
         r = self._request("POST", f"/{kind}s", files=files, data=data, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
 
-    def add_content(self, images: Sequence[ImageInput], class_word: str, name: str, *, steps: int | None = None,
-                    learning_rate: float | None = None, token: str | None = None, base_model: str | None = None,
-                    aux_asset_ids: Sequence[str] = (), webhook_url: str | None = None,
-                    idempotency_key: str | None = None) -> Accepted:
+    def add_content(
+        self,
+        images: Sequence[ImageInput],
+        class_word: str,
+        name: str,
+        *,
+        steps: int | None = None,
+        learning_rate: float | None = None,
+        token: str | None = None,
+        base_model: str | None = None,
+        aux_asset_ids: Sequence[str] = (),
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Accepted:
         """Upload a content's reference images (paths or bytes) and start its break-stage training."""
-        return self._add_asset("content", images, class_word, name, steps, learning_rate, token, base_model,
-                               aux_asset_ids, webhook_url, idempotency_key)
+        return self._add_asset(
+            "content",
+            images,
+            class_word,
+            name,
+            steps,
+            learning_rate,
+            token,
+            base_model,
+            aux_asset_ids,
+            webhook_url,
+            idempotency_key,
+        )
 
-    def add_style(self, images: Sequence[ImageInput], style_word: str, name: str, *, steps: int | None = None,
-                  learning_rate: float | None = None, token: str | None = None, base_model: str | None = None,
-                  aux_asset_ids: Sequence[str] = (), webhook_url: str | None = None,
-                  idempotency_key: str | None = None) -> Accepted:
+    def add_style(
+        self,
+        images: Sequence[ImageInput],
+        style_word: str,
+        name: str,
+        *,
+        steps: int | None = None,
+        learning_rate: float | None = None,
+        token: str | None = None,
+        base_model: str | None = None,
+        aux_asset_ids: Sequence[str] = (),
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Accepted:
         """Upload a style's reference images and start its break-stage training."""
-        return self._add_asset("style", images, style_word, name, steps, learning_rate, token, base_model,
-                               aux_asset_ids, webhook_url, idempotency_key)
+        return self._add_asset(
+            "style",
+            images,
+            style_word,
+            name,
+            steps,
+            learning_rate,
+            token,
+            base_model,
+            aux_asset_ids,
+            webhook_url,
+            idempotency_key,
+        )
 
     def contents(self, status: str | None = None, limit: int = 50, offset: int = 0) -> AssetList:
-        return AssetList.model_validate(self._request("GET", "/contents", params=_params(
-            status=status, limit=limit, offset=offset)).json())
+        return AssetList.model_validate(
+            self._request("GET", "/contents", params=_params(status=status, limit=limit, offset=offset)).json()
+        )
 
     def styles(self, status: str | None = None, limit: int = 50, offset: int = 0) -> AssetList:
-        return AssetList.model_validate(self._request("GET", "/styles", params=_params(
-            status=status, limit=limit, offset=offset)).json())
+        return AssetList.model_validate(
+            self._request("GET", "/styles", params=_params(status=status, limit=limit, offset=offset)).json()
+        )
 
     def content(self, content_id: str) -> AssetOut:
         return AssetOut.model_validate(self._request("GET", f"/contents/{content_id}").json())
@@ -153,18 +230,35 @@ class Client:
         raise B4MError(404, f"no {kind} with id or name {id_or_name!r}")
 
     # ------------------------------------------------------------------ fusions
-    def fuse(self, content_id: str, style_id: str, steps: int = 50,
-             method: Literal["b4m", "joint", "merge", "ziplora"] = "b4m", webhook_url: str | None = None,
-             idempotency_key: str | None = None) -> Accepted:
+    def fuse(
+        self,
+        content_id: str,
+        style_id: str,
+        steps: int = 50,
+        method: Literal["b4m", "joint", "merge", "ziplora"] = "b4m",
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Accepted:
         """Combine a content and a style into one fine-tuned adapter (the make stage)."""
         body = _params(content_id=content_id, style_id=style_id, steps=steps, method=method, webhook_url=webhook_url)
         r = self._request("POST", "/fusions", json=body, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
 
-    def fusions(self, status: str | None = None, content_id: str | None = None, style_id: str | None = None,
-                limit: int = 50, offset: int = 0) -> FusionList:
-        return FusionList.model_validate(self._request("GET", "/fusions", params=_params(
-            status=status, content_id=content_id, style_id=style_id, limit=limit, offset=offset)).json())
+    def fusions(
+        self,
+        status: str | None = None,
+        content_id: str | None = None,
+        style_id: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> FusionList:
+        return FusionList.model_validate(
+            self._request(
+                "GET",
+                "/fusions",
+                params=_params(status=status, content_id=content_id, style_id=style_id, limit=limit, offset=offset),
+            ).json()
+        )
 
     def fusion(self, fusion_id: str) -> FusionOut:
         return FusionOut.model_validate(self._request("GET", f"/fusions/{fusion_id}").json())
@@ -173,26 +267,60 @@ class Client:
         self._request("DELETE", f"/fusions/{fusion_id}")
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: str, *, fusion_id: str | None = None, content_id: str | None = None,
-                 style_id: str | None = None, negative_prompt: str | None = None, seed: int = 0, steps: int = 20,
-                 guidance: float = 5.0, width: int | None = None, height: int | None = None, num_images: int = 1,
-                 wait: float = 0.0, webhook_url: str | None = None,
-                 idempotency_key: str | None = None) -> GenerateDone | Accepted:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        fusion_id: str | None = None,
+        content_id: str | None = None,
+        style_id: str | None = None,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 5.0,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        wait: float = 0.0,
+        webhook_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> GenerateDone | Accepted:
         """Draw images; with `wait` the answer carries the image URLs if the job ends in time."""
-        body = _params(prompt=prompt, fusion_id=fusion_id, content_id=content_id, style_id=style_id,
-                       negative_prompt=negative_prompt, seed=seed, steps=steps, guidance=guidance, width=width,
-                       height=height, num_images=num_images, wait=wait, webhook_url=webhook_url)
-        r = self._request("POST", "/generate", json=body, headers=self._idem(idempotency_key),
-                          timeout=self._http.timeout.read + wait if self._http.timeout.read else None)
+        body = _params(
+            prompt=prompt,
+            fusion_id=fusion_id,
+            content_id=content_id,
+            style_id=style_id,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            num_images=num_images,
+            wait=wait,
+            webhook_url=webhook_url,
+        )
+        r = self._request(
+            "POST",
+            "/generate",
+            json=body,
+            headers=self._idem(idempotency_key),
+            timeout=self._http.timeout.read + wait if self._http.timeout.read else None,
+        )
         return (GenerateDone if r.status_code == 200 else Accepted).model_validate(r.json())
 
     def generation(self, generation_id: str) -> GenerationOut:
         return GenerationOut.model_validate(self._request("GET", f"/generations/{generation_id}").json())
 
-    def generations(self, fusion_id: str | None = None, status: str | None = None, limit: int = 50,
-                    offset: int = 0) -> GenerationList:
-        return GenerationList.model_validate(self._request("GET", "/generations", params=_params(
-            fusion_id=fusion_id, status=status, limit=limit, offset=offset)).json())
+    def generations(
+        self, fusion_id: str | None = None, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> GenerationList:
+        return GenerationList.model_validate(
+            self._request(
+                "GET", "/generations", params=_params(fusion_id=fusion_id, status=status, limit=limit, offset=offset)
+            ).json()
+        )
 
     def image(self, generation_id: str, index: int = 0) -> bytes:
         """One generated image as PNG bytes (follows the presigned redirect of an S3 store)."""
@@ -205,8 +333,13 @@ class Client:
     def resolve_adapter(self, any_id: str) -> str:
         """The adapter id behind a fusion, content or style id, or a content or style name
         (else `any_id` itself: an adapter id)."""
-        lookups = [(self.fusion, any_id), (self.content, any_id), (self.style, any_id),
-                   (self.resolve_asset, "content", any_id), (self.resolve_asset, "style", any_id)]
+        lookups = [
+            (self.fusion, any_id),
+            (self.content, any_id),
+            (self.style, any_id),
+            (self.resolve_asset, "content", any_id),
+            (self.resolve_asset, "style", any_id),
+        ]
         for fn, *args in lookups:
             row = _unless_404(fn, *args)
             if row is None:
@@ -221,8 +354,9 @@ class Client:
         return JobOut.model_validate(self._request("GET", f"/jobs/{job_id}").json())
 
     def jobs(self, status: str | None = None, limit: int = 50, offset: int = 0) -> JobList:
-        return JobList.model_validate(self._request("GET", "/jobs", params=_params(
-            status=status, limit=limit, offset=offset)).json())
+        return JobList.model_validate(
+            self._request("GET", "/jobs", params=_params(status=status, limit=limit, offset=offset)).json()
+        )
 
     def cancel(self, job_id: str) -> JobOut:
         return JobOut.model_validate(self._request("POST", f"/jobs/{job_id}/cancel").json())
@@ -235,8 +369,12 @@ class Client:
 
     def events(self, job_id: str, interval: float = 0.5) -> Iterator[tuple[str, JobOut]]:
         """The job's Server-Sent Events as (event, job): `progress` while it changes, `end` last."""
-        with self._http.stream("GET", f"/jobs/{job_id}/events", params={"interval": interval},
-                               timeout=httpx.Timeout(self._http.timeout.connect, read=None)) as r:
+        with self._http.stream(
+            "GET",
+            f"/jobs/{job_id}/events",
+            params={"interval": interval},
+            timeout=httpx.Timeout(self._http.timeout.connect, read=None),
+        ) as r:
             if r.status_code >= 400:
                 r.read()
                 raise B4MError(r.status_code, r.json().get("detail", r.text), "GET", f"/jobs/{job_id}/events")
@@ -252,8 +390,13 @@ class Client:
                         return
                     event, data = "message", []
 
-    def wait(self, job_id: str, timeout: float | None = None, on_progress: Callable[[JobOut], None] | None = None,
-             check: bool = True) -> JobOut:
+    def wait(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[JobOut], None] | None = None,
+        check: bool = True,
+    ) -> JobOut:
         """Follow the job's events until it ends; `check` raises JobFailed unless it succeeded.
         A dropped stream is reopened; `timeout` raises TimeoutError."""
         deadline = time.monotonic() + timeout if timeout else None

@@ -31,7 +31,7 @@ class AssetKind(StrEnum):
     STYLE = "style"
 
     @property
-    def other(self) -> "AssetKind":
+    def other(self) -> AssetKind:
         """The kind whose assets serve as this kind's MCP auxiliary sets."""
         return AssetKind.STYLE if self is AssetKind.CONTENT else AssetKind.CONTENT
 
@@ -41,5 +41,9 @@ class AssetKind(StrEnum):
 
 
 # Training and generation get separate queues, so a long training never delays a drawing.
-JOB_QUEUES = {JobType.TRAIN_CONTENT: "training", JobType.TRAIN_STYLE: "training", JobType.FUSE: "training",
-              JobType.GENERATE: "generation"}
+JOB_QUEUES = {
+    JobType.TRAIN_CONTENT: "training",
+    JobType.TRAIN_STYLE: "training",
+    JobType.FUSE: "training",
+    JobType.GENERATE: "generation",
+}

@@ -9,17 +9,22 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from .jobs import AssetKind, JobStatus, JobType
+
 ID_EXAMPLE = "3f2a9c0d4b1e4f6a8c7d5e2b1a0f9e8d"
 
 
 class ErrorOut(BaseModel):
     """Every 4xx and 5xx answer has this body."""
-    detail: str | list = Field(description="what was wrong, in words (a list of field errors for 422 "
-                                           "validation failures)", examples=["content 3f2a... not found"])
+
+    detail: str | list = Field(
+        description="what was wrong, in words (a list of field errors for 422 validation failures)",
+        examples=["content 3f2a... not found"],
+    )
 
 
 class Accepted(BaseModel):
     """The answer to every POST that starts work (202)."""
+
     id: str = Field(description="the created resource (asset, fusion or generation)", examples=[ID_EXAMPLE])
     job_id: str = Field(description="the job doing the work: poll GET /jobs/{job_id}", examples=[ID_EXAMPLE])
     status: JobStatus = Field(description="the job's status when answering", examples=["queued"])
@@ -28,7 +33,8 @@ class Accepted(BaseModel):
 class WebhookOut(BaseModel):
     url: str = Field(description="where the event is POSTed")
     status: Literal["pending", "delivered", "failed"] = Field(
-        description="pending until the job ends and a delivery succeeds; failed after the last retry")
+        description="pending until the job ends and a delivery succeeds; failed after the last retry"
+    )
     attempts: int = Field(description="deliveries tried")
     error: str | None = Field(None, description="why the last delivery failed")
 
@@ -45,8 +51,11 @@ class JobOut(BaseModel):
     attempts: int = Field(description="times a worker has started this job (redelivery counts)")
     error: str | None = Field(None, description="why the job failed")
     outputs: dict = Field(description="what the job made, e.g. {'adapter_id': ...} or {'images': n}")
-    previews: list[str] = Field([], description="URLs of preview images drawn with the adapter as it trains "
-                                                "(every B4M_PREVIEW_EVERY steps), oldest first")
+    previews: list[str] = Field(
+        [],
+        description="URLs of preview images drawn with the adapter as it trains "
+        "(every B4M_PREVIEW_EVERY steps), oldest first",
+    )
     webhook: WebhookOut | None = Field(None, description="delivery of the job's webhook, when it has one")
     created_at: str = Field(description="ISO 8601, UTC")
     started_at: str | None = None
@@ -82,14 +91,18 @@ class AssetList(BaseModel):
 
 
 class FusionIn(BaseModel):
-    content_id: str = Field(min_length=1, max_length=64, description="a trained content asset",
-                            examples=[ID_EXAMPLE])
+    content_id: str = Field(min_length=1, max_length=64, description="a trained content asset", examples=[ID_EXAMPLE])
     style_id: str = Field(min_length=1, max_length=64, description="a trained style asset", examples=[ID_EXAMPLE])
     steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: the bare composition)")
     method: Literal["b4m", "joint", "merge", "ziplora"] = Field(
-        "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2000,
-                                    description="POSTed a signed JSON event when the job ends (retried with backoff)")
+        "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison"
+    )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2000,
+        description="POSTed a signed JSON event when the job ends (retried with backoff)",
+    )
 
 
 class FusionOut(BaseModel):
@@ -112,16 +125,33 @@ class FusionList(BaseModel):
 
 
 class GenerateIn(BaseModel):
-    model_config = {"json_schema_extra": {"examples": [
-        {"fusion_id": ID_EXAMPLE, "prompt": "a large {content} in {style} style on a blue background",
-         "seed": 1, "steps": 20, "guidance": 5.0, "num_images": 2, "wait": 30}]}}
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "fusion_id": ID_EXAMPLE,
+                    "prompt": "a large {content} in {style} style on a blue background",
+                    "seed": 1,
+                    "steps": 20,
+                    "guidance": 5.0,
+                    "num_images": 2,
+                    "wait": 30,
+                }
+            ]
+        }
+    }
 
     fusion_id: str | None = Field(None, min_length=1, max_length=64, description="draw with this fusion's adapter")
     content_id: str | None = Field(None, min_length=1, max_length=64, description="or with a content's adapter alone")
-    style_id: str | None = Field(None, min_length=1, max_length=64,
-                                 description="or with a style's adapter alone (none of the three: base model)")
-    prompt: str = Field(min_length=1, max_length=1000, examples=["a {content} in {style} style"],
-                        description="{content} and {style} expand to the adapter's token and word")
+    style_id: str | None = Field(
+        None, min_length=1, max_length=64, description="or with a style's adapter alone (none of the three: base model)"
+    )
+    prompt: str = Field(
+        min_length=1,
+        max_length=1000,
+        examples=["a {content} in {style} style"],
+        description="{content} and {style} expand to the adapter's token and word",
+    )
     negative_prompt: str | None = Field(None, max_length=1000)
     seed: int = Field(0, ge=0, le=2**31 - 1, description="image i uses seed + i")
     steps: int = Field(20, ge=1, le=200, description="sampling steps")
@@ -129,14 +159,23 @@ class GenerateIn(BaseModel):
     width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     num_images: int = Field(1, ge=1, le=8)
-    wait: float = Field(0.0, ge=0.0, le=300.0,
-                        description="seconds to wait for the images: 200 with them if the job ends in time, else 202")
-    webhook_url: str | None = Field(None, min_length=1, max_length=2000,
-                                    description="POSTed a signed JSON event when the job ends (retried with backoff)")
+    wait: float = Field(
+        0.0,
+        ge=0.0,
+        le=300.0,
+        description="seconds to wait for the images: 200 with them if the job ends in time, else 202",
+    )
+    webhook_url: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2000,
+        description="POSTed a signed JSON event when the job ends (retried with backoff)",
+    )
 
 
 class GenerateDone(Accepted):
     """200 answer of POST /generate when `wait` was long enough."""
+
     images: list[str] = Field(description="image URLs", examples=[["/generations/3f2a.../images/0"]])
 
 
@@ -167,12 +206,17 @@ class GenerationList(BaseModel):
 
 
 class WebhookSecretOut(BaseModel):
-    secret: str = Field(description="this tenant's signing key: verify `webhook-signature` = v1,base64(HMAC-SHA256("
-                                    "key, webhook-id + '.' + webhook-timestamp + '.' + body)); key = base64 after "
-                                    "'whsec_'", examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"])
+    secret: str = Field(
+        description="this tenant's signing key: verify `webhook-signature` = v1,base64(HMAC-SHA256("
+        "key, webhook-id + '.' + webhook-timestamp + '.' + body)); key = base64 after "
+        "'whsec_'",
+        examples=["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"],
+    )
 
 
 class ReadyOut(BaseModel):
     status: Literal["ok", "unavailable"] = Field(description="ok when every dependency answers")
-    checks: dict[str, str] = Field(description="database, storage, broker: 'ok' or the error",
-                                   examples=[{"database": "ok", "storage": "ok", "broker": "ok"}])
+    checks: dict[str, str] = Field(
+        description="database, storage, broker: 'ok' or the error",
+        examples=[{"database": "ok", "storage": "ok", "broker": "ok"}],
+    )

@@ -8,11 +8,25 @@ importing torch and diffusers.
 from importlib import import_module
 
 _WHERE = {
-    "Adapter": "adapter", "ConfigError": "config", "PLPConfig": "config", "TrainConfig": "config",
-    "Concept": "data", "load_concept": "data", "GenerationRequest": "generation", "Generator": "generation",
-    "expand_prompt": "generation", "BaseModel": "models", "load_base": "models", "BreakStage": "training",
-    "Hooks": "training", "IncompatibleAdapters": "training", "MakeStage": "training",
-    "TrainingCanceled": "training", "compose": "training", "fuse": "training", "train_concept": "training",
+    "Adapter": "adapter",
+    "ConfigError": "config",
+    "PLPConfig": "config",
+    "TrainConfig": "config",
+    "Concept": "data",
+    "load_concept": "data",
+    "GenerationRequest": "generation",
+    "Generator": "generation",
+    "expand_prompt": "generation",
+    "BaseModel": "models",
+    "load_base": "models",
+    "BreakStage": "training",
+    "Hooks": "training",
+    "IncompatibleAdapters": "training",
+    "MakeStage": "training",
+    "TrainingCanceled": "training",
+    "compose": "training",
+    "fuse": "training",
+    "train_concept": "training",
 }
 __all__ = sorted(_WHERE)
 

@@ -112,7 +112,7 @@ class Adapter:
         return path
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Adapter":
+    def from_bytes(cls, data: bytes) -> Adapter:
         try:
             tensors = st_load(data)
             meta = formats.read_metadata(data)
@@ -121,25 +121,37 @@ class Adapter:
         return cls._from_parts(tensors, meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Adapter":
+    def load(cls, path: str | Path) -> Adapter:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"adapter file not found: {path}")
         return cls.from_bytes(path.read_bytes())
 
     @classmethod
-    def _from_parts(cls, tensors: dict, meta: dict | None) -> "Adapter":
+    def _from_parts(cls, tensors: dict, meta: dict | None) -> Adapter:
         if not meta:
-            raise ConfigError("the file has no b4m metadata: it is not an adapter made by b4m "
-                              "(plain LoRA files can be used with diffusers directly)")
+            raise ConfigError(
+                "the file has no b4m metadata: it is not an adapter made by b4m "
+                "(plain LoRA files can be used with diffusers directly)"
+            )
         plp = PLPConfig.from_dict(meta["plp"]) if meta.get("plp") else None
         extra = dict(meta.get("extra") or {})
         extra.setdefault("targets", meta.get("targets", "attn"))
-        return cls(kind=meta["kind"], method=meta["method"], tensors=tensors, rank=int(meta["rank"]),
-                   alpha=float(meta["alpha"]), plp=plp, base_model=meta.get("base_model", ""),
-                   base_model_hash=meta.get("base_model_hash", ""), tokens=meta.get("tokens") or {},
-                   words=meta.get("words") or {}, steps=int(meta.get("steps", 0)),
-                   seed=int(meta.get("seed", 0)), extra=extra)
+        return cls(
+            kind=meta["kind"],
+            method=meta["method"],
+            tensors=tensors,
+            rank=int(meta["rank"]),
+            alpha=float(meta["alpha"]),
+            plp=plp,
+            base_model=meta.get("base_model", ""),
+            base_model_hash=meta.get("base_model_hash", ""),
+            tokens=meta.get("tokens") or {},
+            words=meta.get("words") or {},
+            steps=int(meta.get("steps", 0)),
+            seed=int(meta.get("seed", 0)),
+            extra=extra,
+        )
 
     # ----------------------------------------------------------------- exports
     def to_diffusers(self) -> dict[str, torch.Tensor]:

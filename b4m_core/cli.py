@@ -1,10 +1,10 @@
 """`b4m`: the method on local files, no server.
 
-    b4m train content --images DIR --class-word WORD --base BASE --steps N --out FILE [--aux DIR ...]
-    b4m train style   --images DIR --style-word WORD --base BASE --steps N --out FILE [--aux DIR ...]
-    b4m fuse --content FILE --style FILE --content-images DIR --style-images DIR --steps N --out FILE
-    b4m generate --adapter FILE --prompt TEXT --seed S --num-images N --out DIR
-    b4m export --adapter FILE --format diffusers|kohya --out FILE
+b4m train content --images DIR --class-word WORD --base BASE --steps N --out FILE [--aux DIR ...]
+b4m train style   --images DIR --style-word WORD --base BASE --steps N --out FILE [--aux DIR ...]
+b4m fuse --content FILE --style FILE --content-images DIR --style-images DIR --steps N --out FILE
+b4m generate --adapter FILE --prompt TEXT --seed S --num-images N --out DIR
+b4m export --adapter FILE --format diffusers|kohya --out FILE
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import BASIS_MODES, CONTENT_HALVES, TARGET_SETS, ConfigError, PLPConfig, TrainConfig
+from .config import BASIS_MODES, CONTENT_HALVES, TARGET_SETS, ConfigError, TrainConfig
 
-AUX_HELP = ("auxiliary reference folder of the opposite kind for MCP (repeatable); each folder's name "
-            "is its word, unless a file word.txt inside says otherwise")
+AUX_HELP = (
+    "auxiliary reference folder of the opposite kind for MCP (repeatable); each folder's name "
+    "is its word, unless a file word.txt inside says otherwise"
+)
 
 
 def _positive_int(text: str) -> int:
@@ -29,17 +31,23 @@ def _positive_int(text: str) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
-    p.add_argument("--base", default=os.environ.get("B4M_BASE_MODEL", "micro"),
-                   help="base model: micro (shipped), a local diffusers folder or a hub id (env B4M_BASE_MODEL)")
+    p.add_argument(
+        "--base",
+        default=os.environ.get("B4M_BASE_MODEL", "micro"),
+        help="base model: micro (shipped), a local diffusers folder or a hub id (env B4M_BASE_MODEL)",
+    )
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3; 1e-4 for ZipLoRA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
-                   help="autocast on CUDA; ignored on CPU")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on CUDA; ignored on CPU"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=0, help="write a resumable checkpoint every N steps")
+    p.add_argument(
+        "--checkpoint-every", type=_positive_int, default=0, help="write a resumable checkpoint every N steps"
+    )
     p.add_argument("--checkpoint-dir", default=None, help="folder for checkpoints (default: next to --out)")
     p.add_argument("--resume", default=None, help="a checkpoint file to continue from")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -47,8 +55,12 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
     if with_plp:
         p.add_argument("--rank", type=int, default=16)
         p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-        p.add_argument("--rho", type=float, default=None,
-                       help="PLP split ratio (default: the base model's measured one, 0.75 on micro; else 0.5)")
+        p.add_argument(
+            "--rho",
+            type=float,
+            default=None,
+            help="PLP split ratio (default: the base model's measured one, 0.75 on micro; else 0.5)",
+        )
         p.add_argument("--basis-mode", choices=BASIS_MODES, default="exact")
         p.add_argument("--basis-seed", type=int, default=0)
         p.add_argument("--content-half", choices=CONTENT_HALVES, default="up")
@@ -68,14 +80,23 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     for kind, word_flag in (("content", "--class-word"), ("style", "--style-word")):
         p = tsub.add_parser(kind, help=f"learn a {kind} adapter")
         p.add_argument("--images", required=True, help=f"folder of {kind} reference images")
-        p.add_argument(word_flag, dest="word", required=True,
-                       help="class word of the content (dog)" if kind == "content" else "style word (watercolor)")
+        p.add_argument(
+            word_flag,
+            dest="word",
+            required=True,
+            help="class word of the content (dog)" if kind == "content" else "style word (watercolor)",
+        )
         p.add_argument("--token", default="", help="identifier token (default sks for content, zwx for style)")
         p.add_argument("--aux", action="append", default=[], help=AUX_HELP)
-        p.add_argument("--aux-lr-factor", type=float, default=0.1,
-                       help="learning-rate factor for the auxiliary half (default 0.1, as the released code)")
-        p.add_argument("--method", choices=["b4m", "lora"], default="b4m",
-                       help="b4m (PLP + MCP) or a plain LoRA for the baselines")
+        p.add_argument(
+            "--aux-lr-factor",
+            type=float,
+            default=0.1,
+            help="learning-rate factor for the auxiliary half (default 0.1, as the released code)",
+        )
+        p.add_argument(
+            "--method", choices=["b4m", "lora"], default="b4m", help="b4m (PLP + MCP) or a plain LoRA for the baselines"
+        )
         _train_args(p)
 
     p = sub.add_parser("fuse", help="make stage: combine a content and a style adapter")
@@ -114,8 +135,13 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p = bsub.add_parser("quality", help="the paper's Table 1 on the micro world")
     p.add_argument("--out", default="out/quality", help="folder for results.json, table.md, grid.png")
     p.add_argument("--quick", action="store_true", help="2 x 2 pairs, fewer steps (a smoke run)")
-    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
-                   help="only the table rows whose name contains one of these (e.g. 'w/o MCP' 'random')")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="only the table rows whose name contains one of these (e.g. 'w/o MCP' 'random')",
+    )
 
     p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
     p.add_argument("--adapter", help="adapter file")
@@ -146,11 +172,17 @@ def _load_aux(folders: list[str], kind: str):
 
 
 def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainConfig:
-    return TrainConfig(steps=default_steps if args.steps is None else args.steps,
-                       learning_rate=args.lr or default_lr, seed=args.seed, batch_size=args.batch_size,
-                       resolution=args.resolution, mixed_precision=args.mixed_precision,
-                       gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-                       aux_lr_factor=getattr(args, "aux_lr_factor", 0.1))
+    return TrainConfig(
+        steps=default_steps if args.steps is None else args.steps,
+        learning_rate=args.lr or default_lr,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        aux_lr_factor=getattr(args, "aux_lr_factor", 0.1),
+    )
 
 
 def _hooks(args):
@@ -194,11 +226,18 @@ def cmd_train(args) -> None:
     other = "style" if args.kind == "content" else "content"
     aux = _load_aux(args.aux, other)
     base = load_base(_need_base(args), device=args.device)
-    plp = base.plp_config(rank=args.rank, alpha=args.alpha or float(args.rank), rho=args.rho,
-                          basis_mode=args.basis_mode, basis_seed=args.basis_seed, content_half=args.content_half,
-                          targets=args.targets)
-    cfg = _train_config(args, default_steps=base.default("break_steps", 300),
-                        default_lr=base.default("learning_rate", 1e-3))
+    plp = base.plp_config(
+        rank=args.rank,
+        alpha=args.alpha or float(args.rank),
+        rho=args.rho,
+        basis_mode=args.basis_mode,
+        basis_seed=args.basis_seed,
+        content_half=args.content_half,
+        targets=args.targets,
+    )
+    cfg = _train_config(
+        args, default_steps=base.default("break_steps", 300), default_lr=base.default("learning_rate", 1e-3)
+    )
     adapter = train_concept(base, concept, method=args.method, aux=aux, plp=plp, cfg=cfg, hooks=_hooks(args))
     adapter.save(args.out)
     print(args.out)
@@ -212,15 +251,22 @@ def cmd_fuse(args) -> None:
 
     require(args, "--content", "--style", "--content-images", "--style-images")
     content, style = Adapter.load(args.content), Adapter.load(args.style)
-    cset = load_concept("content", args.content_images, content.words.get("content", "thing"),
-                        token=content.tokens.get("content"))
-    sset = load_concept("style", args.style_images, style.words.get("style", "style"),
-                        token=style.tokens.get("style"))
+    cset = load_concept(
+        "content", args.content_images, content.words.get("content", "thing"), token=content.tokens.get("content")
+    )
+    sset = load_concept("style", args.style_images, style.words.get("style", "style"), token=style.tokens.get("style"))
     base = load_base(args.base or content.base_model, device=args.device)
-    default_steps = {"b4m": base.default("make_steps", 50), "ziplora": 100, "joint": base.default("break_steps", 300),
-                     "merge": 0}[args.method]
-    cfg = _train_config(args, default_steps=default_steps,
-                        default_lr=1e-4 if args.method == "ziplora" else base.default("learning_rate", 1e-3))
+    default_steps = {
+        "b4m": base.default("make_steps", 50),
+        "ziplora": 100,
+        "joint": base.default("break_steps", 300),
+        "merge": 0,
+    }[args.method]
+    cfg = _train_config(
+        args,
+        default_steps=default_steps,
+        default_lr=1e-4 if args.method == "ziplora" else base.default("learning_rate", 1e-3),
+    )
     fused = fuse(base, content, style, cset, sset, method=args.method, cfg=cfg, hooks=_hooks(args))
     fused.save(args.out)
     print(args.out)
@@ -237,9 +283,16 @@ def cmd_generate(args) -> None:
         raise ConfigError("no base model: pass --base or --adapter")
     gen = Generator(load_base(base_name, device=args.device))
     gen.set_adapter(adapter, fuse=not args.unfused)
-    req = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                            steps=args.steps, guidance=args.guidance, width=args.width, height=args.height,
-                            num_images=args.num_images)
+    req = GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+    )
     images = gen.generate(req)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,10 +318,15 @@ def cmd_demo(args) -> None:
     from .micro.world import HELDOUT_CONTENTS, HELDOUT_STYLES
 
     n = 2 if args.quick else None
-    run_demo(args.out, contents=HELDOUT_CONTENTS[:n] if n else None, styles=HELDOUT_STYLES[:n] if n else None,
-             break_steps=args.break_steps or (80 if args.quick else 200),
-             make_steps=args.make_steps or (20 if args.quick else 50), seed=args.seed,
-             log=lambda m: print(m, file=sys.stderr))
+    run_demo(
+        args.out,
+        contents=HELDOUT_CONTENTS[:n] if n else None,
+        styles=HELDOUT_STYLES[:n] if n else None,
+        break_steps=args.break_steps or (80 if args.quick else 200),
+        make_steps=args.make_steps or (20 if args.quick else 50),
+        seed=args.seed,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     print(Path(args.out) / "grid.png")
 
 
@@ -279,8 +337,14 @@ def cmd_bench(args) -> None:
     print(Path(args.out) / "table.md")
 
 
-COMMANDS = {"train": cmd_train, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export,
-            "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {
+    "train": cmd_train,
+    "fuse": cmd_fuse,
+    "generate": cmd_generate,
+    "export": cmd_export,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None, extensions=(), commands: dict | None = None, amend=()) -> int:

@@ -67,7 +67,7 @@ class PLPConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PLPConfig":
+    def from_dict(cls, d: dict) -> PLPConfig:
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: d[k] for k in names if k in d})
 

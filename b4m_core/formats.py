@@ -30,8 +30,10 @@ def read(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
     except Exception as exc:  # safetensors raises several types on garbage
         raise FormatError(f"not a safetensors adapter file: {exc}") from exc
     if not meta:
-        raise FormatError("the file has no b4m metadata: it is not an adapter made by b4m "
-                          "(plain LoRA files can be used with diffusers directly)")
+        raise FormatError(
+            "the file has no b4m metadata: it is not an adapter made by b4m "
+            "(plain LoRA files can be used with diffusers directly)"
+        )
     return tensors, meta
 
 
@@ -90,6 +92,12 @@ def convert(data: bytes, fmt: str) -> bytes:
     info = {"b4m": json.dumps(meta, sort_keys=True)}
     if fmt == "diffusers":
         return np_save(to_diffusers(tensors, meta), metadata=info)
-    info.update({"ss_network_module": "networks.lora", "ss_network_dim": str(meta["rank"]),
-                 "ss_network_alpha": str(meta["alpha"]), "ss_base_model_version": meta.get("base_model", "")})
+    info.update(
+        {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(meta["rank"]),
+            "ss_network_alpha": str(meta["alpha"]),
+            "ss_base_model_version": meta.get("base_model", ""),
+        }
+    )
     return np_save(to_kohya(tensors, meta), metadata=info)

@@ -71,8 +71,10 @@ class Generator:
     def set_adapter(self, adapter: Adapter | None, fuse: bool = True) -> None:
         """Apply `adapter` (None: the bare base model), replacing the current one."""
         if adapter is not None and adapter.base_model_hash and adapter.base_model_hash != self.base.model_hash:
-            raise ConfigError(f"adapter was trained on {adapter.base_model!r} "
-                              f"(hash {adapter.base_model_hash}), not on {self.base.model_id!r}")
+            raise ConfigError(
+                f"adapter was trained on {adapter.base_model!r} "
+                f"(hash {adapter.base_model_hash}), not on {self.base.model_id!r}"
+            )
         unet = self.base.unet
         self.merged.unmerge()
         if adapter is None:
@@ -93,8 +95,8 @@ class Generator:
         unet = self.base.unet
         current = adapter_layers(unet)
         same_shape = set(current) == set(updates) and all(
-            isinstance(current[n], LoRALinear) and current[n].up.shape == up.shape
-            for n, (up, _, _) in updates.items())
+            isinstance(current[n], LoRALinear) and current[n].up.shape == up.shape for n, (up, _, _) in updates.items()
+        )
         if same_shape:  # swap tensors in place: no module surgery
             with torch.no_grad():
                 for n, (up, down, scale) in updates.items():
@@ -119,9 +121,16 @@ class Generator:
         negative = expand_prompt(req.negative_prompt, self.adapter) if req.negative_prompt else None
         gen = torch.Generator(device="cpu").manual_seed(req.seed)
         res = self.base.resolution
-        out = self.base.pipe(prompt=prompt, negative_prompt=negative, num_inference_steps=req.steps,
-                             guidance_scale=req.guidance, width=req.width or res, height=req.height or res,
-                             num_images_per_prompt=req.num_images, generator=gen)
+        out = self.base.pipe(
+            prompt=prompt,
+            negative_prompt=negative,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance,
+            width=req.width or res,
+            height=req.height or res,
+            num_images_per_prompt=req.num_images,
+            generator=gen,
+        )
         return list(out.images)
 
 

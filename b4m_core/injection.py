@@ -6,7 +6,7 @@ walking diffusers' `Attention` modules, not by hard-coded names.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -50,8 +50,9 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
         setattr(parent, child, new)
 
 
-def inject(unet: nn.Module, names: Iterable[str],
-           factory: Callable[[str, nn.Linear], LowRankLinear]) -> dict[str, LowRankLinear]:
+def inject(
+    unet: nn.Module, names: Iterable[str], factory: Callable[[str, nn.Linear], LowRankLinear]
+) -> dict[str, LowRankLinear]:
     """Replace each named `nn.Linear` with `factory(name, linear)`; returns the new layers."""
     remove_adapters(unet)
     layers = {}
@@ -91,8 +92,9 @@ def plp_state_dict(layers: dict[str, PLPLinear]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_plp_state_dict(layers: dict[str, PLPLinear], state: dict[str, torch.Tensor],
-                        parts: Iterable[str] = ("B", "D")) -> None:
+def load_plp_state_dict(
+    layers: dict[str, PLPLinear], state: dict[str, torch.Tensor], parts: Iterable[str] = ("B", "D")
+) -> None:
     """Copy the named halves from `state` into the injected layers (shapes checked)."""
     with torch.no_grad():
         for name, layer in layers.items():

@@ -167,9 +167,16 @@ class PLPLinear(LowRankLinear):
 class LoRALinear(LowRankLinear):
     """Plain LoRA (the baselines, and any adapter applied unfused for inference)."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, up: torch.Tensor | None = None,
-                 down: torch.Tensor | None = None, trainable: bool = True,
-                 generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        up: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+        trainable: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__(base, alpha / rank)
         dev = base.weight.device
         if down is None:
@@ -180,7 +187,8 @@ class LoRALinear(LowRankLinear):
         if up.shape != (base.out_features, rank) or down.shape != (rank, base.in_features):
             raise ConfigError(
                 f"adapter shapes {tuple(up.shape)} / {tuple(down.shape)} do not fit a "
-                f"{base.out_features}x{base.in_features} layer at rank {rank}")
+                f"{base.out_features}x{base.in_features} layer at rank {rank}"
+            )
         self.rank = rank
         self.up = nn.Parameter(up.float().to(dev), requires_grad=trainable)
         self.down = nn.Parameter(down.float().to(dev), requires_grad=trainable)

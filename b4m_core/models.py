@@ -9,14 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline
 
 from .config import ConfigError
+
+if TYPE_CHECKING:
+    from .config import PLPConfig
 
 # Short names for bases that ship with the project (the micro model registers here).
 BASE_REGISTRY: dict[str, Callable[[], str]] = {}
@@ -59,7 +63,7 @@ class BaseModel:
         value = self.recommended.get(key)
         return fallback if value is None else type(fallback)(value)
 
-    def plp_config(self, **given) -> "PLPConfig":
+    def plp_config(self, **given) -> PLPConfig:
         """A PLP shape: what the caller gave, else this model's measured defaults (rho), else PLPConfig's."""
         from .config import PLPConfig
 
@@ -81,7 +85,8 @@ class BaseModel:
         """Text conditioning exactly as the pipeline computes it at inference."""
         if self.is_sdxl:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+                prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
             return embeds, pooled
         embeds, _ = self.pipe.encode_prompt(prompts, self.device, 1, False)
         return embeds, None
@@ -148,8 +153,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_base(base: str, device: str | torch.device | None = None,
-              dtype: torch.dtype | None = None) -> BaseModel:
+def load_base(base: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> BaseModel:
     """Load a base model from a local diffusers folder or a hub id (or a registered name)."""
     model_id = base
     path = resolve_base(base)
@@ -181,5 +185,12 @@ def load_base(base: str, device: str | torch.device | None = None,
     is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
     defaults_file = Path(path) / "b4m_defaults.json"
     recommended = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
-    return BaseModel(pipe=pipe, model_id=model_id, model_hash=model_hash(pipe, path), is_sdxl=is_sdxl,
-                     device=device, dtype=dtype, recommended=recommended)
+    return BaseModel(
+        pipe=pipe,
+        model_id=model_id,
+        model_hash=model_hash(pipe, path),
+        is_sdxl=is_sdxl,
+        device=device,
+        dtype=dtype,
+        recommended=recommended,
+    )

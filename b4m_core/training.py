@@ -9,8 +9,8 @@ CUDA, progress and cancel hooks between steps, and checkpoints as safetensors by
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,7 @@ from safetensors.torch import save as st_save
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig
 from .data import Concept, preprocess
-from .injection import (inject, inject_plp, load_plp_state_dict, plp_state_dict, remove_adapters,
-                        target_layer_names)
+from .injection import inject, inject_plp, load_plp_state_dict, plp_state_dict, remove_adapters, target_layer_names
 from .layers import LoRALinear, PLPLinear, ZipLoRALinear
 from .models import BaseModel
 
@@ -44,7 +43,7 @@ class Hooks:
     should_cancel: Callable[[], bool] | None = None
     checkpoint: Callable[[int, bytes], None] | None = None  # (step, state) every N steps
     resume: bytes | None = None  # a state given to `checkpoint` earlier
-    preview: Callable[[int, "Image.Image"], None] | None = None  # (step, image) every `preview_every` steps
+    preview: Callable[[int, Image.Image], None] | None = None  # (step, image) every `preview_every` steps
     preview_every: int = 0
 
 
@@ -67,7 +66,9 @@ class SampleSet:
         if base.is_sdxl:
             self.time_ids = torch.tensor(
                 [[*p.original_size, *p.crop_top_left, resolution, resolution] for p in prepared],
-                dtype=torch.float32, device=base.device)
+                dtype=torch.float32,
+                device=base.device,
+            )
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -99,10 +100,16 @@ class RowGroup:
 class TrainingSession:
     """One optimisation run over row groups; stage classes configure it."""
 
-    def __init__(self, base: BaseModel, params: list[dict], groups: list[RowGroup], cfg: TrainConfig,
-                 route_layers: list[PLPLinear] | None = None,
-                 target_fn: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 extra_loss: Callable[[], torch.Tensor] | None = None):
+    def __init__(
+        self,
+        base: BaseModel,
+        params: list[dict],
+        groups: list[RowGroup],
+        cfg: TrainConfig,
+        route_layers: list[PLPLinear] | None = None,
+        target_fn: Callable[[dict, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        extra_loss: Callable[[], torch.Tensor] | None = None,
+    ):
         self.base, self.cfg, self.groups = base, cfg, groups
         self.route_layers = route_layers or []
         self.target_fn, self.extra_loss = target_fn, extra_loss
@@ -113,8 +120,9 @@ class TrainingSession:
         self.step = 0
         # what a preview draws: the first concept, or "<content> in <style> style" for a pair
         phrases = [g.samples.concept.phrase for g in groups]
-        self.preview_prompt = (f"a {phrases[0]} in {phrases[1]} style" if len(phrases) == 2
-                               else groups[0].samples.concept.prompts()[0])
+        self.preview_prompt = (
+            f"a {phrases[0]} in {phrases[1]} style" if len(phrases) == 2 else groups[0].samples.concept.prompts()[0]
+        )
         dev = base.device
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
         self.use_autocast = dev.type == "cuda" and self.autocast_dtype is not None
@@ -147,8 +155,9 @@ class TrainingSession:
         # the forward pass inside backward and must route the same way
         for layer in self.route_layers:
             layer.route = route
-        with torch.autocast(self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16,
-                            enabled=self.use_autocast):
+        with torch.autocast(
+            self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.use_autocast
+        ):
             pred = self.predict(batch, noisy, t)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
@@ -209,15 +218,21 @@ class TrainingSession:
                 unet.disable_gradient_checkpointing()
 
     @torch.no_grad()
-    def sample(self, prompt: str, seed: int = 0, steps: int = 10, guidance: float = 5.0) -> "Image.Image":
+    def sample(self, prompt: str, seed: int = 0, steps: int = 10, guidance: float = 5.0) -> Image.Image:
         """One image drawn with the adapter as trained so far (the layers stay live, unmerged)."""
         unet = self.base.unet
         was_training = unet.training
         unet.eval()
         try:
             res = self.base.resolution
-            return self.base.pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=res,
-                                  height=res, generator=torch.Generator(device="cpu").manual_seed(seed)).images[0]
+            return self.base.pipe(
+                prompt=prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                width=res,
+                height=res,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+            ).images[0]
         finally:
             unet.train(was_training)
 
@@ -251,8 +266,9 @@ class TrainingSession:
         for i, p in enumerate(self.params):
             keys = [k for k in tensors if k.startswith(f"opt.{i}.")]
             if keys:
-                state[i] = {k.split(".", 2)[2]: tensors[k].to(p.device) if tensors[k].dim() else tensors[k]
-                            for k in keys}
+                state[i] = {
+                    k.split(".", 2)[2]: tensors[k].to(p.device) if tensors[k].dim() else tensors[k] for k in keys
+                }
         sd = self.optimizer.state_dict()
         sd["state"] = state
         self.optimizer.load_state_dict(sd)
@@ -311,11 +327,24 @@ class BreakStage:
 
     def adapter(self) -> Adapter:
         c = self.concept
-        return Adapter(kind=c.kind, method="b4m", tensors=plp_state_dict(self.layers), rank=self.plp.rank,
-                       alpha=self.plp.alpha, plp=self.plp, tokens={c.kind: c.token}, words={c.kind: c.word},
-                       steps=self.cfg.steps, seed=self.cfg.seed,
-                       extra={"aux": [a.phrase for a in self.aux], "aux_lr_factor": self.cfg.aux_lr_factor,
-                              "learning_rate": self.cfg.learning_rate}, **_meta(self.base))
+        return Adapter(
+            kind=c.kind,
+            method="b4m",
+            tensors=plp_state_dict(self.layers),
+            rank=self.plp.rank,
+            alpha=self.plp.alpha,
+            plp=self.plp,
+            tokens={c.kind: c.token},
+            words={c.kind: c.word},
+            steps=self.cfg.steps,
+            seed=self.cfg.seed,
+            extra={
+                "aux": [a.phrase for a in self.aux],
+                "aux_lr_factor": self.cfg.aux_lr_factor,
+                "learning_rate": self.cfg.learning_rate,
+            },
+            **_meta(self.base),
+        )
 
 
 # ---------------------------------------------------------------- make stage
@@ -329,12 +358,19 @@ def check_composable(content: Adapter, style: Adapter) -> None:
         if a.method != "b4m":
             raise IncompatibleAdapters(f"the {a.kind} adapter was made by {a.method!r}, not b4m: use a baseline fusion")
     if content.base_model_hash != style.base_model_hash:
-        raise IncompatibleAdapters(f"adapters were trained on different base models "
-                                   f"({content.base_model} vs {style.base_model})")
+        raise IncompatibleAdapters(
+            f"adapters were trained on different base models ({content.base_model} vs {style.base_model})"
+        )
     c, s = content.plp, style.plp
-    for attr, label in (("basis_seed", "basis seed"), ("basis_mode", "basis mode"), ("rank", "rank"),
-                        ("rho", "rho"), ("content_half", "content_half"), ("targets", "target set"),
-                        ("alpha", "alpha")):
+    for attr, label in (
+        ("basis_seed", "basis seed"),
+        ("basis_mode", "basis mode"),
+        ("rank", "rank"),
+        ("rho", "rho"),
+        ("content_half", "content_half"),
+        ("targets", "target set"),
+        ("alpha", "alpha"),
+    ):
         if getattr(c, attr) != getattr(s, attr):
             raise IncompatibleAdapters(f"adapters differ in {label}: {getattr(c, attr)!r} vs {getattr(s, attr)!r}")
     if content.layer_names != style.layer_names:
@@ -357,31 +393,55 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
         tensors[f"{name}.C"] = content.tensors[f"{name}.C"].clone()
         tensors[f"{name}.{content_part}"] = content.tensors[f"{name}.{content_part}"].clone()
         tensors[f"{name}.{style_part}"] = style.tensors[f"{name}.{style_part}"].clone()
-    return Adapter(kind="fused", method="b4m", tensors=tensors, rank=plp.rank, alpha=plp.alpha, plp=plp,
-                   base_model=content.base_model, base_model_hash=content.base_model_hash,
-                   tokens={**content.tokens, **style.tokens}, words={**content.words, **style.words},
-                   steps=0, seed=0)
+    return Adapter(
+        kind="fused",
+        method="b4m",
+        tensors=tensors,
+        rank=plp.rank,
+        alpha=plp.alpha,
+        plp=plp,
+        base_model=content.base_model,
+        base_model_hash=content.base_model_hash,
+        tokens={**content.tokens, **style.tokens},
+        words={**content.words, **style.words},
+        steps=0,
+        seed=0,
+    )
 
 
 def _concept_for(adapter: Adapter, concept: Concept) -> Concept:
     """The reference set, named with the identifier and word the adapter learnt."""
     kind = concept.kind
-    return Concept(kind=kind, images=concept.images, captions=concept.captions, template=concept.template,
-                   word=adapter.words.get(kind, concept.word), token=adapter.tokens.get(kind, concept.token))
+    return Concept(
+        kind=kind,
+        images=concept.images,
+        captions=concept.captions,
+        template=concept.template,
+        word=adapter.words.get(kind, concept.word),
+        token=adapter.tokens.get(kind, concept.token),
+    )
 
 
 def _check_base(base: BaseModel, *adapters: Adapter) -> None:
     for a in adapters:
         if a.base_model_hash and a.base_model_hash != base.model_hash:
-            raise IncompatibleAdapters(f"the {a.kind} adapter was trained on {a.base_model!r}, "
-                                       f"not on the loaded base {base.model_id!r}")
+            raise IncompatibleAdapters(
+                f"the {a.kind} adapter was trained on {a.base_model!r}, not on the loaded base {base.model_id!r}"
+            )
 
 
 class MakeStage:
     """Compose, then fine-tune both halves on both reference sets (no routing)."""
 
-    def __init__(self, base: BaseModel, content: Adapter, style: Adapter, content_set: Concept,
-                 style_set: Concept, cfg: TrainConfig):
+    def __init__(
+        self,
+        base: BaseModel,
+        content: Adapter,
+        style: Adapter,
+        content_set: Concept,
+        style_set: Concept,
+        cfg: TrainConfig,
+    ):
         self.fused = compose(content, style)
         _check_base(base, content, style)
         self.base, self.cfg = base, cfg
@@ -390,8 +450,10 @@ class MakeStage:
         res = _resolution(base, cfg)
         self.content_set = _concept_for(content, content_set)
         self.style_set = _concept_for(style, style_set)
-        groups = [RowGroup(SampleSet(base, self.content_set, res, cfg.center_crop), cfg.batch_size, 1.0),
-                  RowGroup(SampleSet(base, self.style_set, res, cfg.center_crop), cfg.batch_size, 1.0)]
+        groups = [
+            RowGroup(SampleSet(base, self.content_set, res, cfg.center_crop), cfg.batch_size, 1.0),
+            RowGroup(SampleSet(base, self.style_set, res, cfg.center_crop), cfg.batch_size, 1.0),
+        ]
         params = [{"params": [p for l in self.layers.values() for p in (l.B, l.D)]}]
         self.session = TrainingSession(base, params, groups, cfg)
 
@@ -410,15 +472,27 @@ class MakeStage:
 class LoRAStage:
     """Plain LoRA on one or more reference sets: a single-concept LoRA or joint DB+LoRA."""
 
-    def __init__(self, base: BaseModel, concepts: list[Concept], rank: int, alpha: float, targets: str,
-                 cfg: TrainConfig, kind: str, method: str):
+    def __init__(
+        self,
+        base: BaseModel,
+        concepts: list[Concept],
+        rank: int,
+        alpha: float,
+        targets: str,
+        cfg: TrainConfig,
+        kind: str,
+        method: str,
+    ):
         self.base, self.concepts, self.cfg = base, concepts, cfg
         self.rank, self.alpha, self.targets, self.kind, self.method = rank, alpha, targets, kind, method
         for p in base.unet.parameters():
             p.requires_grad_(False)
         init = torch.Generator().manual_seed(cfg.seed)  # the kaiming draw of every `down`
-        self.layers = inject(base.unet, target_layer_names(base.unet, targets),
-                             lambda name, lin: LoRALinear(lin, rank, alpha, generator=init))
+        self.layers = inject(
+            base.unet,
+            target_layer_names(base.unet, targets),
+            lambda name, lin: LoRALinear(lin, rank, alpha, generator=init),
+        )
         res = _resolution(base, cfg)
         groups = [RowGroup(SampleSet(base, c, res, cfg.center_crop), cfg.batch_size, 1.0) for c in concepts]
         params = [{"params": [p for l in self.layers.values() for p in (l.up, l.down)]}]
@@ -431,10 +505,19 @@ class LoRAStage:
             for name, l in self.layers.items():
                 tensors[f"{name}.up"] = l.up.detach().float().cpu()
                 tensors[f"{name}.down"] = l.down.detach().float().cpu()
-            return Adapter(kind=self.kind, method=self.method, tensors=tensors, rank=self.rank, alpha=self.alpha,
-                           tokens={c.kind: c.token for c in self.concepts},
-                           words={c.kind: c.word for c in self.concepts}, steps=self.cfg.steps,
-                           seed=self.cfg.seed, extra={"targets": self.targets}, **_meta(self.base))
+            return Adapter(
+                kind=self.kind,
+                method=self.method,
+                tensors=tensors,
+                rank=self.rank,
+                alpha=self.alpha,
+                tokens={c.kind: c.token for c in self.concepts},
+                words={c.kind: c.word for c in self.concepts},
+                steps=self.cfg.steps,
+                seed=self.cfg.seed,
+                extra={"targets": self.targets},
+                **_meta(self.base),
+            )
         finally:
             remove_adapters(self.base.unet)
 
@@ -464,8 +547,9 @@ def _check_pair(content: Adapter, style: Adapter) -> None:
         raise IncompatibleAdapters("adapters were trained on different base models")
 
 
-def _fused_baseline(content: Adapter, style: Adapter, method: str, tensors: dict, rank: int, extra: dict,
-                    steps: int = 0, seed: int = 0) -> Adapter:
+def _fused_baseline(
+    content: Adapter, style: Adapter, method: str, tensors: dict, rank: int, extra: dict, steps: int = 0, seed: int = 0
+) -> Adapter:
     # Scales are baked into `up`, so alpha = rank gives scale 1. Layers of different
     # ranks are padded with zero columns so the file has one rank.
     for name in [k[:-5] for k in tensors if k.endswith(".down")]:
@@ -474,18 +558,36 @@ def _fused_baseline(content: Adapter, style: Adapter, method: str, tensors: dict
             pad = rank - down.shape[0]
             tensors[f"{name}.up"] = torch.cat([up, up.new_zeros(up.shape[0], pad)], dim=1)
             tensors[f"{name}.down"] = torch.cat([down, down.new_zeros(pad, down.shape[1])], dim=0)
-    return Adapter(kind="fused", method=method, tensors=tensors, rank=rank, alpha=float(rank),
-                   base_model=content.base_model, base_model_hash=content.base_model_hash,
-                   tokens={**content.tokens, **style.tokens}, words={**content.words, **style.words},
-                   steps=steps, seed=seed, extra={"targets": content.targets, **extra})
+    return Adapter(
+        kind="fused",
+        method=method,
+        tensors=tensors,
+        rank=rank,
+        alpha=float(rank),
+        base_model=content.base_model,
+        base_model_hash=content.base_model_hash,
+        tokens={**content.tokens, **style.tokens},
+        words={**content.words, **style.words},
+        steps=steps,
+        seed=seed,
+        extra={"targets": content.targets, **extra},
+    )
 
 
 class ZipLoRAStage:
     """ZipLoRA: learn per-column merger vectors so the merged adapter reproduces each
     source LoRA on its own prompts, with |m1 . m2| pushing them onto different columns."""
 
-    def __init__(self, base: BaseModel, content: Adapter, style: Adapter, content_set: Concept,
-                 style_set: Concept, cfg: TrainConfig, overlap_weight: float = 0.01):
+    def __init__(
+        self,
+        base: BaseModel,
+        content: Adapter,
+        style: Adapter,
+        content_set: Concept,
+        style_set: Concept,
+        cfg: TrainConfig,
+        overlap_weight: float = 0.01,
+    ):
         _check_pair(content, style)
         _check_base(base, content, style)
         self.base, self.content, self.style, self.cfg = base, content, style, cfg
@@ -503,12 +605,19 @@ class ZipLoRAStage:
         self.layers = inject(base.unet, names, factory)
         res = _resolution(base, cfg)
         cset, sset = _concept_for(content, content_set), _concept_for(style, style_set)
-        groups = [RowGroup(SampleSet(base, cset, res, cfg.center_crop), cfg.batch_size, 1.0),
-                  RowGroup(SampleSet(base, sset, res, cfg.center_crop), cfg.batch_size, 1.0)]
+        groups = [
+            RowGroup(SampleSet(base, cset, res, cfg.center_crop), cfg.batch_size, 1.0),
+            RowGroup(SampleSet(base, sset, res, cfg.center_crop), cfg.batch_size, 1.0),
+        ]
         params = [{"params": [p for l in self.layers.values() for p in (l.m1, l.m2)]}]
-        self.session = TrainingSession(base, params, groups, cfg, target_fn=self._targets,
-                                       extra_loss=lambda: overlap_weight * sum(
-                                           l.overlap() for l in self.layers.values()) / len(self.layers))
+        self.session = TrainingSession(
+            base,
+            params,
+            groups,
+            cfg,
+            target_fn=self._targets,
+            extra_loss=lambda: overlap_weight * sum(l.overlap() for l in self.layers.values()) / len(self.layers),
+        )
         self._n_content = cfg.batch_size
 
     @torch.no_grad()
@@ -532,8 +641,9 @@ class ZipLoRAStage:
                 tensors[f"{name}.up"] = l.up_weight().detach().float().cpu()
                 tensors[f"{name}.down"] = l.down_weight().detach().float().cpu()
             rank = max(t.shape[0] for k, t in tensors.items() if k.endswith(".down"))
-            return _fused_baseline(self.content, self.style, "ziplora", tensors, rank, extra={},
-                                   steps=self.cfg.steps, seed=self.cfg.seed)
+            return _fused_baseline(
+                self.content, self.style, "ziplora", tensors, rank, extra={}, steps=self.cfg.steps, seed=self.cfg.seed
+            )
         finally:
             remove_adapters(self.base.unet)
 
@@ -543,9 +653,15 @@ CONCEPT_METHODS = ("b4m", "lora")
 FUSION_METHODS = ("b4m", "joint", "merge", "ziplora")
 
 
-def train_concept(base: BaseModel, concept: Concept, method: str = "b4m", aux: list[Concept] | None = None,
-                  plp: PLPConfig | None = None, cfg: TrainConfig | None = None,
-                  hooks: Hooks | None = None) -> Adapter:
+def train_concept(
+    base: BaseModel,
+    concept: Concept,
+    method: str = "b4m",
+    aux: list[Concept] | None = None,
+    plp: PLPConfig | None = None,
+    cfg: TrainConfig | None = None,
+    hooks: Hooks | None = None,
+) -> Adapter:
     """Break stage (`b4m`) or a plain LoRA (`lora`, the baselines' first stage)."""
     plp, cfg = plp or base.plp_config(), cfg or TrainConfig()
     if method == "b4m":
@@ -555,9 +671,17 @@ def train_concept(base: BaseModel, concept: Concept, method: str = "b4m", aux: l
     raise ConfigError(f"concept method must be one of {CONCEPT_METHODS}, got {method!r}")
 
 
-def fuse(base: BaseModel, content: Adapter | None, style: Adapter | None, content_set: Concept,
-         style_set: Concept, method: str = "b4m", cfg: TrainConfig | None = None, hooks: Hooks | None = None,
-         plp: PLPConfig | None = None) -> Adapter:
+def fuse(
+    base: BaseModel,
+    content: Adapter | None,
+    style: Adapter | None,
+    content_set: Concept,
+    style_set: Concept,
+    method: str = "b4m",
+    cfg: TrainConfig | None = None,
+    hooks: Hooks | None = None,
+    plp: PLPConfig | None = None,
+) -> Adapter:
     """Make one adapter for a content x style pair by the chosen method.
 
     `b4m`: compose + fine-tune (default 50 steps); `joint`: one LoRA trained from scratch
@@ -573,8 +697,9 @@ def fuse(base: BaseModel, content: Adapter | None, style: Adapter | None, conten
         plp = plp or (content.plp if content and content.plp else PLPConfig())
         cset = _concept_for(content, content_set) if content else content_set
         sset = _concept_for(style, style_set) if style else style_set
-        return LoRAStage(base, [cset, sset], plp.rank, plp.alpha, plp.targets, cfg or TrainConfig(),
-                         "fused", "joint").train(hooks)
+        return LoRAStage(
+            base, [cset, sset], plp.rank, plp.alpha, plp.targets, cfg or TrainConfig(), "fused", "joint"
+        ).train(hooks)
     if method == "merge":
         _check_base(base, content, style)
         return direct_merge(content, style)

@@ -21,14 +21,18 @@ CASES = {
     "import services.api.app": "import services.api.app",
     "import + create_app (Celery queue)": (
         "from services.api.app import create_app\nfrom services.common.settings import Settings\n"
-        "create_app(Settings(data_dir={tmp!r}, broker_url='redis://127.0.0.1:1/0', reconcile_every_s=0))"),
+        "create_app(Settings(data_dir={tmp!r}, broker_url='redis://127.0.0.1:1/0', reconcile_every_s=0))"
+    ),
     "import b4m_core.training (the worker's model code, for scale)": "import b4m_core.training",
 }
 
 
 def measure(code: str) -> tuple[float, bool]:
-    probe = ("import time; t = time.perf_counter()\n" + code +
-             "\nimport sys, json; print(json.dumps([time.perf_counter() - t, 'torch' in sys.modules]))")
+    probe = (
+        "import time; t = time.perf_counter()\n"
+        + code
+        + "\nimport sys, json; print(json.dumps([time.perf_counter() - t, 'torch' in sys.modules]))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     seconds, torch = json.loads(out.stdout.strip().splitlines()[-1])
     return seconds, torch
@@ -42,8 +46,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, code in CASES.items():
             runs = [measure(code.format(tmp=tmp)) for _ in range(args.repeats)]
-            results[name] = {"median_s": round(statistics.median(r[0] for r in runs), 3),
-                             "torch_loaded": any(r[1] for r in runs)}
+            results[name] = {
+                "median_s": round(statistics.median(r[0] for r in runs), 3),
+                "torch_loaded": any(r[1] for r in runs),
+            }
             print(f"{name:62s} {results[name]['median_s']:6.3f} s  torch={results[name]['torch_loaded']}")
     api = results["import services.api.app"]["median_s"]
     model = results["import b4m_core.training (the worker's model code, for scale)"]["median_s"]

@@ -75,20 +75,26 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
-    path = args.model or str(build_tiny_sd(tmp / "bench_sd", channels=(64, 128), cross_attention_dim=128,
-                                           sample_size=16, layers_per_block=2))
+    path = args.model or str(
+        build_tiny_sd(tmp / "bench_sd", channels=(64, 128), cross_attention_dim=128, sample_size=16, layers_per_block=2)
+    )
     base = load_base(path, device=device)
     unet = base.unet
     rank = args.rank
-    results = {"device": str(device), "torch_threads": torch.get_num_threads(), "rank": rank,
-               "batch": args.batch, "unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2)}
+    results = {
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "rank": rank,
+        "batch": args.batch,
+        "unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
+    }
     print(f"model: {results['unet_params_M']}M-parameter UNet, {base.resolution}px, device {device}", flush=True)
 
     content = Concept("content", images(0, 4), "dog")
     aux = [Concept("style", images(10 + i, 2), f"s{i}", token=f"x{i}") for i in range(3)]
     res = base.resolution
     cset = SampleSet(base, content, res, True)
-    aux_sets = [SampleSet(base, a, res, True) for a in aux]
+    _aux_sets = [SampleSet(base, a, res, True) for a in aux]  # built as MCP would: their cost counts
 
     # 1. PLP training step vs a PEFT LoRA of the same rank, same UNet and batch ----------
     plp = PLPConfig(rank=rank, alpha=rank)
@@ -125,8 +131,11 @@ def main() -> None:
     t = interleaved({"peft_lora": peft_step, "plp": plp_step}, args.reps, device)
     results["train_step_s"] = t
     results["plp_vs_peft_lora"] = t["plp"] / t["peft_lora"]
-    print(f"[1] training step, rank {rank}, batch {args.batch}: PEFT LoRA {t['peft_lora']*1e3:.1f} ms, "
-          f"PLP {t['plp']*1e3:.1f} ms -> PLP/LoRA = {results['plp_vs_peft_lora']:.3f}x (target <= 1.10)", flush=True)
+    print(
+        f"[1] training step, rank {rank}, batch {args.batch}: PEFT LoRA {t['peft_lora'] * 1e3:.1f} ms, "
+        f"PLP {t['plp'] * 1e3:.1f} ms -> PLP/LoRA = {results['plp_vs_peft_lora']:.3f}x (target <= 1.10)",
+        flush=True,
+    )
     # PEFT leaves its wrapper modules behind: continue on a freshly loaded copy
     base = load_base(path, device=device)
     unet = base.unet
@@ -156,9 +165,11 @@ def main() -> None:
     remove_adapters(unet)
     results["mcp_step_s"] = t
     results["mcp_separate_over_batched"] = t["separate"] / t["batched"]
-    print(f"[2] MCP step, k=3: one batched pass {t['batched']*1e3:.1f} ms, 4 separate passes "
-          f"{t['separate']*1e3:.1f} ms -> speed-up {results['mcp_separate_over_batched']:.2f}x (target >= 1.5)",
-          flush=True)
+    print(
+        f"[2] MCP step, k=3: one batched pass {t['batched'] * 1e3:.1f} ms, 4 separate passes "
+        f"{t['separate'] * 1e3:.1f} ms -> speed-up {results['mcp_separate_over_batched']:.2f}x (target >= 1.5)",
+        flush=True,
+    )
 
     # 3. Generation: fused adapter vs bare base; unfused reported ---------------------
     adapter = train_concept(base, content, aux=aux[:1], plp=plp, cfg=TrainConfig(steps=2))
@@ -173,6 +184,7 @@ def main() -> None:
                 gen.set_adapter(None if mode == "bare" else adapter, fuse=(mode == "fused"))
                 state["mode"] = mode
             gen.generate(bare_req if mode == "bare" else req)
+
         return fn
 
     # switching is measured separately below: each timed call follows an untimed one in
@@ -180,7 +192,7 @@ def main() -> None:
     modes = ["bare", "fused", "unfused"]
     times = {m: [] for m in modes}
     for i in range(2 * args.reps):
-        for m in (modes if i % 2 == 0 else modes[::-1]):
+        for m in modes if i % 2 == 0 else modes[::-1]:
             fn = run(m)
             fn()
             times[m].append(timed(fn, device))
@@ -188,9 +200,12 @@ def main() -> None:
     results["generate_s"] = t
     results["fused_vs_bare"] = t["fused"] / t["bare"]
     results["unfused_vs_bare"] = t["unfused"] / t["bare"]
-    print(f"[3] generation, 10 steps: bare {t['bare']*1e3:.0f} ms, fused {t['fused']*1e3:.0f} ms "
-          f"({results['fused_vs_bare']:.3f}x, target <= 1.05), unfused {t['unfused']*1e3:.0f} ms "
-          f"({results['unfused_vs_bare']:.3f}x)", flush=True)
+    print(
+        f"[3] generation, 10 steps: bare {t['bare'] * 1e3:.0f} ms, fused {t['fused'] * 1e3:.0f} ms "
+        f"({results['fused_vs_bare']:.3f}x, target <= 1.05), unfused {t['unfused'] * 1e3:.0f} ms "
+        f"({results['unfused_vs_bare']:.3f}x)",
+        flush=True,
+    )
 
     # 4. Switching adapters in a loaded pipeline vs loading the pipeline afresh ------------
     other = train_concept(base, Concept("content", images(5, 2), "cat"), plp=plp, cfg=TrainConfig(steps=1))
@@ -200,19 +215,24 @@ def main() -> None:
         def fn():  # alternate between two adapters so every call really switches
             flip["i"] ^= 1
             gen.set_adapter(adapter if flip["i"] else other, fuse=fuse)
+
         return fn
 
     def reload():
         load_base(path, device=device)
 
-    t = interleaved({"switch_fused": switch(True), "switch_unfused": switch(False), "reload": reload},
-                    args.reps, device)
+    t = interleaved(
+        {"switch_fused": switch(True), "switch_unfused": switch(False), "reload": reload}, args.reps, device
+    )
     results["switch_s"] = t
     results["reload_over_switch_fused"] = t["reload"] / t["switch_fused"]
     results["reload_over_switch_unfused"] = t["reload"] / t["switch_unfused"]
-    print(f"[4] adapter switch: fused {t['switch_fused']*1e3:.1f} ms, unfused {t['switch_unfused']*1e3:.1f} ms, "
-          f"pipeline reload {t['reload']*1e3:.0f} ms -> switching is {results['reload_over_switch_fused']:.0f}x "
-          f"(fused) / {results['reload_over_switch_unfused']:.0f}x (unfused) faster than reloading", flush=True)
+    print(
+        f"[4] adapter switch: fused {t['switch_fused'] * 1e3:.1f} ms, unfused {t['switch_unfused'] * 1e3:.1f} ms, "
+        f"pipeline reload {t['reload'] * 1e3:.0f} ms -> switching is {results['reload_over_switch_fused']:.0f}x "
+        f"(fused) / {results['reload_over_switch_unfused']:.0f}x (unfused) faster than reloading",
+        flush=True,
+    )
 
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

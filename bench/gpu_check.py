@@ -58,8 +58,11 @@ def main() -> None:
     aux_c = [Concept("content", images(20 + i, 2), f"c{i}", token=f"y{i}") for i in range(3)]
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "steps": args.steps}
     plp = PLPConfig(rank=8)
-    for label, weight_dtype, mp in (("fp32", torch.float32, "no"), ("bf16", torch.bfloat16, "bf16"),
-                                    ("fp16-autocast", torch.float32, "fp16")):
+    for label, weight_dtype, mp in (
+        ("fp32", torch.float32, "no"),
+        ("bf16", torch.bfloat16, "bf16"),
+        ("fp16-autocast", torch.float32, "fp16"),
+    ):
         base = load_base(str(path), device="cuda", dtype=weight_dtype)
         cfg = TrainConfig(steps=args.steps, mixed_precision=mp, seed=1)
         losses = []
@@ -72,14 +75,22 @@ def main() -> None:
         finite = all(torch.isfinite(t).all().item() for a in (c, s, f) for t in a.tensors.values())
         gen = Generator(base)
         gen.set_adapter(f, fuse=True)
-        imgs, t_g, m_g = timed_run(lambda: gen.generate(GenerationRequest("a {content} in {style} style", steps=20,
-                                                                          num_images=4)))
+        imgs, t_g, m_g = timed_run(
+            lambda: gen.generate(GenerationRequest("a {content} in {style} style", steps=20, num_images=4))
+        )
         arr = np.asarray(imgs[0])
         results[label] = {
-            "break_content_s_per_step": t_c / args.steps, "break_style_s_per_step": t_s / args.steps,
-            "make_s_per_step": t_f / args.steps, "peak_mem_MiB_break": max(m_c, m_s), "peak_mem_MiB_make": m_f,
-            "generate_4_images_20_steps_s": t_g, "peak_mem_MiB_generate": m_g, "adapters_finite": finite,
-            "first_loss": losses[0], "last_loss": losses[-1], "image_std": float(arr.std()),
+            "break_content_s_per_step": t_c / args.steps,
+            "break_style_s_per_step": t_s / args.steps,
+            "make_s_per_step": t_f / args.steps,
+            "peak_mem_MiB_break": max(m_c, m_s),
+            "peak_mem_MiB_make": m_f,
+            "generate_4_images_20_steps_s": t_g,
+            "peak_mem_MiB_generate": m_g,
+            "adapters_finite": finite,
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "image_std": float(arr.std()),
         }
         print(label, json.dumps(results[label]), flush=True)
         assert finite, f"{label}: non-finite adapter values"

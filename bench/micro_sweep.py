@@ -10,7 +10,6 @@ so the defaults can meet the 60 s / 15 s budgets.
 
 import argparse
 import json
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -19,8 +18,12 @@ import torch
 from b4m_core.micro.quality import QualityBench, Settings, methods
 from b4m_core.models import load_base
 
-GRID = [dict(break_steps=150, learning_rate=1e-2), dict(break_steps=150, learning_rate=5e-3),
-        dict(break_steps=250, learning_rate=5e-3), dict(break_steps=150, learning_rate=5e-3, batch_size=4)]
+GRID = [
+    dict(break_steps=150, learning_rate=1e-2),
+    dict(break_steps=150, learning_rate=5e-3),
+    dict(break_steps=250, learning_rate=5e-3),
+    dict(break_steps=150, learning_rate=5e-3, batch_size=4),
+]
 
 
 def main() -> None:
@@ -41,10 +44,13 @@ def main() -> None:
         bench.timings = {}
         fused = bench.adapters(b4m, {})
         scores = [bench.score(*bench.draw(fused[p]), *p)["probe"] for p in pairs]
-        row = {**g, "make_steps": args.make_steps,
-               **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
-               "break_s_per_concept": float(np.mean(bench.timings["b4m break (per concept)"])),
-               "make_s_per_pair": float(np.mean(bench.timings["b4m make (per pair)"]))}
+        row = {
+            **g,
+            "make_steps": args.make_steps,
+            **{k: float(np.mean([s[k] for s in scores])) for k in scores[0]},
+            "break_s_per_concept": float(np.mean(bench.timings["b4m break (per concept)"])),
+            "make_s_per_pair": float(np.mean(bench.timings["b4m make (per pair)"])),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

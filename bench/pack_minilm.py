@@ -47,7 +47,9 @@ def pack(out: str) -> None:
     for f in minilm_path().iterdir():
         if f.suffix in (".json", ".txt"):
             shutil.copy(f, folder / f.name)
-    print(f"kept {int(mask.sum())} of {emb.shape[0]} vocabulary rows -> {out} ({Path(out).stat().st_size / 2**20:.1f} MB)")
+    print(
+        f"kept {int(mask.sum())} of {emb.shape[0]} vocabulary rows -> {out} ({Path(out).stat().st_size / 2**20:.1f} MB)"
+    )
 
 
 def unpack(src: str, folder: str) -> None:

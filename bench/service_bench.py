@@ -48,8 +48,8 @@ def wait_job(c: httpx.Client, job_id: str, timeout: float = 900) -> dict:
 async def load(base_url: str, paths: list[str], rate: float, seconds: float) -> list[float]:
     """Open-loop load: requests start on a fixed schedule, whatever the answers' speed."""
     lat: list[float] = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=10,
-                                 limits=httpx.Limits(max_connections=64)) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=10, limits=httpx.Limits(max_connections=64)) as client:
+
         async def one(path):
             t = time.perf_counter()
             r = await client.get(path)
@@ -79,8 +79,12 @@ def main() -> None:
     env = dict(os.environ, B4M_DATA_DIR=str(data))
     for k in ("B4M_DATABASE_URL", "B4M_BROKER_URL", "B4M_STORAGE"):
         env.pop(k, None)
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     res = {}
     try:
         c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -92,15 +96,25 @@ def main() -> None:
                 time.sleep(0.2)
         ids = {}
         for kind, name, word in (("content", "hexagon", "shape"), ("style", "plaid", "pattern")):
-            files = [("images", (p.name, p.read_bytes(), "image/png"))
-                     for p in sorted(reference_folder(kind, name).glob("*.png"))]
-            r = c.post(f"/{kind}s", files=files, data={("class_word" if kind == "content" else "style_word"): word,
-                                                       "name": name, "steps": str(args.break_steps)}).json()
+            files = [
+                ("images", (p.name, p.read_bytes(), "image/png"))
+                for p in sorted(reference_folder(kind, name).glob("*.png"))
+            ]
+            r = c.post(
+                f"/{kind}s",
+                files=files,
+                data={
+                    ("class_word" if kind == "content" else "style_word"): word,
+                    "name": name,
+                    "steps": str(args.break_steps),
+                },
+            ).json()
             wait_job(c, r["job_id"])
             ids[kind] = r["id"]
         t = time.perf_counter()
-        f = c.post("/fusions", json={"content_id": ids["content"], "style_id": ids["style"],
-                                     "steps": args.make_steps}).json()
+        f = c.post(
+            "/fusions", json={"content_id": ids["content"], "style_id": ids["style"], "steps": args.make_steps}
+        ).json()
         wait_job(c, f["job_id"])
         res["post_fusion_to_ready_s"] = time.perf_counter() - t
         print(f"POST /fusions -> ready fused adapter ({args.make_steps} steps): {res['post_fusion_to_ready_s']:.2f} s")
@@ -123,8 +137,10 @@ def main() -> None:
             core_t.append(time.perf_counter() - t)
         res["generate_api_s"], res["generate_core_s"] = statistics.median(api_t), statistics.median(core_t)
         res["api_over_core"] = res["generate_api_s"] / res["generate_core_s"]
-        print(f"generation: API {res['generate_api_s']:.3f} s, b4m_core {res['generate_core_s']:.3f} s "
-              f"-> {res['api_over_core']:.3f}x (target <= 1.2)")
+        print(
+            f"generation: API {res['generate_api_s']:.3f} s, b4m_core {res['generate_core_s']:.3f} s "
+            f"-> {res['api_over_core']:.3f}x (target <= 1.2)"
+        )
 
         jobs = [j["id"] for j in c.get("/jobs", params={"limit": 20}).json()["items"]]
         paths = [f"/jobs/{j}" for j in jobs] + ["/jobs?limit=20", "/contents", "/styles"]
@@ -133,8 +149,10 @@ def main() -> None:
         res["read_p50_ms"] = 1000 * lat[len(lat) // 2]
         res["read_p99_ms"] = 1000 * lat[int(len(lat) * 0.99) - 1]
         res["read_requests"] = len(lat)
-        print(f"read endpoints at {args.rate:.0f} req/s for {args.seconds:.0f} s: p50 {res['read_p50_ms']:.1f} ms, "
-              f"p99 {res['read_p99_ms']:.1f} ms (target < 20)")
+        print(
+            f"read endpoints at {args.rate:.0f} req/s for {args.seconds:.0f} s: p50 {res['read_p50_ms']:.1f} ms, "
+            f"p99 {res['read_p99_ms']:.1f} ms (target < 20)"
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -9,7 +9,6 @@ import json
 import sys
 
 from b4m_contract.jobs import JobStatus
-
 from b4m_core.cli import cmd_demo as core_demo
 from b4m_core.cli import cmd_export as core_export
 from b4m_core.cli import cmd_fuse as core_fuse
@@ -23,8 +22,11 @@ def _add(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p = sub.add_parser("worker", help="run a Celery worker (one per GPU) on B4M_BROKER_URL")
     p.add_argument("--queues", default="training,generation")
-    p = sub.add_parser("reconcile", help="re-send jobs whose queue message was lost, queue again jobs whose worker "
-                                         "died, end jobs past their deadline (the API also does this itself)")
+    p = sub.add_parser(
+        "reconcile",
+        help="re-send jobs whose queue message was lost, queue again jobs whose worker "
+        "died, end jobs past their deadline (the API also does this itself)",
+    )
     p.add_argument("--once", action="store_true", help="one sweep, print what it did, exit")
     p = sub.add_parser("tenant", help="manage tenants in the database of B4M_DATABASE_URL (or the embedded one)")
     tsub = p.add_subparsers(dest="action", required=True)
@@ -68,8 +70,9 @@ def _add_server(sub) -> None:
         _server_flags(sh)
     p = sub.add_parser("jobs", help="jobs on a server: watch (live progress bar), list, show, cancel")
     jsub = p.add_subparsers(dest="action", required=True)
-    w = jsub.add_parser("watch", help="a progress bar from the job's live events until it ends (exit 1 unless "
-                                      "it succeeded)")
+    w = jsub.add_parser(
+        "watch", help="a progress bar from the job's live events until it ends (exit 1 unless it succeeded)"
+    )
     w.add_argument("job_id")
     _server_flags(w)
     ls = jsub.add_parser("list", help="jobs, newest first")
@@ -85,8 +88,10 @@ def _add_server(sub) -> None:
 def _amend(parsers: dict) -> None:
     """Server forms of fuse, generate and export, beside their local-file forms."""
     p = parsers["fuse"]
-    p.description = ("local: b4m fuse --content FILE --style FILE --content-images DIR --style-images DIR --out FILE; "
-                     "server: b4m fuse CONTENT STYLE (ids or names) [--steps N] [--watch]")
+    p.description = (
+        "local: b4m fuse --content FILE --style FILE --content-images DIR --style-images DIR --out FILE; "
+        "server: b4m fuse CONTENT STYLE (ids or names) [--steps N] [--watch]"
+    )
     p.add_argument("content_ref", nargs="?", metavar="CONTENT", help="server form: a content's id or name")
     p.add_argument("style_ref", nargs="?", metavar="STYLE", help="server form: a style's id or name")
     p.add_argument("--watch", action="store_true", help="server form: progress bar until the fusion ends")
@@ -102,12 +107,19 @@ def _amend(parsers: dict) -> None:
     p.add_argument("--timeout", type=float, default=600, help="server form: seconds to wait for the images")
     _server_flags(p)
     p = parsers["demo"]
-    p.add_argument("--url", default=None, help="run the demo on this server through the API (the client), "
-                                               "instead of in this process")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="run the demo on this server through the API (the client), instead of in this process",
+    )
     p.add_argument("--api-key", default=None, help="API key for --url (default: env B4M_API_KEY)")
     p = parsers["export"]
-    p.add_argument("ref", nargs="?", metavar="ID",
-                   help="server form: an adapter, fusion, content or style id (or a content/style name)")
+    p.add_argument(
+        "ref",
+        nargs="?",
+        metavar="ID",
+        help="server form: an adapter, fusion, content or style id (or a content/style name)",
+    )
     _server_flags(p)
 
 
@@ -164,6 +176,7 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 def _server_errors(fn):
     """Server answers and connection failures as one-line errors (exit 2), not tracebacks."""
+
     def run(args):
         import httpx
 
@@ -178,6 +191,7 @@ def _server_errors(fn):
             raise ConfigError(f"cannot reach the server ({exc})") from exc
         if code:
             raise SystemExit(code)
+
     return run
 
 
@@ -187,18 +201,29 @@ def cmd_asset(args):
     with _client(args) as c:
         if args.action == "add":
             add = c.add_content if kind == "content" else c.add_style
-            r = add(args.images, args.word, args.name, steps=args.steps, learning_rate=args.lr, token=args.token,
-                    base_model=args.base_model, aux_asset_ids=[c.resolve_asset(
-                        "style" if kind == "content" else "content", a).id for a in args.aux],
-                    webhook_url=args.webhook, idempotency_key=args.idempotency_key)
+            r = add(
+                args.images,
+                args.word,
+                args.name,
+                steps=args.steps,
+                learning_rate=args.lr,
+                token=args.token,
+                base_model=args.base_model,
+                aux_asset_ids=[c.resolve_asset("style" if kind == "content" else "content", a).id for a in args.aux],
+                webhook_url=args.webhook,
+                idempotency_key=args.idempotency_key,
+            )
             print(r.model_dump_json())
             return _watch(c, r.job_id) if args.watch else 0
         if args.action == "show":
             print(c.resolve_asset(kind, args.id).model_dump_json(indent=2))
             return 0
         rows = [a.model_dump() for a in c.all_assets(kind, status=args.status)]
-        print(json.dumps(rows, indent=2) if args.json else
-              _table(rows, ["id", "name", "word", "token", "status", "adapter_id", "images"]))
+        print(
+            json.dumps(rows, indent=2)
+            if args.json
+            else _table(rows, ["id", "name", "word", "token", "status", "adapter_id", "images"])
+        )
         return 0
 
 
@@ -213,8 +238,11 @@ def cmd_jobs(args):
             print(c.cancel(args.job_id).model_dump_json())
         else:
             rows = [j.model_dump() for j in c.jobs(status=args.status, limit=500).items]
-            print(json.dumps(rows, indent=2) if args.json else
-                  _table(rows, ["id", "type", "status", "progress_step", "progress_total", "attempts", "error"]))
+            print(
+                json.dumps(rows, indent=2)
+                if args.json
+                else _table(rows, ["id", "type", "status", "progress_step", "progress_total", "attempts", "error"])
+            )
         return 0
 
 
@@ -235,8 +263,13 @@ def _server_fuse(args):
         raise ConfigError("b4m fuse CONTENT STYLE: give both (ids or names)")
     with _client(args) as c:
         content, style = c.resolve_asset("content", args.content_ref), c.resolve_asset("style", args.style_ref)
-        r = c.fuse(content.id, style.id, steps=50 if args.steps is None else args.steps, method=args.method,
-                   webhook_url=args.webhook)
+        r = c.fuse(
+            content.id,
+            style.id,
+            steps=50 if args.steps is None else args.steps,
+            method=args.method,
+            webhook_url=args.webhook,
+        )
         print(r.model_dump_json())
         return _watch(c, r.job_id) if args.watch else 0
 
@@ -252,9 +285,19 @@ def _server_generate(args):
     from pathlib import Path
 
     with _client(args) as c:
-        r = c.generate(args.prompt, fusion_id=args.fusion, content_id=args.content_id, style_id=args.style_id,
-                       negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                       guidance=args.guidance, width=args.width, height=args.height, num_images=args.num_images)
+        r = c.generate(
+            args.prompt,
+            fusion_id=args.fusion,
+            content_id=args.content_id,
+            style_id=args.style_id,
+            negative_prompt=args.negative_prompt,
+            seed=args.seed,
+            steps=args.steps,
+            guidance=args.guidance,
+            width=args.width,
+            height=args.height,
+            num_images=args.num_images,
+        )
         c.wait(r.job_id, timeout=args.timeout)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -279,11 +322,19 @@ def _server_demo(args):
     from services.main_job import run_on, save_grid
 
     n = 2 if args.quick else None
-    contents, styles = list(HELDOUT_CONTENTS[:n] if n else HELDOUT_CONTENTS), list(HELDOUT_STYLES[:n] if n else
-                                                                                   HELDOUT_STYLES)
+    contents, styles = (
+        list(HELDOUT_CONTENTS[:n] if n else HELDOUT_CONTENTS),
+        list(HELDOUT_STYLES[:n] if n else HELDOUT_STYLES),
+    )
     with _client(args) as c:
-        cells = run_on(c, Path(args.out), contents, styles, args.break_steps or (80 if args.quick else 200),
-                       args.make_steps or (20 if args.quick else 50))
+        cells = run_on(
+            c,
+            Path(args.out),
+            contents,
+            styles,
+            args.break_steps or (80 if args.quick else 200),
+            args.make_steps or (20 if args.quick else 50),
+        )
     print(save_grid(Path(args.out), cells, contents, styles))
     return 0
 
@@ -314,8 +365,14 @@ def cmd_serve(args) -> None:
     from services.common.settings import get_settings
 
     setup_logging(json_logs=get_settings().log_json)  # uvicorn's loggers propagate to it
-    uvicorn.run("services.embedded:create_server_app", factory=True, host=args.host, port=args.port, log_level="info",
-                log_config=None)
+    uvicorn.run(
+        "services.embedded:create_server_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        log_config=None,
+    )
 
 
 def cmd_worker(args) -> None:
@@ -353,7 +410,7 @@ def _sessions():
     if url.startswith("sqlite:///"):
         from pathlib import Path
 
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     migrate(url)
     return session_factory(make_engine(url))
 
@@ -383,8 +440,16 @@ def cmd_key(args) -> None:
     try:
         if args.action == "create":
             key, row = tenants.create_key(_sessions(), args.tenant)
-            print(json.dumps({"id": row.id, "tenant_id": row.tenant_id, "key": key,
-                              "note": "shown once: only its sha256 is stored"}))
+            print(
+                json.dumps(
+                    {
+                        "id": row.id,
+                        "tenant_id": row.tenant_id,
+                        "key": key,
+                        "note": "shown once: only its sha256 is stored",
+                    }
+                )
+            )
         else:
             row = tenants.revoke_key(_sessions(), args.key)
             print(json.dumps({"id": row.id, "revoked_at": row.revoked_at.isoformat()}))
@@ -393,11 +458,25 @@ def cmd_key(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return core_main(argv, extensions=(_add, _add_server), amend=(_amend,),
-                     commands={"serve": cmd_serve, "worker": cmd_worker, "tenant": cmd_tenant, "key": cmd_key,
-                               "reconcile": cmd_reconcile, "content": cmd_asset, "style": cmd_asset,
-                               "jobs": cmd_jobs, "fuse": cmd_fuse, "generate": cmd_generate, "export": cmd_export,
-                               "demo": cmd_demo})
+    return core_main(
+        argv,
+        extensions=(_add, _add_server),
+        amend=(_amend,),
+        commands={
+            "serve": cmd_serve,
+            "worker": cmd_worker,
+            "tenant": cmd_tenant,
+            "key": cmd_key,
+            "reconcile": cmd_reconcile,
+            "content": cmd_asset,
+            "style": cmd_asset,
+            "jobs": cmd_jobs,
+            "fuse": cmd_fuse,
+            "generate": cmd_generate,
+            "export": cmd_export,
+            "demo": cmd_demo,
+        },
+    )
 
 
 if __name__ == "__main__":

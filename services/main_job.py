@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,8 +60,9 @@ def _upload(client: Client, kind: str, name: str, steps: int):
     return add(images, word, name, steps=steps, token=token, idempotency_key=f"main-job-{kind}-{name}-{steps}")
 
 
-def run_on(client: Client, out: Path, contents: list[str], styles: list[str], break_steps: int,
-           make_steps: int) -> dict:
+def run_on(
+    client: Client, out: Path, contents: list[str], styles: list[str], break_steps: int, make_steps: int
+) -> dict:
     """The demo's flow on any server the client reaches: train, fuse every pair, draw one image each."""
     out.mkdir(parents=True, exist_ok=True)
     ids = {}
@@ -73,8 +74,12 @@ def run_on(client: Client, out: Path, contents: list[str], styles: list[str], br
     cells = {}
     for c in contents:
         for s in styles:
-            f = client.fuse(ids[("content", c)].id, ids[("style", s)].id, steps=make_steps,
-                            idempotency_key=f"main-job-fuse-{c}-{s}-{make_steps}")
+            f = client.fuse(
+                ids[("content", c)].id,
+                ids[("style", s)].id,
+                steps=make_steps,
+                idempotency_key=f"main-job-fuse-{c}-{s}-{make_steps}",
+            )
             client.wait(f.job_id, on_progress=_progress(f"fuse {c} x {s}"), timeout=1800)
             g = client.generate(PROMPT, fusion_id=f.id, seed=0, num_images=1, wait=120)
             if g.status != JobStatus.SUCCEEDED:
@@ -93,8 +98,12 @@ def run(out: Path, contents: list[str], styles: list[str], break_steps: int, mak
     for k in ("B4M_DATABASE_URL", "B4M_BROKER_URL", "B4M_STORAGE"):
         env.pop(k, None)  # the embedded default
     log = open(out / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     t0 = time.time()
     try:
         with Client(f"http://127.0.0.1:{port}", api_key="") as client:
@@ -113,8 +122,9 @@ def run(out: Path, contents: list[str], styles: list[str], break_steps: int, mak
         server.terminate()
         server.wait(timeout=30)
     save_grid(out, cells, contents, styles)
-    (out / "summary.json").write_text(json.dumps({"seconds": time.time() - t0, "contents": contents,
-                                                  "styles": styles, "prompt": PROMPT}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps({"seconds": time.time() - t0, "contents": contents, "styles": styles, "prompt": PROMPT}, indent=2)
+    )
     print(f"grid: {out / 'grid.png'} ({time.time() - t0:.0f}s)")
     return out / "grid.png"
 
@@ -131,8 +141,10 @@ def _grid(cells, contents, styles) -> Image.Image:
     blank = np.full((64, 64, 3), 255, np.uint8)
     rows = [[blank] + [ref("style", s) for s in styles]]
     # cells at the references' size, whatever the base model draws (1024 px on SDXL)
-    rows += [[ref("content", c)] + [np.asarray(cells[(c, s)].resize((64, 64), Image.LANCZOS)) for s in styles]
-             for c in contents]
+    rows += [
+        [ref("content", c)] + [np.asarray(cells[(c, s)].resize((64, 64), Image.LANCZOS)) for s in styles]
+        for c in contents
+    ]
     pad = lambda a: np.pad(a, ((2, 2), (2, 2), (0, 0)), constant_values=255)
     return Image.fromarray(np.concatenate([np.concatenate([pad(x) for x in r], 1) for r in rows], 0))
 

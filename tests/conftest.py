@@ -177,8 +177,12 @@ def db_url(request, tmp_path):
 def s3_endpoint():
     port = free_port()
     exe = Path(sys.executable).with_name("moto_server")
-    proc = spawn([str(exe), "-H", "127.0.0.1", "-p", str(port)], owner="fixture", stdout=open(os.devnull, "w"),
-                 stderr=open(os.devnull, "w"))
+    proc = spawn(
+        [str(exe), "-H", "127.0.0.1", "-p", str(port)],
+        owner="fixture",
+        stdout=open(os.devnull, "w"),
+        stderr=open(os.devnull, "w"),
+    )
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

@@ -25,8 +25,17 @@ from .world import HELDOUT_CONTENTS, HELDOUT_STYLES
 DEMO_PROMPT = "a large {content} in {style} style in the center on a white background"
 
 
-def run_demo(out_dir: str | Path, contents=None, styles=None, break_steps: int = 200, make_steps: int = 50,
-             prompt: str = DEMO_PROMPT, seed: int = 0, base: str = "micro", log=print) -> Path:
+def run_demo(
+    out_dir: str | Path,
+    contents=None,
+    styles=None,
+    break_steps: int = 200,
+    make_steps: int = 50,
+    prompt: str = DEMO_PROMPT,
+    seed: int = 0,
+    base: str = "micro",
+    log=print,
+) -> Path:
     out = Path(out_dir)
     (out / "adapters").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -40,8 +49,13 @@ def run_demo(out_dir: str | Path, contents=None, styles=None, break_steps: int =
         for name in names:
             refs[(kind, name)] = reference_concept(kind, name)
             t = time.perf_counter()
-            a = train_concept(model, refs[(kind, name)], aux=aux_bank(kind, 3, seed), plp=plp,
-                              cfg=TrainConfig(steps=break_steps, seed=seed))
+            a = train_concept(
+                model,
+                refs[(kind, name)],
+                aux=aux_bank(kind, 3, seed),
+                plp=plp,
+                cfg=TrainConfig(steps=break_steps, seed=seed),
+            )
             a.save(out / "adapters" / f"{kind}_{name}.safetensors")
             adapters[(kind, name)] = a
             log(f"break stage {kind} {name}: {time.perf_counter() - t:.1f}s")
@@ -50,8 +64,14 @@ def run_demo(out_dir: str | Path, contents=None, styles=None, break_steps: int =
     for c in contents:
         for s in styles:
             t = time.perf_counter()
-            f = fuse(model, adapters[("content", c)], adapters[("style", s)], refs[("content", c)],
-                     refs[("style", s)], cfg=TrainConfig(steps=make_steps, seed=seed))
+            f = fuse(
+                model,
+                adapters[("content", c)],
+                adapters[("style", s)],
+                refs[("content", c)],
+                refs[("style", s)],
+                cfg=TrainConfig(steps=make_steps, seed=seed),
+            )
             f.save(out / "adapters" / f"fused_{c}_{s}.safetensors")
             gen.set_adapter(f, fuse=True)
             image = gen.generate(GenerationRequest(prompt, seed=seed, steps=20, guidance=5.0))[0]
@@ -59,8 +79,11 @@ def run_demo(out_dir: str | Path, contents=None, styles=None, break_steps: int =
             cells[(c, s)] = image
             log(f"make stage {c} x {s}: {time.perf_counter() - t:.1f}s (incl. drawing)")
     _grid(cells, refs, contents, styles, out / "grid.png")
-    (out / "summary.json").write_text(json.dumps({"contents": contents, "styles": styles, "prompt": prompt,
-                                                  "seconds": time.perf_counter() - t0}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {"contents": contents, "styles": styles, "prompt": prompt, "seconds": time.perf_counter() - t0}, indent=2
+        )
+    )
     log(f"wrote {out / 'grid.png'} in {time.perf_counter() - t0:.0f}s")
     return out / "grid.png"
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
 
 import numpy as np
 import torch
@@ -40,8 +39,9 @@ class ContentEncoder:
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        x = np.stack([np.asarray(im.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC), np.float32)
-                      for im in images])
+        x = np.stack(
+            [np.asarray(im.convert("RGB").resize((224, 224), Image.Resampling.BICUBIC), np.float32) for im in images]
+        )
         x = torch.from_numpy((x - 127.0) / 128.0).permute(0, 3, 1, 2)  # EfficientNet-lite's own scaling
         return self.net.extract_features(x).mean(dim=(2, 3))
 
@@ -106,8 +106,13 @@ class PaperMetrics:
         self.clip = LocalCLIP(os.environ["B4M_CLIP_PATH"]) if os.environ.get("B4M_CLIP_PATH") else None
         self.dino = LocalDINO(os.environ["B4M_DINO_PATH"]) if os.environ.get("B4M_DINO_PATH") else None
 
-    def score(self, images: list[Image.Image], content_refs: list[Image.Image], style_refs: list[Image.Image],
-              prompts: list[str] | None = None) -> dict[str, float]:
+    def score(
+        self,
+        images: list[Image.Image],
+        content_refs: list[Image.Image],
+        style_refs: list[Image.Image],
+        prompts: list[str] | None = None,
+    ) -> dict[str, float]:
         out = {
             "content_effnet": float(_cos(self.content(images), self.content(content_refs)).mean()),
             "style_magenta": float(_cos(self.style(images), self.style(style_refs)).mean()),

@@ -27,8 +27,18 @@ from safetensors.torch import save_file
 
 from .model import SCHEDULER_CONFIG, load_text_encoder, new_unet, new_vae, save_micro
 from .probes import HEADS, labels_of, predict_tensor, to_tensor, train_probe
-from .world import (BACKGROUNDS, HELDOUT_CONTENTS, HELDOUT_STYLES, POSITIONS, PRETRAIN_CONTENTS, PRETRAIN_STYLES,
-                    SIZES, Scene, generic_image, training_sample)
+from .world import (
+    BACKGROUNDS,
+    HELDOUT_CONTENTS,
+    HELDOUT_STYLES,
+    POSITIONS,
+    PRETRAIN_CONTENTS,
+    PRETRAIN_STYLES,
+    SIZES,
+    Scene,
+    generic_image,
+    training_sample,
+)
 
 
 def log(msg: str) -> None:
@@ -110,8 +120,17 @@ def train_vae(images: torch.Tensor, seconds: float, batch: int, device: str, see
     return vae.eval().requires_grad_(False), step
 
 
-def finetune_vae(old, world: torch.Tensor, generic: torch.Tensor, seconds: float, batch: int, device: str,
-                 seed: int, anchor: float = 1.0, lr: float = 3e-4):
+def finetune_vae(
+    old,
+    world: torch.Tensor,
+    generic: torch.Tensor,
+    seconds: float,
+    batch: int,
+    device: str,
+    seed: int,
+    anchor: float = 1.0,
+    lr: float = 3e-4,
+):
     """Teach a trained VAE generic images without moving its latent space.
 
     The UNet was trained on the old encoder's latents, so: the new encoder's means on world
@@ -139,14 +158,22 @@ def finetune_vae(old, world: torch.Tensor, generic: torch.Tensor, seconds: float
         with torch.no_grad():
             mu_old = old.encode(xw).latent_dist.mean
         rec_old = new.decode(mu_old).sample
-        loss = (F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + F.mse_loss(rec_old, xw) + 0.5 * F.l1_loss(rec_old, xw)
-                + anchor * F.mse_loss(dist.mean[:half], mu_old) + 1e-4 * dist.kl().mean() / x[0].numel())
+        loss = (
+            F.mse_loss(rec, x)
+            + 0.5 * F.l1_loss(rec, x)
+            + F.mse_loss(rec_old, xw)
+            + 0.5 * F.l1_loss(rec_old, xw)
+            + anchor * F.mse_loss(dist.mean[:half], mu_old)
+            + 1e-4 * dist.kl().mean() / x[0].numel()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if step % 250 == 0:
-            log(f"vae-finetune step {step}/{total} loss {loss.item():.4f} anchor {F.mse_loss(dist.mean[:half], mu_old).item():.4f}")
+            log(
+                f"vae-finetune step {step}/{total} loss {loss.item():.4f} anchor {F.mse_loss(dist.mean[:half], mu_old).item():.4f}"
+            )
     return new.eval().requires_grad_(False), step
 
 
@@ -168,7 +195,7 @@ def standardize_latents(vae, images: torch.Tensor, device: str, n: int = 8192) -
     q.bias[:c] = (q.bias[:c] - m) / s
     q.bias[c:] -= 2 * torch.log(s)
     # decoder input z' = (z - m) / s, so z = s z' + m: W z + b = (W s) z' + (W m + b)
-    pq.bias += (pq.weight[:, :, 0, 0] @ m)
+    pq.bias += pq.weight[:, :, 0, 0] @ m
     pq.weight *= s.view(1, -1, 1, 1)
     vae.register_to_config(scaling_factor=1.0)
     return {"latent_mean": m.tolist(), "latent_std": s.tolist()}
@@ -191,8 +218,13 @@ def encode_captions(captions: list[str], encoder, tokenizer, device: str):
     index = {c: i for i, c in enumerate(unique)}
     embeds = []
     for i in range(0, len(unique), 1024):
-        tok = tokenizer(unique[i : i + 1024], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt")
+        tok = tokenizer(
+            unique[i : i + 1024],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         embeds.append(encoder(tok.input_ids.to(device))[0].half())
     return torch.cat(embeds), torch.tensor([index[c] for c in captions])
 
@@ -215,8 +247,21 @@ def _fits(unet, batch: int, ctx_dim: int, ctx_len: int, device: str) -> bool:
         return False
 
 
-def train_unet(mean, std, scaling: float, embeds, cap_idx, seconds: float, batch: int, device: str, seed: int,
-               lr: float = 4e-4, ema_decay: float = 0.999, init_from: str | None = None, min_snr: float = 5.0):
+def train_unet(
+    mean,
+    std,
+    scaling: float,
+    embeds,
+    cap_idx,
+    seconds: float,
+    batch: int,
+    device: str,
+    seed: int,
+    lr: float = 4e-4,
+    ema_decay: float = 0.999,
+    init_from: str | None = None,
+    min_snr: float = 5.0,
+):
     torch.manual_seed(seed)
     unet = new_unet().to(device)
     if init_from:  # continue an earlier run (e.g. GPU pre-training, then more steps on a CPU)
@@ -247,7 +292,7 @@ def train_unet(mean, std, scaling: float, embeds, cap_idx, seconds: float, batch
         for pg in opt.param_groups:
             pg["lr"] = _lr_at(step, total, lr)
         idx = torch.randint(0, mean.shape[0], (batch,), generator=g, device=device)
-        lat = (mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g, device=device))
+        lat = mean[idx].float() + std[idx].float() * torch.randn(mean[idx].shape, generator=g, device=device)
         lat = lat * scaling
         noise = torch.randn(lat.shape, generator=g, device=device)
         t = torch.randint(0, 1000, (batch,), generator=g, device=device)
@@ -274,15 +319,22 @@ def heldout_scenes(per: int = 24) -> list[Scene]:
     """Held-out styles on pre-training contents and held-out contents in pre-training styles."""
     rng = np.random.default_rng(5)
     bgs = tuple(BACKGROUNDS)
-    out = [Scene(str(rng.choice(PRETRAIN_CONTENTS)), st, bgs[i % 6], "center", "large")
-           for st in HELDOUT_STYLES for i in range(per)]
-    return out + [Scene(c, str(rng.choice(PRETRAIN_STYLES)), bgs[i % 6], "center", "large")
-                  for c in HELDOUT_CONTENTS for i in range(per)]
+    out = [
+        Scene(str(rng.choice(PRETRAIN_CONTENTS)), st, bgs[i % 6], "center", "large")
+        for st in HELDOUT_STYLES
+        for i in range(per)
+    ]
+    return out + [
+        Scene(c, str(rng.choice(PRETRAIN_STYLES)), bgs[i % 6], "center", "large")
+        for c in HELDOUT_CONTENTS
+        for i in range(per)
+    ]
 
 
 @torch.no_grad()
-def vae_recon_probe(vae, probe, device: str, n_repeat: int = 2, scenes: list[Scene] | None = None,
-                    by: str | None = None) -> dict:
+def vae_recon_probe(
+    vae, probe, device: str, n_repeat: int = 2, scenes: list[Scene] | None = None, by: str | None = None
+) -> dict:
     """Probe accuracy on VAE reconstructions of the fixed prompt set's scenes (or `scenes`):
     the ceiling for what the UNet can reach (textures the VAE loses no UNet can draw).
     `by="heldout"`: accuracy per held-out style and content instead."""
@@ -314,20 +366,29 @@ def eval_prompts(seed: int = 0) -> list[Scene]:
     """The fixed prompt set: every pre-training content x style, attributes drawn once."""
     rng = np.random.default_rng([seed, 99])
     bgs, poss, sizes = tuple(BACKGROUNDS), tuple(POSITIONS), tuple(SIZES)
-    return [Scene(c, s, bgs[rng.integers(len(bgs))], poss[rng.integers(len(poss))], sizes[rng.integers(len(sizes))])
-            for c in PRETRAIN_CONTENTS for s in PRETRAIN_STYLES]
+    return [
+        Scene(c, s, bgs[rng.integers(len(bgs))], poss[rng.integers(len(poss))], sizes[rng.integers(len(sizes))])
+        for c in PRETRAIN_CONTENTS
+        for s in PRETRAIN_STYLES
+    ]
 
 
 @torch.no_grad()
-def evaluate_base(pipe, probe, guidance: float, steps: int = 20, batch: int = 48, seed: int = 0,
-                  scenes: list[Scene] | None = None) -> dict:
+def evaluate_base(
+    pipe, probe, guidance: float, steps: int = 20, batch: int = 48, seed: int = 0, scenes: list[Scene] | None = None
+) -> dict:
     scenes = scenes or eval_prompts(seed)
     images = []
     for i in range(0, len(scenes), batch):
         chunk = scenes[i : i + batch]
         gen = torch.Generator("cpu").manual_seed(seed + i)
-        out = pipe([s.caption() for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=gen, negative_prompt=[""] * len(chunk))
+        out = pipe(
+            [s.caption() for s in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            negative_prompt=[""] * len(chunk),
+        )
         images += out.images
     preds = predict_tensor(probe, to_tensor(images))
     y = labels_of(scenes)
@@ -351,7 +412,7 @@ def eval_shipped(args) -> dict:
     gen = torch.Generator("cpu").manual_seed(0)
     base.pipe("a large striped circle", num_inference_steps=20, generator=gen)  # warm
     t = time.time()
-    for i in range(5):
+    for _ in range(5):
         base.pipe("a large striped circle", num_inference_steps=20, generator=gen)
     report["one_image_20_steps_s"] = round((time.time() - t) / 5, 3)
     text = json.dumps(report, indent=2)
@@ -378,14 +439,20 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=3000, help="0: load --probe-from instead")
     ap.add_argument("--probe-from", default=None, help="an already trained probe (safetensors)")
     ap.add_argument("--vae-from", default=None, help="an already trained VAE folder: skip VAE training")
-    ap.add_argument("--vae-finetune", action="store_true",
-                    help="fine-tune --vae-from on world + generic images for --vae-seconds, keeping its latent space")
+    ap.add_argument(
+        "--vae-finetune",
+        action="store_true",
+        help="fine-tune --vae-from on world + generic images for --vae-seconds, keeping its latent space",
+    )
     ap.add_argument("--generic-images", type=int, default=0, help="generic VAE images (default: --images)")
     ap.add_argument("--probe-images", type=int, default=40_000)
     ap.add_argument("--text-encoder", default=None, help="MiniLM folder (default: the installed package)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--eval-only", action="store_true",
-                    help="only score the model in --out (default: the shipped one) on the fixed prompt set")
+    ap.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="only score the model in --out (default: the shipped one) on the fixed prompt set",
+    )
     ap.add_argument("--eval-guidance", type=float, nargs="+", default=[3.0, 5.0, 7.5])
     ap.add_argument("--report", default=None, help="write timings and accuracies here (JSON)")
     args = ap.parse_args()
@@ -405,12 +472,15 @@ def main() -> None:
 
         probe, probe_acc = load_probe(args.probe_from)
     else:
-        probe, probe_acc = train_probe(steps=args.probe_steps, n_train=args.probe_images, seed=args.seed,
-                                       device=dev, log=log, workers=args.workers)
+        probe, probe_acc = train_probe(
+            steps=args.probe_steps, n_train=args.probe_images, seed=args.seed, device=dev, log=log, workers=args.workers
+        )
     report["probe_test_accuracy"] = probe_acc
-    save_file({k: v.contiguous().half() if v.is_floating_point() else v.contiguous()
-               for k, v in probe.state_dict().items()}, str(probe_out),
-              metadata={"test_accuracy": json.dumps(probe_acc)})
+    save_file(
+        {k: v.contiguous().half() if v.is_floating_point() else v.contiguous() for k, v in probe.state_dict().items()},
+        str(probe_out),
+        metadata={"test_accuracy": json.dumps(probe_acc)},
+    )
     log(f"probe test accuracy {probe_acc} ({time.time() - t0:.0f}s)")
     probe.to(dev)
 
@@ -428,18 +498,28 @@ def main() -> None:
         vae_steps = None
     else:
         vae, vae_steps = train_vae(images, args.vae_seconds, args.vae_batch, dev, args.seed)
-    report["vae"] = {"steps": vae_steps, "seconds": time.time() - t, "from": args.vae_from,
-                     "params_M": sum(p.numel() for p in vae.parameters()) / 1e6}
+    report["vae"] = {
+        "steps": vae_steps,
+        "seconds": time.time() - t,
+        "from": args.vae_from,
+        "params_M": sum(p.numel() for p in vae.parameters()) / 1e6,
+    }
     if args.vae_finetune:  # keep the latent space the shipped UNet was trained on: no re-standardising
         held = heldout_scenes()
-        report["vae"]["before_finetune"] = {"recon_probe": vae_recon_probe(vae, probe, dev),
-                                            "heldout": vae_recon_probe(vae, probe, dev, scenes=held, by="heldout")}
+        report["vae"]["before_finetune"] = {
+            "recon_probe": vae_recon_probe(vae, probe, dev),
+            "heldout": vae_recon_probe(vae, probe, dev, scenes=held, by="heldout"),
+        }
         log(f"before fine-tuning: {report['vae']['before_finetune']}")
         generic = torch.from_numpy(render_generic(args.generic_images or args.images, args.seed + 1, args.workers))
         t = time.time()
         vae, ft_steps = finetune_vae(vae, images, generic, args.vae_seconds, args.vae_batch, dev, args.seed)
-        report["vae"]["finetune"] = {"steps": ft_steps, "seconds": time.time() - t, "batch": args.vae_batch,
-                                     "generic_images": int(generic.shape[0])}
+        report["vae"]["finetune"] = {
+            "steps": ft_steps,
+            "seconds": time.time() - t,
+            "batch": args.vae_batch,
+            "generic_images": int(generic.shape[0]),
+        }
         report["vae"]["heldout_recon_probe"] = vae_recon_probe(vae, probe, dev, scenes=held, by="heldout")
         log(f"after fine-tuning, held out: {report['vae']['heldout_recon_probe']}")
     else:
@@ -466,27 +546,45 @@ def main() -> None:
         unet = UNet2DConditionModel.from_pretrained(args.unet_from, dtype=torch.float32).to(dev).eval()
         unet_steps, unet_batch = 0, 0
     else:
-        unet, unet_steps, unet_batch = train_unet(mean.to(dev), std.to(dev), scaling, embeds, cap_idx,
-                                                  args.unet_seconds, args.unet_batch, dev, args.seed,
-                                                  lr=args.unet_lr, init_from=args.unet_from, min_snr=args.min_snr)
-    report["unet"] = {"steps": unet_steps, "seconds": time.time() - t, "batch": unet_batch,
-                      "samples": unet_steps * unet_batch,
-                      "params_M": sum(p.numel() for p in unet.parameters()) / 1e6}
+        unet, unet_steps, unet_batch = train_unet(
+            mean.to(dev),
+            std.to(dev),
+            scaling,
+            embeds,
+            cap_idx,
+            args.unet_seconds,
+            args.unet_batch,
+            dev,
+            args.seed,
+            lr=args.unet_lr,
+            init_from=args.unet_from,
+            min_snr=args.min_snr,
+        )
+    report["unet"] = {
+        "steps": unet_steps,
+        "seconds": time.time() - t,
+        "batch": unet_batch,
+        "samples": unet_steps * unet_batch,
+        "params_M": sum(p.numel() for p in unet.parameters()) / 1e6,
+    }
     log(f"unet {report['unet']}")
 
     save_micro(args.out, unet, vae, tokenizer)
     sizes = {str(p.relative_to(args.out)): p.stat().st_size for p in Path(args.out).rglob("*") if p.is_file()}
     report["files_MB"] = round(sum(sizes.values()) / 2**20, 2)
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.out, text_encoder=encoder.float(), dtype=torch.float32,
-                                                   safety_checker=None, requires_safety_checker=False).to(dev)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        args.out, text_encoder=encoder.float(), dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+    ).to(dev)
     pipe.set_progress_bar_config(disable=True)
     report["eval"] = {}
     for guidance in args.eval_guidance:
         acc, imgs = evaluate_base(pipe, probe, guidance)
         report["eval"][str(guidance)] = acc
         log(f"guidance {guidance}: {acc}")
-    grid = np.concatenate([np.concatenate([np.asarray(im) for im in imgs[r * 12:(r + 1) * 12]], 1) for r in range(12)], 0)
+    grid = np.concatenate(
+        [np.concatenate([np.asarray(im) for im in imgs[r * 12 : (r + 1) * 12]], 1) for r in range(12)], 0
+    )
     from PIL import Image
 
     Image.fromarray(grid).save(Path(args.out).parent / "pretrain_samples.png")

@@ -15,8 +15,13 @@ from torch import nn
 
 from .world import BACKGROUNDS, CONTENTS, POSITIONS, SIZES, STYLES, Scene, random_scene, render
 
-HEADS = {"content": CONTENTS, "style": STYLES, "background": tuple(BACKGROUNDS), "position": tuple(POSITIONS),
-         "size": tuple(SIZES)}
+HEADS = {
+    "content": CONTENTS,
+    "style": STYLES,
+    "background": tuple(BACKGROUNDS),
+    "position": tuple(POSITIONS),
+    "size": tuple(SIZES),
+}
 
 
 class ProbeNet(nn.Module):
@@ -25,8 +30,14 @@ class ProbeNet(nn.Module):
         w = width
 
         def block(i, o):
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
-                                 nn.Conv2d(o, o, 3, stride=2, padding=1), nn.BatchNorm2d(o), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(i, o, 3, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+                nn.Conv2d(o, o, 3, stride=2, padding=1),
+                nn.BatchNorm2d(o),
+                nn.ReLU(),
+            )
 
         self.features = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 2 * w), block(2 * w, 4 * w))
         # keep the 4x4 map (not a global pool): position must stay readable
@@ -73,7 +84,7 @@ def _blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     come through the VAE a little soft, and the probe must read them as a person would."""
     sigma = torch.rand(x.shape[0], generator=g).to(x.device) * 1.2 + 1e-3
     r = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
-    k = torch.exp(-r[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = torch.exp(-(r[None] ** 2) / (2 * sigma[:, None] ** 2))
     k = k / k.sum(1, keepdim=True)  # (B, 5)
     b, c, h, w = x.shape
     y = x.reshape(1, b * c, h, w)
@@ -83,9 +94,17 @@ def _blur(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return y.view(b, c, h, w)
 
 
-def train_probe(steps: int = 3000, batch: int = 128, n_train: int = 40000, seed: int = 0,
-                device: str = "cpu", log=print, workers: int = 1, init: "ProbeNet | None" = None,
-                lr: float = 2e-3) -> tuple[ProbeNet, dict]:
+def train_probe(
+    steps: int = 3000,
+    batch: int = 128,
+    n_train: int = 40000,
+    seed: int = 0,
+    device: str = "cpu",
+    log=print,
+    workers: int = 1,
+    init: ProbeNet | None = None,
+    lr: float = 2e-3,
+) -> tuple[ProbeNet, dict]:
     torch.manual_seed(seed)
     x, y = probe_dataset(n_train, seed, workers)
     xt, yt = probe_dataset(4000, seed + 1, workers)  # held-out test renders (other seeds)
@@ -109,7 +128,9 @@ def train_probe(steps: int = 3000, batch: int = 128, n_train: int = 40000, seed:
         if step % 500 == 0:
             log(f"probe step {step} loss {loss.item():.3f}")
     acc = evaluate_probe(net, xt, {k: v.to(device) for k, v in yt.items()})
-    acc_blur = evaluate_probe(net, _blur(xt, torch.Generator().manual_seed(seed + 2)), {k: v.to(device) for k, v in yt.items()})
+    acc_blur = evaluate_probe(
+        net, _blur(xt, torch.Generator().manual_seed(seed + 2)), {k: v.to(device) for k, v in yt.items()}
+    )
     acc.update({f"{k}_blurred": v for k, v in acc_blur.items()})
     return net.cpu().eval(), acc
 
@@ -162,15 +183,18 @@ def save_probe(net: ProbeNet, acc: dict, path: str | None = None) -> str:
     from safetensors.torch import save_file
 
     path = path or str(Path(__file__).resolve().parent / "probe.safetensors")
-    save_file({k: v.contiguous().half() if v.is_floating_point() else v.contiguous()
-               for k, v in net.state_dict().items()}, path, metadata={"test_accuracy": json.dumps(acc)})
+    save_file(
+        {k: v.contiguous().half() if v.is_floating_point() else v.contiguous() for k, v in net.state_dict().items()},
+        path,
+        metadata={"test_accuracy": json.dumps(acc)},
+    )
     return path
 
 
 def main() -> None:
     """Retrain (or, with --finetune, continue training) the shipped probe on this machine.
 
-        python -m b4m_core.micro.probes --finetune --steps 1000 --images 20000
+    python -m b4m_core.micro.probes --finetune --steps 1000 --images 20000
     """
     import argparse
     import json
@@ -189,8 +213,16 @@ def main() -> None:
     args = ap.parse_args()
     t = time.time()
     init = load_probe()[0] if args.finetune else None
-    net, acc = train_probe(args.steps, batch=args.batch, n_train=args.images, seed=args.seed, device=args.device,
-                           workers=os.cpu_count() or 1, init=init, lr=args.lr)
+    net, acc = train_probe(
+        args.steps,
+        batch=args.batch,
+        n_train=args.images,
+        seed=args.seed,
+        device=args.device,
+        workers=os.cpu_count() or 1,
+        init=init,
+        lr=args.lr,
+    )
     path = save_probe(net, acc, args.out)
     print(json.dumps({"probe": path, "test_accuracy": acc, "seconds": round(time.time() - t, 1)}, indent=2))
 

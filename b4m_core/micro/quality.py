@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -26,12 +26,28 @@ from ..training import fuse, train_concept
 from .metrics import PaperMetrics
 from .probes import load_probe, predict
 from .references import reference_concept
-from .world import (BACKGROUNDS, HELDOUT_CONTENTS, HELDOUT_STYLES, PRETRAIN_CONTENTS, PRETRAIN_STYLES, STYLES,
-                    CONTENTS, Scene, random_scene, render)
+from .world import (
+    BACKGROUNDS,
+    CONTENTS,
+    HELDOUT_CONTENTS,
+    HELDOUT_STYLES,
+    PRETRAIN_CONTENTS,
+    PRETRAIN_STYLES,
+    STYLES,
+    Scene,
+    random_scene,
+    render,
+)
 
 # (size, position, background) named by each evaluation prompt
-EVAL_ATTRIBUTES = [("large", "center", "white"), ("small", "top left", "blue"), ("large", "bottom right", "yellow"),
-                   ("small", "center", "pink"), ("large", "top right", "green"), ("small", "bottom left", "black")]
+EVAL_ATTRIBUTES = [
+    ("large", "center", "white"),
+    ("small", "top left", "blue"),
+    ("large", "bottom right", "yellow"),
+    ("small", "center", "pink"),
+    ("large", "top right", "green"),
+    ("small", "bottom left", "black"),
+]
 
 
 def eval_prompt(size: str, position: str, background: str) -> str:
@@ -95,23 +111,46 @@ def aux_bank(kind: str, k: int, seed: int = 0) -> list[Concept]:
     out = []
     if kind == "content":  # auxiliary styles for a content adapter
         for name in rng.choice(PRETRAIN_STYLES, size=k, replace=False):
-            scenes = [Scene(str(c), str(name), bgs[rng.integers(6)], "center", "large")
-                      for c in rng.choice(PRETRAIN_CONTENTS, size=2, replace=False)]
-            out.append(Concept("style", [render(s, 50 + i) for i, s in enumerate(scenes)], word=str(name), token="",
-                               captions=[f"a {{style}} {s.content} on a {s.background} background" for s in scenes]))
+            scenes = [
+                Scene(str(c), str(name), bgs[rng.integers(6)], "center", "large")
+                for c in rng.choice(PRETRAIN_CONTENTS, size=2, replace=False)
+            ]
+            out.append(
+                Concept(
+                    "style",
+                    [render(s, 50 + i) for i, s in enumerate(scenes)],
+                    word=str(name),
+                    token="",
+                    captions=[f"a {{style}} {s.content} on a {s.background} background" for s in scenes],
+                )
+            )
     else:
         for name in rng.choice(PRETRAIN_CONTENTS, size=k, replace=False):
-            scenes = [Scene(str(name), str(st), bgs[rng.integers(6)], "center", "large")
-                      for st in rng.choice(PRETRAIN_STYLES, size=2, replace=False)]
-            out.append(Concept("content", [render(s, 60 + i) for i, s in enumerate(scenes)], word=str(name),
-                               token="",
-                               captions=[f"a {s.style} {{content}} on a {s.background} background" for s in scenes]))
+            scenes = [
+                Scene(str(name), str(st), bgs[rng.integers(6)], "center", "large")
+                for st in rng.choice(PRETRAIN_STYLES, size=2, replace=False)
+            ]
+            out.append(
+                Concept(
+                    "content",
+                    [render(s, 60 + i) for i, s in enumerate(scenes)],
+                    word=str(name),
+                    token="",
+                    captions=[f"a {s.style} {{content}} on a {s.background} background" for s in scenes],
+                )
+            )
     return out
 
 
 class QualityBench:
-    def __init__(self, base: BaseModel, contents: list[str], styles: list[str], settings: Settings,
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        base: BaseModel,
+        contents: list[str],
+        styles: list[str],
+        settings: Settings,
+        log: Callable[[str], None] = print,
+    ):
         self.base, self.contents, self.styles, self.s, self.log = base, contents, styles, settings, log
         self.gen = Generator(base)
         self.probe, self.probe_acc = load_probe()
@@ -128,8 +167,9 @@ class QualityBench:
         return out
 
     def _cfg(self, steps: int, lr: float | None = None) -> TrainConfig:
-        return TrainConfig(steps=steps, learning_rate=lr or self.s.learning_rate, seed=self.s.seed,
-                           batch_size=self.s.batch_size)
+        return TrainConfig(
+            steps=steps, learning_rate=lr or self.s.learning_rate, seed=self.s.seed, batch_size=self.s.batch_size
+        )
 
     def adapters(self, m: Method, cache: dict) -> dict:
         """Per pair, the fused adapter of method `m` (first-stage adapters cached by key)."""
@@ -142,36 +182,71 @@ class QualityBench:
                 for kind, names in (("content", self.contents), ("style", self.styles)):
                     for n in names:
                         aux = aux_bank(kind, s.aux_sets if m.mcp else 0, seed=s.seed)
-                        single[(kind, n)] = self._time("b4m break (per concept)", lambda: train_concept(
-                            self.base, self.ref[(kind, n)], "b4m", aux=aux, plp=m.plp, cfg=self._cfg(s.break_steps)))
+                        single[(kind, n)] = self._time(
+                            "b4m break (per concept)",
+                            lambda: train_concept(
+                                self.base, self.ref[(kind, n)], "b4m", aux=aux, plp=m.plp, cfg=self._cfg(s.break_steps)
+                            ),
+                        )
                 pairs = {}
                 for c in self.contents:
                     for st in self.styles:
-                        pairs[(c, st)] = self._time("b4m make (per pair)", lambda: fuse(
-                            self.base, single[("content", c)], single[("style", st)], self.ref[("content", c)],
-                            self.ref[("style", st)], "b4m", cfg=self._cfg(s.make_steps)))
+                        pairs[(c, st)] = self._time(
+                            "b4m make (per pair)",
+                            lambda: fuse(
+                                self.base,
+                                single[("content", c)],
+                                single[("style", st)],
+                                self.ref[("content", c)],
+                                self.ref[("style", st)],
+                                "b4m",
+                                cfg=self._cfg(s.make_steps),
+                            ),
+                        )
                 cache[key] = pairs
             return cache[key]
         if m.family in ("merge", "ziplora"):
             key = ("lora", m.plp.rank)
             if key not in cache:
-                cache[key] = {(kind, n): self._time("lora (per concept)", lambda: train_concept(
-                    self.base, self.ref[(kind, n)], "lora", plp=m.plp, cfg=self._cfg(s.lora_steps)))
-                    for kind, names in (("content", self.contents), ("style", self.styles)) for n in names}
+                cache[key] = {
+                    (kind, n): self._time(
+                        "lora (per concept)",
+                        lambda: train_concept(
+                            self.base, self.ref[(kind, n)], "lora", plp=m.plp, cfg=self._cfg(s.lora_steps)
+                        ),
+                    )
+                    for kind, names in (("content", self.contents), ("style", self.styles))
+                    for n in names
+                }
             single = cache[key]
         for c in self.contents:
             for st in self.styles:
                 cref, sref = self.ref[("content", c)], self.ref[("style", st)]
                 if m.family == "joint":
-                    out[(c, st)] = self._time("joint (per pair)", lambda: fuse(
-                        self.base, None, None, cref, sref, "joint", cfg=self._cfg(s.joint_steps), plp=m.plp))
+                    out[(c, st)] = self._time(
+                        "joint (per pair)",
+                        lambda: fuse(
+                            self.base, None, None, cref, sref, "joint", cfg=self._cfg(s.joint_steps), plp=m.plp
+                        ),
+                    )
                 elif m.family == "merge":
-                    out[(c, st)] = self._time("merge (per pair)", lambda: fuse(
-                        self.base, single[("content", c)], single[("style", st)], cref, sref, "merge"))
+                    out[(c, st)] = self._time(
+                        "merge (per pair)",
+                        lambda: fuse(self.base, single[("content", c)], single[("style", st)], cref, sref, "merge"),
+                    )
                 else:
-                    out[(c, st)] = self._time("ziplora (per pair)", lambda: fuse(
-                        self.base, single[("content", c)], single[("style", st)], cref, sref, "ziplora",
-                        cfg=self._cfg(s.ziplora_steps, lr=1e-2)))
+                    out[(c, st)] = self._time(
+                        "ziplora (per pair)",
+                        lambda: fuse(
+                            self.base,
+                            single[("content", c)],
+                            single[("style", st)],
+                            cref,
+                            sref,
+                            "ziplora",
+                            cfg=self._cfg(s.ziplora_steps, lr=1e-2),
+                        ),
+                    )
         return out
 
     def draw(self, adapter) -> tuple[list[Image.Image], list[tuple]]:
@@ -179,8 +254,9 @@ class QualityBench:
         attrs = EVAL_ATTRIBUTES[: self.s.images_per_pair]
         images = []
         for i, a in enumerate(attrs):
-            req = GenerationRequest(eval_prompt(*a), seed=self.s.seed + i, steps=self.s.sample_steps,
-                                    guidance=self.s.guidance)
+            req = GenerationRequest(
+                eval_prompt(*a), seed=self.s.seed + i, steps=self.s.sample_steps, guidance=self.s.guidance
+            )
             images += self._time("generate (per image)", lambda: self.gen.generate(req))
         self.gen.set_adapter(None)
         return images, attrs
@@ -191,8 +267,10 @@ class QualityBench:
         probe = {
             "content": sum(r["content"] == content for r in reads) / n,
             "style": sum(r["style"] == style for r in reads) / n,
-            "prompt": sum((r["size"] == a[0]) + (r["position"] == a[1]) + (r["background"] == a[2])
-                          for r, a in zip(reads, attrs)) / (3 * n),
+            "prompt": sum(
+                (r["size"] == a[0]) + (r["position"] == a[1]) + (r["background"] == a[2]) for r, a in zip(reads, attrs)
+            )
+            / (3 * n),
         }
         probe["average"] = (probe["content"] + probe["style"] + probe["prompt"]) / 3
         paper = self.metrics.score(images, self.ref[("content", content)].images, self.ref[("style", style)].images)
@@ -200,8 +278,11 @@ class QualityBench:
 
     def run(self, method_list: list[Method], on_method: Callable[[dict], None] | None = None) -> dict:
         cache: dict = {}
-        results = {"methods": {}, "pairs": [[c, s] for c in self.contents for s in self.styles],
-                   "probe_test_accuracy": self.probe_acc}
+        results = {
+            "methods": {},
+            "pairs": [[c, s] for c in self.contents for s in self.styles],
+            "probe_test_accuracy": self.probe_acc,
+        }
         grid_cells: dict[str, dict] = {}
         seen: dict[tuple, str] = {}
         for m in method_list:
@@ -218,8 +299,13 @@ class QualityBench:
                 images, attrs = self.draw(adapter)
                 per_pair[f"{c}|{st}"] = self.score(images, attrs, c, st)
                 grid_cells.setdefault(m.name, {})[(c, st)] = images
-            agg = {grp: {k: float(np.mean([p[grp][k] for p in per_pair.values()])) for k in
-                         next(iter(per_pair.values()))[grp]} for grp in ("probe", "paper")}
+            agg = {
+                grp: {
+                    k: float(np.mean([p[grp][k] for p in per_pair.values()]))
+                    for k in next(iter(per_pair.values()))[grp]
+                }
+                for grp in ("probe", "paper")
+            }
             results["methods"][m.name] = {"aggregate": agg, "pairs": per_pair, "seconds": time.perf_counter() - t}
             self.log(f"{m.name}: {json.dumps(agg['probe'])} {json.dumps(agg['paper'])}")
             if on_method:  # partial results survive an interrupted run
@@ -232,20 +318,28 @@ def time_to_new_pair(t: dict) -> dict:
     """Seconds from two concepts' references to a pair adapter, per method."""
     g = lambda k: t.get(k, {}).get("mean", float("nan"))
     b4m = g("b4m make (per pair)")
-    out = {"b4m_compose_and_finetune_s": b4m, "ziplora_merge_training_s": g("ziplora (per pair)"),
-           "joint_lora_from_scratch_s": g("joint (per pair)")}
+    out = {
+        "b4m_compose_and_finetune_s": b4m,
+        "ziplora_merge_training_s": g("ziplora (per pair)"),
+        "joint_lora_from_scratch_s": g("joint (per pair)"),
+    }
     out["ziplora_over_b4m"] = out["ziplora_merge_training_s"] / b4m
     out["joint_over_b4m"] = out["joint_lora_from_scratch_s"] / b4m
     return out
 
 
 def write_table(results: dict, path: Path) -> str:
-    lines = ["| Method | Content (probe) | Style (probe) | Prompt (probe) | Average (probe) | "
-             "Content (EffNet cos) | Style (Magenta cos) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| Method | Content (probe) | Style (probe) | Prompt (probe) | Average (probe) | "
+        "Content (EffNet cos) | Style (Magenta cos) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["methods"].items():
         p, q = r["aggregate"]["probe"], r["aggregate"]["paper"]
-        lines.append(f"| {name} | {p['content']:.3f} | {p['style']:.3f} | {p['prompt']:.3f} | {p['average']:.3f} | "
-                     f"{q['content_effnet']:.3f} | {q['style_magenta']:.3f} |")
+        lines.append(
+            f"| {name} | {p['content']:.3f} | {p['style']:.3f} | {p['prompt']:.3f} | {p['average']:.3f} | "
+            f"{q['content_effnet']:.3f} | {q['style_magenta']:.3f} |"
+        )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -265,8 +359,16 @@ def write_grid(cells: dict, pairs: list, path: Path) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
-def run_quality(out_dir: str | Path, quick: bool = False, base: str = "micro", log=print,
-                settings: Settings | None = None, contents=None, styles=None, only: list[str] | None = None) -> dict:
+def run_quality(
+    out_dir: str | Path,
+    quick: bool = False,
+    base: str = "micro",
+    log=print,
+    settings: Settings | None = None,
+    contents=None,
+    styles=None,
+    only: list[str] | None = None,
+) -> dict:
     settings = settings or (QUICK if quick else Settings())
     rows = [m for m in methods(settings.rank) if not only or any(o.lower() in m.name.lower() for o in only)]
     if not rows:

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Concept, load_image_folder
-from .world import (BACKGROUNDS, HELDOUT_CONTENTS, HELDOUT_STYLES, PRETRAIN_CONTENTS, PRETRAIN_STYLES, Scene,
-                    render)
+from .world import BACKGROUNDS, HELDOUT_CONTENTS, HELDOUT_STYLES, PRETRAIN_CONTENTS, PRETRAIN_STYLES, Scene, render
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "references"
 CONTENT_IMAGES, STYLE_IMAGES = 4, 2

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -19,20 +19,55 @@ SIZE = 64
 _SS = 4  # supersampling of shape masks, for anti-aliased edges
 
 # ------------------------------------------------------------------ vocabulary
-PRETRAIN_CONTENTS = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "ring", "crescent",
-                     "arrow", "house", "tree")
+PRETRAIN_CONTENTS = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "heart",
+    "cross",
+    "diamond",
+    "ring",
+    "crescent",
+    "arrow",
+    "house",
+    "tree",
+)
 HELDOUT_CONTENTS = ("hexagon", "hourglass", "flower", "mushroom")
 CONTENTS = PRETRAIN_CONTENTS + HELDOUT_CONTENTS
 
-PRETRAIN_STYLES = ("striped", "polka dot", "checkered", "brick", "grass", "gravel", "gradient", "wavy", "wooden",
-                   "confetti", "crimson", "metallic")
+PRETRAIN_STYLES = (
+    "striped",
+    "polka dot",
+    "checkered",
+    "brick",
+    "grass",
+    "gravel",
+    "gradient",
+    "wavy",
+    "wooden",
+    "confetti",
+    "crimson",
+    "metallic",
+)
 HELDOUT_STYLES = ("zigzag", "marble", "plaid", "galaxy")
 STYLES = PRETRAIN_STYLES + HELDOUT_STYLES
 
-BACKGROUNDS = {"white": (245, 245, 245), "black": (25, 25, 25), "blue": (150, 190, 240),
-               "yellow": (245, 232, 140), "green": (165, 222, 165), "pink": (245, 185, 205)}
-POSITIONS = {"center": (32, 32), "top left": (20, 20), "top right": (44, 20), "bottom left": (20, 44),
-             "bottom right": (44, 44)}
+BACKGROUNDS = {
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+    "blue": (150, 190, 240),
+    "yellow": (245, 232, 140),
+    "green": (165, 222, 165),
+    "pink": (245, 185, 205),
+}
+POSITIONS = {
+    "center": (32, 32),
+    "top left": (20, 20),
+    "top right": (44, 20),
+    "bottom left": (20, 44),
+    "bottom right": (44, 44),
+}
 SIZES = {"small": 10.0, "large": 17.0}
 
 
@@ -93,9 +128,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, content: str, cx: float, cy: float, r
         poly(_poly(5, r * 1.1, inner=0.45))
     elif content == "heart":
         k = r / 16
-        pts = [(16 * math.sin(t) ** 3 * k, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
-                                              - math.cos(4 * t)) * k - r * 0.05)
-               for t in np.linspace(0, 2 * math.pi, 60)]
+        pts = [
+            (
+                16 * math.sin(t) ** 3 * k,
+                -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) * k - r * 0.05,
+            )
+            for t in np.linspace(0, 2 * math.pi, 60)
+        ]
         poly(pts)
     elif content == "cross":
         w = r * 0.34
@@ -110,8 +149,17 @@ def _draw_shape(draw: ImageDraw.ImageDraw, content: str, cx: float, cy: float, r
         ellipse(-r, -r, r, r)
         ellipse(-r * 0.35, -r * 1.05, r * 1.25, r * 0.75, fill=0)
     elif content == "arrow":
-        poly([(-r, -r * 0.3), (r * 0.15, -r * 0.3), (r * 0.15, -r * 0.8), (r, 0), (r * 0.15, r * 0.8),
-              (r * 0.15, r * 0.3), (-r, r * 0.3)])
+        poly(
+            [
+                (-r, -r * 0.3),
+                (r * 0.15, -r * 0.3),
+                (r * 0.15, -r * 0.8),
+                (r, 0),
+                (r * 0.15, r * 0.8),
+                (r * 0.15, r * 0.3),
+                (-r, r * 0.3),
+            ]
+        )
     elif content == "house":
         rect(-r * 0.75, -r * 0.1, r * 0.75, r)
         poly([(-r, -r * 0.05), (0, -r), (r, -r * 0.05)])
@@ -144,7 +192,7 @@ def shape_mask(content: str, cx: float, cy: float, r: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ styles
-@lru_cache(maxsize=None)
+@cache
 def _skimage_texture(name: str) -> np.ndarray:
     import skimage.data
 
@@ -211,7 +259,7 @@ def style_texture(style: str, rng: np.random.Generator) -> np.ndarray:
         return _mix(g, (60, 0, 10), (200, 10, 40))
     if style == "metallic":
         g = 0.5 + 0.5 * np.cos((xx - yy) * 2 * math.pi / 48 + ph)
-        return _mix(g ** 2, (90, 95, 105), (235, 240, 250))
+        return _mix(g**2, (90, 95, 105), (235, 240, 250))
     # Held-out styles are coarse enough for the micro VAE (4 x 16 x 16 latents) to reproduce:
     # finer versions (4-pixel bands) came back as mush from every latent (docs/micro.md).
     if style == "zigzag":
@@ -222,7 +270,7 @@ def style_texture(style: str, rng: np.random.Generator) -> np.ndarray:
         n = rng.normal(0, 1, (8, 8))
         n = np.asarray(Image.fromarray(n.astype(np.float32)).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
         g = 0.5 + 0.5 * np.sin(xx * 2 * math.pi / 20 + 3.0 * n + ph)
-        return _mix(g ** 3, (235, 235, 230), (120, 120, 130))
+        return _mix(g**3, (235, 235, 230), (120, 120, 130))
     if style == "plaid":  # crossing bands: navy where both cross, blue where one does, cream elsewhere
         h = ((np.floor((yy + ph) / 7) % 3) < 1).astype(np.float32)[..., None]
         v = ((np.floor((xx + ph) / 7) % 3) < 1).astype(np.float32)[..., None]
@@ -231,7 +279,7 @@ def style_texture(style: str, rng: np.random.Generator) -> np.ndarray:
     if style == "galaxy":  # a night sky of big stars and one pale nebula
         base = np.zeros((SIZE, SIZE, 3), np.float32) + np.array((18, 18, 30), np.float32)
         x, y = rng.uniform(0, SIZE, size=2)
-        base += np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 10.0 ** 2))[..., None] * 90
+        base += np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 10.0**2))[..., None] * 90
         for _ in range(14):
             x, y = rng.integers(0, SIZE - 3, size=2)
             base[y : y + 3, x : x + 3] = 255
@@ -253,15 +301,26 @@ def render(scene: Scene, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
-def random_scene(rng: np.random.Generator, contents=PRETRAIN_CONTENTS, styles=PRETRAIN_STYLES,
-                 backgrounds=tuple(BACKGROUNDS), positions=tuple(POSITIONS), sizes=tuple(SIZES)) -> Scene:
-    return Scene(content=contents[rng.integers(len(contents))], style=styles[rng.integers(len(styles))],
-                 background=backgrounds[rng.integers(len(backgrounds))],
-                 position=positions[rng.integers(len(positions))], size=sizes[rng.integers(len(sizes))])
+def random_scene(
+    rng: np.random.Generator,
+    contents=PRETRAIN_CONTENTS,
+    styles=PRETRAIN_STYLES,
+    backgrounds=tuple(BACKGROUNDS),
+    positions=tuple(POSITIONS),
+    sizes=tuple(SIZES),
+) -> Scene:
+    return Scene(
+        content=contents[rng.integers(len(contents))],
+        style=styles[rng.integers(len(styles))],
+        background=backgrounds[rng.integers(len(backgrounds))],
+        position=positions[rng.integers(len(positions))],
+        size=sizes[rng.integers(len(sizes))],
+    )
 
 
-def training_sample(seed: int, contents=PRETRAIN_CONTENTS, styles=PRETRAIN_STYLES,
-                    caption_dropout: float = 0.1) -> tuple[Image.Image, str, Scene]:
+def training_sample(
+    seed: int, contents=PRETRAIN_CONTENTS, styles=PRETRAIN_STYLES, caption_dropout: float = 0.1
+) -> tuple[Image.Image, str, Scene]:
     """One pre-training example: image, caption naming a random subset of attributes."""
     rng = np.random.default_rng([seed, 1])
     scene = random_scene(rng, contents, styles)
@@ -293,7 +352,9 @@ def _generic_fill(rng: np.random.Generator) -> np.ndarray:
         s = rng.uniform(3, 10)
         g = ((np.floor(u / s) + np.floor(v / s)) % 2).astype(np.float32)
     elif kind == 2:
-        g = 0.5 + 0.5 * np.sin(u * 2 * math.pi / period + rng.uniform(1, 4) * np.sin(v * 2 * math.pi / rng.uniform(8, 30)))
+        g = 0.5 + 0.5 * np.sin(
+            u * 2 * math.pi / period + rng.uniform(1, 4) * np.sin(v * 2 * math.pi / rng.uniform(8, 30))
+        )
     elif kind == 3:  # triangle waves
         tri = np.abs((v % period) - period / 2) * rng.uniform(0.5, 2)
         g = (((u + tri) // rng.uniform(2, 6)) % 2).astype(np.float32)
@@ -302,16 +363,22 @@ def _generic_fill(rng: np.random.Generator) -> np.ndarray:
         g = (np.hypot(u % p - p / 2, v % p - p / 2) < rng.uniform(1, p / 2.2)).astype(np.float32)
     elif kind == 5:  # smooth colour noise
         n = rng.normal(0, 1, (rng.integers(3, 12), rng.integers(3, 12), 3)).astype(np.float32)
-        out = np.stack([np.asarray(Image.fromarray(n[..., c]).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
-                        for c in range(3)], -1)
+        out = np.stack(
+            [np.asarray(Image.fromarray(n[..., c]).resize((SIZE, SIZE), Image.Resampling.BICUBIC)) for c in range(3)],
+            -1,
+        )
         return np.clip(128 + 60 * out * rng.uniform(0.5, 1.5), 0, 255)
     elif kind == 6:  # sparse specks on a dark or light field
         g = (rng.random((SIZE, SIZE)) < rng.uniform(0.01, 0.2)).astype(np.float32)
     elif kind == 7:  # crossing bands of three colours
         a = ((np.floor(u / period) % 2) < 1).astype(np.float32)[..., None]
         b = ((np.floor(v / period) % 2) < 1).astype(np.float32)[..., None]
-        return a * b * cols[0] + a * (1 - b) * cols[1] + (1 - a) * b * (cols[0] + cols[1]) / 2 + \
-            (1 - a) * (1 - b) * cols[2]
+        return (
+            a * b * cols[0]
+            + a * (1 - b) * cols[1]
+            + (1 - a) * b * (cols[0] + cols[1]) / 2
+            + (1 - a) * (1 - b) * cols[2]
+        )
     else:  # gradient with grain
         g = np.clip((u - u.min()) / (np.ptp(u) + 1e-6) + rng.normal(0, rng.uniform(0, 0.15), (SIZE, SIZE)), 0, 1)
     return _mix(g, cols[0], cols[1])
@@ -321,21 +388,33 @@ def generic_image(seed: int) -> Image.Image:
     """A random scene for VAE training: 0 to 3 random polygons or ellipses, each filled with
     a generic texture, on a generic or plain background of a random colour."""
     rng = np.random.default_rng([seed, 77])
-    out = _generic_fill(rng) if rng.random() < 0.5 else np.broadcast_to(
-        rng.uniform(0, 255, 3).astype(np.float32), (SIZE, SIZE, 3)).copy()
+    out = (
+        _generic_fill(rng)
+        if rng.random() < 0.5
+        else np.broadcast_to(rng.uniform(0, 255, 3).astype(np.float32), (SIZE, SIZE, 3)).copy()
+    )
     for _ in range(rng.integers(0, 4)):
         im = Image.new("L", (SIZE * _SS, SIZE * _SS), 0)
         draw = ImageDraw.Draw(im)
         cx, cy, r = rng.uniform(8, 56, 2).tolist() + [rng.uniform(6, 24)]
         if rng.random() < 0.5:
-            draw.ellipse([(cx - r) * _SS, (cy - r * rng.uniform(0.5, 1)) * _SS, (cx + r) * _SS,
-                          (cy + r * rng.uniform(0.5, 1)) * _SS], fill=255)
+            draw.ellipse(
+                [
+                    (cx - r) * _SS,
+                    (cy - r * rng.uniform(0.5, 1)) * _SS,
+                    (cx + r) * _SS,
+                    (cy + r * rng.uniform(0.5, 1)) * _SS,
+                ],
+                fill=255,
+            )
         else:
             n = rng.integers(3, 9)
             angles = np.sort(rng.uniform(0, 2 * math.pi, n))
             radii = r * rng.uniform(0.5, 1.0, n)
-            draw.polygon([((cx + rr * math.cos(a)) * _SS, (cy + rr * math.sin(a)) * _SS)
-                          for a, rr in zip(angles, radii)], fill=255)
+            draw.polygon(
+                [((cx + rr * math.cos(a)) * _SS, (cy + rr * math.sin(a)) * _SS) for a, rr in zip(angles, radii)],
+                fill=255,
+            )
         mask = np.asarray(im.resize((SIZE, SIZE), Image.Resampling.BOX), np.float32)[..., None] / 255.0
         out = mask * _generic_fill(rng) + (1 - mask) * out
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))

@@ -32,38 +32,53 @@ from .webhooks import WebhookDispatcher
 UI_DIR = Path(__file__).parent / "ui"
 
 
-def create_app(settings: Settings | None = None, *, queue: JobQueue | None = None,
-               run_migrations: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, queue: JobQueue | None = None, run_migrations: bool = True
+) -> FastAPI:
     """The API over `settings`' database and store, handing jobs to `queue` (default: the
     Celery queue on `B4M_BROKER_URL`; the embedded server passes its in-process one)."""
     settings = settings or get_settings()
     if queue is None:
         if not settings.broker_url:
-            raise ValueError("no B4M_BROKER_URL: pass a queue, or run the embedded server "
-                             "(services.embedded.create_embedded_app, which `b4m serve` uses)")
+            raise ValueError(
+                "no B4M_BROKER_URL: pass a queue, or run the embedded server "
+                "(services.embedded.create_embedded_app, which `b4m serve` uses)"
+            )
         queue = CeleryQueue(settings)
     url = settings.resolved_database_url
     if run_migrations:
         migrate(url)
     engine = make_engine(url)
     sessions = session_factory(engine)
-    rt = Runtime(settings=settings, engine=engine, sessions=sessions, jobs=JobStore(sessions),
-                 store=settings.object_store(), queue=queue)
+    rt = Runtime(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        jobs=JobStore(sessions),
+        store=settings.object_store(),
+        queue=queue,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         stops = [WebhookDispatcher(sessions, settings, lambda job: job_out(job).model_dump(mode="json")).start_thread()]
         if settings.reconcile_every_s > 0:  # crash recovery: lost messages, dead workers, deadlines
-            stops.append(Reconciler(sessions, settings, queue.enqueue, queue.waiting_ids, store=rt.store).start_thread())
+            stops.append(
+                Reconciler(sessions, settings, queue.enqueue, queue.waiting_ids, store=rt.store).start_thread()
+            )
         yield
         for stop in stops:
             stop.set()
         queue.close()
         engine.dispose()
 
-    app = FastAPI(title="B4M: Break-for-Make customization service", version="0.1.0", lifespan=lifespan,
-                  description="Train content and style adapters, fuse any pair, draw images. Every POST takes an "
-                              "`Idempotency-Key` header.")
+    app = FastAPI(
+        title="B4M: Break-for-Make customization service",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Train content and style adapters, fuse any pair, draw images. Every POST takes an "
+        "`Idempotency-Key` header.",
+    )
     app.state.runtime = rt
     _observe(app, rt)
     for router in ROUTERS:
@@ -79,8 +94,9 @@ def create_app(settings: Settings | None = None, *, queue: JobQueue | None = Non
         if app.openapi_schema is None:
             from fastapi.openapi.utils import get_openapi
 
-            app.openapi_schema = describe_openapi(get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes))
+            app.openapi_schema = describe_openapi(
+                get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            )
         return app.openapi_schema
 
     app.openapi = openapi

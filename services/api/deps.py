@@ -7,8 +7,9 @@ object store, queue); routes ask for the parts they use by type, e.g.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Iterator
+from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy import select
@@ -44,8 +45,11 @@ def _session(rt: Annotated[Runtime, Depends(runtime)]) -> Iterator[Session]:
         yield s
 
 
-def _tenant(s: Annotated[Session, Depends(_session)], rt: Annotated[Runtime, Depends(runtime)],
-            authorization: Annotated[str | None, Header()] = None) -> str:
+def _tenant(
+    s: Annotated[Session, Depends(_session)],
+    rt: Annotated[Runtime, Depends(runtime)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> str:
     """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off."""
     if not rt.settings.auth:
         t = s.scalars(select(Tenant).where(Tenant.name == DEFAULT_TENANT)).first()

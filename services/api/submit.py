@@ -9,8 +9,9 @@ if that fails the job stays queued and the reconciler sends it."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import HTTPException
 from sqlalchemy.exc import IntegrityError
@@ -53,7 +54,7 @@ def check_webhook(rt: Runtime, url: str | None) -> None:
         try:
             check_url(url, rt.settings.webhook_allow_private)
         except UnsafeWebhook as exc:
-            raise HTTPException(422, str(exc))
+            raise HTTPException(422, str(exc)) from exc
 
 
 def earlier(rt: Runtime, req: JobRequest) -> Started | None:
@@ -61,12 +62,13 @@ def earlier(rt: Runtime, req: JobRequest) -> Started | None:
     try:
         job = rt.jobs.find_idempotent(req.tenant, req.idempotency_key, req.body_hash)
     except IdempotencyConflict as exc:
-        raise HTTPException(409, str(exc))
+        raise HTTPException(409, str(exc)) from exc
     return Started(job.target_id, job.id, job.status, new=False) if job else None
 
 
-def start_job(rt: Runtime, s: Session, req: JobRequest, job_type: JobType,
-              create: Callable[[Session, JobRequest], str]) -> Started:
+def start_job(
+    rt: Runtime, s: Session, req: JobRequest, job_type: JobType, create: Callable[[Session, JobRequest], str]
+) -> Started:
     """Run `create` (validate, add the target rows, return the target id) and add its job,
     committed together; then send the job. `create` raises HTTPException for bad input."""
     check_webhook(rt, req.webhook_url)
@@ -74,9 +76,16 @@ def start_job(rt: Runtime, s: Session, req: JobRequest, job_type: JobType,
         return found
     try:
         target_id = create(s, req)
-        job = rt.jobs.add(s, req.tenant, job_type, target_id, idempotency_key=req.idempotency_key,
-                          body_hash=req.body_hash, max_attempts=rt.settings.job_max_attempts,
-                          webhook_url=req.webhook_url)
+        job = rt.jobs.add(
+            s,
+            req.tenant,
+            job_type,
+            target_id,
+            idempotency_key=req.idempotency_key,
+            body_hash=req.body_hash,
+            max_attempts=rt.settings.job_max_attempts,
+            webhook_url=req.webhook_url,
+        )
         s.commit()
     except BaseException as exc:
         s.rollback()

@@ -29,9 +29,9 @@ def check_image(filename: str | None, data: bytes, settings: Settings) -> tuple[
     except HTTPException:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, for sizes far past ours
-        raise HTTPException(413, f"{filename}: too many pixels (decompression bomb)")
+        raise HTTPException(413, f"{filename}: too many pixels (decompression bomb)") from None
     except Exception:
-        raise HTTPException(422, f"{filename}: not a readable image")
+        raise HTTPException(422, f"{filename}: not a readable image") from None
     if fmt not in ALLOWED_FORMATS:
         raise HTTPException(422, f"{filename}: {fmt} images are not accepted (PNG, JPEG or WebP)")
     return ALLOWED_FORMATS[fmt], w, h

@@ -16,16 +16,17 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 from urllib.parse import urlsplit
 
 from sqlalchemy import or_, select, update
 
 from b4m_contract.jobs import TERMINAL
+from b4m_contract.signing import new_secret, sign
+
 from ..common.models import Job, Tenant, utcnow
 from ..common.settings import Settings
-from b4m_contract.signing import new_secret, sign
 
 log = logging.getLogger("b4m.webhooks")
 CLAIM_S = 60.0  # a claimed delivery is ours for this long (a dispatcher that dies frees it)
@@ -57,16 +58,18 @@ def tenant_secret(sessions, tenant_id: str) -> str:
     with sessions() as s:
         t = s.get(Tenant, tenant_id)
         if not t.webhook_secret:
-            s.execute(update(Tenant).where(Tenant.id == tenant_id, Tenant.webhook_secret.is_(None))
-                      .values(webhook_secret=new_secret()))
+            s.execute(
+                update(Tenant)
+                .where(Tenant.id == tenant_id, Tenant.webhook_secret.is_(None))
+                .values(webhook_secret=new_secret())
+            )
             s.commit()
             s.refresh(t)
         return t.webhook_secret
 
 
 class WebhookDispatcher:
-    def __init__(self, sessions, settings: Settings, render: Callable[[Job], dict],
-                 client=None):
+    def __init__(self, sessions, settings: Settings, render: Callable[[Job], dict], client=None):
         self.sessions, self.settings, self.render = sessions, settings, render
         import httpx  # here, not at import: an API replica starts faster
 
@@ -80,9 +83,15 @@ class WebhookDispatcher:
         """Send every due delivery once; returns how many were attempted."""
         now = utcnow()
         with self.sessions() as s:
-            due = s.execute(select(Job.id, Job.webhook_next_at).where(
-                Job.webhook_status == "pending", Job.status.in_(TERMINAL),
-                or_(Job.webhook_next_at.is_(None), Job.webhook_next_at <= now)).limit(limit)).all()
+            due = s.execute(
+                select(Job.id, Job.webhook_next_at)
+                .where(
+                    Job.webhook_status == "pending",
+                    Job.status.in_(TERMINAL),
+                    or_(Job.webhook_next_at.is_(None), Job.webhook_next_at <= now),
+                )
+                .limit(limit)
+            ).all()
         sent = 0
         for job_id, next_at in due:
             if self._claim(job_id, next_at, now):
@@ -93,8 +102,11 @@ class WebhookDispatcher:
     def _claim(self, job_id: str, next_at, now) -> bool:
         cond = Job.webhook_next_at.is_(None) if next_at is None else Job.webhook_next_at == next_at
         with self.sessions() as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.webhook_status == "pending", cond)
-                            .values(webhook_next_at=now + timedelta(seconds=CLAIM_S)))
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.webhook_status == "pending", cond)
+                .values(webhook_next_at=now + timedelta(seconds=CLAIM_S))
+            )
             return res.rowcount == 1
 
     def _deliver(self, job_id: str) -> None:
@@ -104,12 +116,17 @@ class WebhookDispatcher:
         error = None
         try:
             check_url(job.webhook_url, self.settings.webhook_allow_private)  # again: DNS may have changed
-            body = json.dumps({"type": f"job.{job.status}", "job_id": job.id,
-                               "data": self.render(job)}, separators=(",", ":")).encode()
+            body = json.dumps(
+                {"type": f"job.{job.status}", "job_id": job.id, "data": self.render(job)}, separators=(",", ":")
+            ).encode()
             ts = int(time.time())
-            headers = {"content-type": "application/json", "user-agent": "b4m-webhooks/1",
-                       "webhook-id": job.id, "webhook-timestamp": str(ts),
-                       "webhook-signature": sign(tenant_secret(self.sessions, job.tenant_id), job.id, ts, body)}
+            headers = {
+                "content-type": "application/json",
+                "user-agent": "b4m-webhooks/1",
+                "webhook-id": job.id,
+                "webhook-timestamp": str(ts),
+                "webhook-signature": sign(tenant_secret(self.sessions, job.tenant_id), job.id, ts, body),
+            }
             r = self.http.post(job.webhook_url, content=body, headers=headers)
             if not 200 <= r.status_code < 300:
                 error = f"HTTP {r.status_code}"

@@ -53,7 +53,7 @@ def redis_job_ids(broker_url: str, queues: list[str], fresh_unacked_s: float) ->
             for key in keys:
                 ids.update(filter(None, (_message_job_id(m) for m in r.lrange(key, 0, -1))))
         cutoff = time.time() - fresh_unacked_s
-        for tag, delivered in r.zrangebyscore(UNACKED_INDEX, cutoff, "+inf", withscores=True):
+        for tag, _delivered in r.zrangebyscore(UNACKED_INDEX, cutoff, "+inf", withscores=True):
             raw = r.hget(UNACKED, tag)
             if raw:
                 try:

@@ -27,7 +27,7 @@ def loss_curve_png(steps: list[int], losses: list[float], title: str = "training
         d.line([(px(s), py(v)) for s, v in zip(xs, ys)], fill=(200, 200, 200), width=1)
         k = max(1, len(ys) // 20)
         smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
-        d.line([(px(s), py(v)) for s, v in zip(xs[k - 1:], smooth)], fill=(31, 119, 180), width=2)
+        d.line([(px(s), py(v)) for s, v in zip(xs[k - 1 :], smooth)], fill=(31, 119, 180), width=2)
         d.text((x0, y1 + 6), f"step {int(xs[0])}", fill="black")
         d.text((x1 - 70, y1 + 6), f"step {int(xs[-1])}", fill="black")
         d.text((x1 - 120, 6), f"loss {lo:.3f} - {hi:.3f}", fill="black")

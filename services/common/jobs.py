@@ -12,7 +12,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -72,14 +72,30 @@ class JobStore:
             raise IdempotencyConflict(f"Idempotency-Key {key!r} was used with a different request")
         return job
 
-    def add(self, session: Session, tenant_id: str, type: JobType, target_id: str,
-            idempotency_key: str | None = None, body_hash: str | None = None, max_attempts: int = 3,
-            webhook_url: str | None = None) -> Job:
+    def add(
+        self,
+        session: Session,
+        tenant_id: str,
+        type: JobType,
+        target_id: str,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+        max_attempts: int = 3,
+        webhook_url: str | None = None,
+    ) -> Job:
         """Add a queued job to `session` (committed with the resource it belongs to)."""
-        job = Job(tenant_id=tenant_id, type=type, target_id=target_id, queue=JOB_QUEUES[type],
-                  idempotency_key=idempotency_key,
-                  request_hash=body_hash, max_attempts=max_attempts, enqueued_at=utcnow(), webhook_url=webhook_url,
-                  webhook_status="pending" if webhook_url else None)
+        job = Job(
+            tenant_id=tenant_id,
+            type=type,
+            target_id=target_id,
+            queue=JOB_QUEUES[type],
+            idempotency_key=idempotency_key,
+            request_hash=body_hash,
+            max_attempts=max_attempts,
+            enqueued_at=utcnow(),
+            webhook_url=webhook_url,
+            webhook_status="pending" if webhook_url else None,
+        )
         session.add(job)
         return job
 
@@ -87,7 +103,9 @@ class JobStore:
         with self.sessions() as s:
             return s.scalars(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)).first()
 
-    def list(self, tenant_id: str, status: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    def list(
+        self, tenant_id: str, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> tuple[list[Job], int]:
         q = select(Job).where(Job.tenant_id == tenant_id)
         if status:
             if status not in set(JobStatus):
@@ -101,10 +119,16 @@ class JobStore:
     def request_cancel(self, tenant_id: str, job_id: str) -> Job | None:
         """Queued jobs end at once; running ones get the flag their loop checks between steps."""
         with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == QUEUED)
-                      .values(status=CANCELED, finished_at=utcnow(), cancel_requested=True))
-            s.execute(update(Job).where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == RUNNING)
-                      .values(cancel_requested=True))
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == QUEUED)
+                .values(status=CANCELED, finished_at=utcnow(), cancel_requested=True)
+            )
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == RUNNING)
+                .values(cancel_requested=True)
+            )
         return self.get(tenant_id, job_id)
 
     # ---------------------------------------------------------------- worker side
@@ -140,14 +164,20 @@ class JobStore:
     def heartbeat(self, job_id: str, token: str, lease_s: float) -> bool:
         """Renew this attempt's lease; False when the attempt no longer holds the job."""
         with self.sessions() as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
-                            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+            )
             return res.rowcount == 1
 
     def progress(self, job_id: str, step: int, total: int, loss: float | None = None) -> None:
         with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING)
-                      .values(progress_step=step, progress_total=total, loss=loss, updated_at=utcnow()))
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == RUNNING)
+                .values(progress_step=step, progress_total=total, loss=loss, updated_at=utcnow())
+            )
 
     def cancel_requested(self, job_id: str) -> bool:
         with self.sessions() as s:
@@ -155,8 +185,11 @@ class JobStore:
 
     def set_checkpoint(self, job_id: str, key: str | None, step: int = 0) -> None:
         with self.sessions() as s, s.begin():
-            s.execute(update(Job).where(Job.id == job_id)
-                      .values(checkpoint_key=key, checkpoint_step=step, updated_at=utcnow()))
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(checkpoint_key=key, checkpoint_step=step, updated_at=utcnow())
+            )
 
     def add_preview(self, job_id: str, token: str, key: str) -> bool:
         """List a preview image (a storage key) in the job's outputs while this attempt holds it."""
@@ -209,17 +242,30 @@ class JobStore:
     def defer(self, job_id: str, token: str) -> str:
         """Back to `queued` without using up an attempt: the job waits on another one."""
         with self.sessions() as s, s.begin():
-            res = s.execute(update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
-                            .values(status=QUEUED, attempts=Job.attempts - 1, claim_token=None,
-                                    lease_expires_at=None, enqueued_at=utcnow()))
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
+                .values(
+                    status=QUEUED,
+                    attempts=Job.attempts - 1,
+                    claim_token=None,
+                    lease_expires_at=None,
+                    enqueued_at=utcnow(),
+                )
+            )
             return QUEUED if res.rowcount == 1 else "lost"
 
     def _end(self, job_id: str, status: str, token: str | None = None) -> bool:
         q = update(Job).where(Job.id == job_id, Job.status == RUNNING)
         if token is not None:
             q = q.where(Job.claim_token == token)
-        values = {"status": status, "finished_at": utcnow(), "updated_at": utcnow(), "claim_token": None,
-                  "lease_expires_at": None}
+        values = {
+            "status": status,
+            "finished_at": utcnow(),
+            "updated_at": utcnow(),
+            "claim_token": None,
+            "lease_expires_at": None,
+        }
         with self.sessions() as s, s.begin():
             return s.execute(q.values(**values)).rowcount == 1
 
@@ -227,8 +273,18 @@ class JobStore:
 def _write_result(s: Session, job: Job, result: JobResult) -> dict:
     if result.adapter is not None:
         a = result.adapter
-        s.add(Adapter(id=a.id, tenant_id=job.tenant_id, kind=a.kind, method=a.method, storage_key=a.storage_key,
-                      sha256=a.sha256, size=a.size, meta=a.meta))
+        s.add(
+            Adapter(
+                id=a.id,
+                tenant_id=job.tenant_id,
+                kind=a.kind,
+                method=a.method,
+                storage_key=a.storage_key,
+                sha256=a.sha256,
+                size=a.size,
+                meta=a.meta,
+            )
+        )
         s.flush()
         owner = Fusion if job.type == JobType.FUSE else Asset
         s.get(owner, job.target_id).adapter_id = a.id
@@ -248,4 +304,4 @@ class ClaimLost(Exception):
 
 
 def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)  # SQLite hands back naive datetimes
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)  # SQLite hands back naive datetimes

@@ -9,10 +9,9 @@ SQLAlchemy 2.0 declarative models, portable between PostgreSQL (production) and 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from sqlalchemy import (JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from b4m_contract.jobs import JobStatus
@@ -23,7 +22,7 @@ def new_id() -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -66,8 +65,9 @@ class Asset(Base):
     aux_asset_ids: Mapped[list] = mapped_column(JSON, default=list)
     adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    images: Mapped[list["ReferenceImage"]] = relationship(back_populates="asset", cascade="all, delete-orphan",
-                                                          order_by="ReferenceImage.position")
+    images: Mapped[list[ReferenceImage]] = relationship(
+        back_populates="asset", cascade="all, delete-orphan", order_by="ReferenceImage.position"
+    )
     __table_args__ = (Index("ix_assets_tenant_kind", "tenant_id", "kind"),)
 
 
@@ -169,7 +169,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
-                      Index("ix_jobs_tenant_status", "tenant_id", "status"),
-                      Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-                      Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"))
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
+        Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"),
+    )

@@ -14,8 +14,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
@@ -40,11 +40,15 @@ class JobCollector:
         with self.sessions() as s:
             for state, type_, n in s.execute(select(Job.status, Job.type, func.count()).group_by(Job.status, Job.type)):
                 jobs.add_metric([state, type_], n)
-            finished = s.execute(select(Job.type, Job.started_at, Job.finished_at).where(
-                Job.finished_at >= since, Job.started_at.is_not(None))).all()
+            finished = s.execute(
+                select(Job.type, Job.started_at, Job.finished_at).where(
+                    Job.finished_at >= since, Job.started_at.is_not(None)
+                )
+            ).all()
         yield jobs
-        hist = HistogramMetricFamily("b4m_job_duration_seconds",
-                                     "start to end of the jobs that ended in the last hour", labels=["type"])
+        hist = HistogramMetricFamily(
+            "b4m_job_duration_seconds", "start to end of the jobs that ended in the last hour", labels=["type"]
+        )
         by_type: dict[str, list[float]] = {}
         for type_, started, ended in finished:
             by_type.setdefault(type_, []).append((ended - started).total_seconds())
@@ -78,10 +82,16 @@ class GpuCollector:
 
 class HttpMetrics:
     def __init__(self, registry: CollectorRegistry):
-        self.requests = Counter("b4m_http_requests", "HTTP requests by route and status",
-                                ["method", "route", "status"], registry=registry)
-        self.latency = Histogram("b4m_http_request_seconds", "HTTP request latency by route", ["method", "route"],
-                                 registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30))
+        self.requests = Counter(
+            "b4m_http_requests", "HTTP requests by route and status", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "b4m_http_request_seconds",
+            "HTTP request latency by route",
+            ["method", "route"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 30),
+        )
 
     def observe(self, method: str, route: str, status: int, started: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -92,8 +102,12 @@ class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, job_id (when a job is running)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-               "message": record.getMessage()}
+        out = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         job_id = getattr(record, "job_id", None) or current_job.get()
         if job_id:
             out["job_id"] = job_id
@@ -104,8 +118,9 @@ class JsonFormatter(logging.Formatter):
 
 def setup_logging(json_logs: bool, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if json_logs else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

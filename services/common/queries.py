@@ -3,8 +3,9 @@ whether an asset's training is done. Each takes an open session and filters on t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
@@ -26,8 +27,9 @@ def owned(s: Session, model: type[Row], tenant_id: str, row_id: str, **where) ->
 
 def latest_job(s: Session, tenant_id: str, target_id: str) -> Job | None:
     """The newest job that works on `target_id` (an asset, fusion or generation)."""
-    return s.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.target_id == target_id)
-                     .order_by(Job.created_at.desc())).first()
+    return s.scalars(
+        select(Job).where(Job.tenant_id == tenant_id, Job.target_id == target_id).order_by(Job.created_at.desc())
+    ).first()
 
 
 @dataclass
@@ -41,13 +43,20 @@ class Page:
         return {"items": self.items, "total": self.total, "limit": self.limit, "offset": self.offset}
 
 
-def page(s: Session, tenant_id: str, model, q: Select, status: str | None, limit: int, offset: int,
-         render: Callable) -> Page:
+def page(
+    s: Session, tenant_id: str, model, q: Select, status: str | None, limit: int, offset: int, render: Callable
+) -> Page:
     """One page of `q`, newest first, filtered in SQL by the status of each row's latest job;
     each row rendered as `render(row, latest_job)`."""
     if status:
-        latest = (select(Job.status).where(Job.tenant_id == tenant_id, Job.target_id == model.id)
-                  .order_by(Job.created_at.desc()).limit(1).correlate(model).scalar_subquery())
+        latest = (
+            select(Job.status)
+            .where(Job.tenant_id == tenant_id, Job.target_id == model.id)
+            .order_by(Job.created_at.desc())
+            .limit(1)
+            .correlate(model)
+            .scalar_subquery()
+        )
         q = q.where(latest == status)
     total = s.scalar(select(func.count()).select_from(q.subquery()))
     rows = s.scalars(q.order_by(model.created_at.desc(), model.id).limit(limit).offset(offset)).all()

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,8 +30,14 @@ ADVISORY_LOCK = 0x6234_6D72  # "b4mr"
 
 
 class Reconciler:
-    def __init__(self, sessions: sessionmaker[Session], settings: Settings,
-                 enqueue: Callable[[str, str], None], waiting_ids: Callable[[], set[str] | None], store=None):
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        settings: Settings,
+        enqueue: Callable[[str, str], None],
+        waiting_ids: Callable[[], set[str] | None],
+        store=None,
+    ):
         self.sessions, self.settings, self.store = sessions, settings, store
         self.enqueue, self.waiting_ids = enqueue, waiting_ids
 
@@ -48,18 +54,23 @@ class Reconciler:
         ended_checkpoints: list[str] = []
         with self.sessions() as s, s.begin():
             if s.get_bind().dialect.name == "postgresql" and not s.scalar(
-                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK}):
+                text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK}
+            ):
                 return report  # another sweep is running
             live = Job.status.in_((QUEUED, RUNNING))
-            for job in s.scalars(select(Job).where(live, Job.created_at < now - timedelta(seconds=st.job_deadline_s))
-                                 .with_for_update(skip_locked=True)):
+            for job in s.scalars(
+                select(Job)
+                .where(live, Job.created_at < now - timedelta(seconds=st.job_deadline_s))
+                .with_for_update(skip_locked=True)
+            ):
                 job.status, job.finished_at, job.cancel_requested = FAILED, now, True
                 job.claim_token = job.lease_expires_at = None
                 job.error = f"deadline exceeded: not finished {st.job_deadline_s} s after it was created"
                 report["deadline"].append(job.id)
                 ended_checkpoints.append(job.checkpoint_key)
-            for job in s.scalars(select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now)
-                                 .with_for_update(skip_locked=True)):
+            for job in s.scalars(
+                select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).with_for_update(skip_locked=True)
+            ):
                 job.claim_token = job.lease_expires_at = None
                 if job.attempts >= job.max_attempts or job.cancel_requested:
                     job.status, job.finished_at = (CANCELED if job.cancel_requested else FAILED), now
@@ -72,8 +83,11 @@ class Reconciler:
                     report["lease_expired"].append(job.id)
             if waiting is not None:
                 stale = now - timedelta(seconds=st.requeue_grace_s)
-                for job in s.scalars(select(Job).where(Job.status == QUEUED, or_(
-                        Job.enqueued_at.is_(None), Job.enqueued_at < stale)).with_for_update(skip_locked=True)):
+                for job in s.scalars(
+                    select(Job)
+                    .where(Job.status == QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < stale))
+                    .with_for_update(skip_locked=True)
+                ):
                     if job.id not in waiting:
                         job.enqueued_at = now
                         send.append((job.id, job.type))

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,8 +43,11 @@ class Settings(BaseSettings):
     reconcile_every_s: float = Field(15.0, description="how often the reconciler sweeps (0: never, in this process)")
     log_json: bool = Field(False, description="JSON log lines carrying job ids (production)")
     metrics_port: int | None = Field(None, description="worker: serve Prometheus metrics (GPU memory) on this port")
-    webhook_allow_private: bool = Field(False, description="let webhook URLs reach private/loopback addresses "
-                                                         "(off: a tenant cannot aim the service at its own network)")
+    webhook_allow_private: bool = Field(
+        False,
+        description="let webhook URLs reach private/loopback addresses "
+        "(off: a tenant cannot aim the service at its own network)",
+    )
     webhook_max_attempts: int = Field(8, ge=1, description="deliveries tried before a webhook is marked failed")
     webhook_backoff_s: float = Field(5.0, gt=0, description="wait after the first failed delivery; doubles each time")
     webhook_timeout_s: float = Field(10.0, gt=0, description="seconds a receiver has to answer")
@@ -61,12 +62,17 @@ class Settings(BaseSettings):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(self.data_dir / 'b4m.db').resolve()}"
 
-    def object_store(self) -> "ObjectStore":
+    def object_store(self) -> ObjectStore:
         from .storage import LocalStore, S3Store
 
         if self.storage == "s3":
-            return S3Store(self.s3_bucket, endpoint_url=self.s3_endpoint_url, region=self.s3_region,
-                           access_key=self.s3_access_key, secret_key=self.s3_secret_key)
+            return S3Store(
+                self.s3_bucket,
+                endpoint_url=self.s3_endpoint_url,
+                region=self.s3_region,
+                access_key=self.s3_access_key,
+                secret_key=self.s3_secret_key,
+            )
         return LocalStore(self.data_dir / "objects")
 
 

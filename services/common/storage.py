@@ -115,18 +115,34 @@ class LocalStore:
 class S3Store:
     """An S3-compatible bucket through boto3."""
 
-    def __init__(self, bucket: str, endpoint_url: str | None = None, region: str = "us-east-1",
-                 access_key: str | None = None, secret_key: str | None = None, create_bucket: bool = False,
-                 connect_timeout: float = 5.0, retries: int = 3):
+    def __init__(
+        self,
+        bucket: str,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        create_bucket: bool = False,
+        connect_timeout: float = 5.0,
+        retries: int = 3,
+    ):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.client = boto3.client(
-            "s3", endpoint_url=endpoint_url, region_name=region, aws_access_key_id=access_key,
+            "s3",
+            endpoint_url=endpoint_url,
+            region_name=region,
+            aws_access_key_id=access_key,
             aws_secret_access_key=secret_key,
-            config=Config(connect_timeout=connect_timeout, read_timeout=60,
-                          retries={"max_attempts": retries, "mode": "standard"}, s3={"addressing_style": "path"}))
+            config=Config(
+                connect_timeout=connect_timeout,
+                read_timeout=60,
+                retries={"max_attempts": retries, "mode": "standard"},
+                s3={"addressing_style": "path"},
+            ),
+        )
         if create_bucket:
             self.ensure_bucket()
 
@@ -141,8 +157,9 @@ class S3Store:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         digest = sha256(data)
         try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type,
-                                   Metadata={"sha256": digest})
+            self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}
+            )
         except Exception as exc:
             raise StorageError(f"upload of {key} failed: {exc}") from exc
         return StoredObject(key, digest, len(data))
@@ -171,8 +188,9 @@ class S3Store:
             return False
 
     def url(self, key: str, expires: int = 3600) -> str | None:
-        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": key},
-                                                  ExpiresIn=expires)
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
+        )
 
     def check(self) -> None:
         try:

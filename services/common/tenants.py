@@ -48,8 +48,9 @@ def create_key(sessions, tenant: str) -> tuple[str, ApiKey]:
 
 def revoke_key(sessions, key_id_or_prefix: str) -> ApiKey:
     with sessions() as s:
-        rows = s.scalars(select(ApiKey).where((ApiKey.id == key_id_or_prefix) |
-                                              (ApiKey.prefix == key_id_or_prefix))).all()
+        rows = s.scalars(
+            select(ApiKey).where((ApiKey.id == key_id_or_prefix) | (ApiKey.prefix == key_id_or_prefix))
+        ).all()
         if len(rows) != 1:
             raise ValueError(f"{len(rows)} keys match {key_id_or_prefix!r}: give the key id")
         rows[0].revoked_at = utcnow()
@@ -63,6 +64,11 @@ def list_tenants(sessions) -> list[dict]:
         out = []
         for t in s.scalars(select(Tenant).order_by(Tenant.created_at)):
             keys = s.scalars(select(ApiKey).where(ApiKey.tenant_id == t.id)).all()
-            out.append({"id": t.id, "name": t.name, "keys": [
-                {"id": k.id, "prefix": k.prefix, "revoked": k.revoked_at is not None} for k in keys]})
+            out.append(
+                {
+                    "id": t.id,
+                    "name": t.name,
+                    "keys": [{"id": k.id, "prefix": k.prefix, "revoked": k.revoked_at is not None} for k in keys],
+                }
+            )
         return out

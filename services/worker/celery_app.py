@@ -61,8 +61,7 @@ def run_job_task(job_id: str) -> str:
 
     status = run_job(context(), job_id)
     if status == JobStatus.QUEUED:  # a retryable failure: try again after a pause
-        run_job_task.apply_async((job_id,), countdown=5, queue=JOB_QUEUES[_job_type(job_id)],
-                                 task_id=task_id(job_id))
+        run_job_task.apply_async((job_id,), countdown=5, queue=JOB_QUEUES[_job_type(job_id)], task_id=task_id(job_id))
     return status
 
 

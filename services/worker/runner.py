@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
+from b4m_contract.jobs import JobStatus, JobType
 from b4m_core.adapter import Adapter
 from b4m_core.config import ConfigError, TrainConfig
 from b4m_core.data import Concept, open_image
 from b4m_core.generation import GenerationRequest, Generator
 from b4m_core.models import BaseModel, load_base
 from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
-
-from b4m_contract.jobs import JobStatus, JobType
 
 from ..common.charts import loss_curve_png
 from ..common.db import make_engine, session_factory
@@ -75,15 +74,24 @@ def _load_adapter(ctx: WorkerContext, session, adapter_id: str) -> Adapter:
     return Adapter.from_bytes(ctx.store.get(row.storage_key, expected_sha256=row.sha256))
 
 
-def _adapter_result(ctx: WorkerContext, attempt: "Attempt", adapter: Adapter) -> JobResult:
+def _adapter_result(ctx: WorkerContext, attempt: Attempt, adapter: Adapter) -> JobResult:
     """Upload the adapter now; its row, and the asset or fusion pointing at it, are written
     by `JobStore.finish` in the transaction that marks the job succeeded."""
     job = attempt.job
     adapter_id = new_id()
     obj = ctx.store.put(object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes())
     attempt.uploaded.append(obj.key)
-    return JobResult(adapter=NewAdapter(id=adapter_id, kind=adapter.kind, method=adapter.method, storage_key=obj.key,
-                                        sha256=obj.sha256, size=obj.size, meta=adapter.metadata()))
+    return JobResult(
+        adapter=NewAdapter(
+            id=adapter_id,
+            kind=adapter.kind,
+            method=adapter.method,
+            storage_key=obj.key,
+            sha256=obj.sha256,
+            size=obj.size,
+            meta=adapter.metadata(),
+        )
+    )
 
 
 @dataclass
@@ -122,6 +130,7 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         resume = ctx.store.get(job.checkpoint_key)
         attempt.resumed_from_step = job.checkpoint_step
         log.info("job %s resumes from step %d (%s)", job.id, job.checkpoint_step, job.checkpoint_key)
+
     def progress(step: int, total: int, loss: float) -> None:
         attempt.losses.append((step, loss))
         ctx.jobs.progress(job.id, step, total, loss)
@@ -131,14 +140,23 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         try:
             buf = io.BytesIO()
             image.save(buf, format="PNG")
-            obj = ctx.store.put(object_key(job.tenant_id, "jobs", job.id, f"preview-{step:06d}.png"), buf.getvalue(),
-                                content_type="image/png")
+            obj = ctx.store.put(
+                object_key(job.tenant_id, "jobs", job.id, f"preview-{step:06d}.png"),
+                buf.getvalue(),
+                content_type="image/png",
+            )
             ctx.jobs.add_preview(job.id, attempt.token, obj.key)
         except Exception as exc:  # a preview is a nicety: never fail the training for one
             log.warning("job %s: preview at step %d not saved: %s", job.id, step, exc)
 
-    return Hooks(progress=progress, should_cancel=should_stop, checkpoint=checkpoint, resume=resume,
-                 preview=preview, preview_every=ctx.settings.preview_every)
+    return Hooks(
+        progress=progress,
+        should_cancel=should_stop,
+        checkpoint=checkpoint,
+        resume=resume,
+        preview=preview,
+        preview_every=ctx.settings.preview_every,
+    )
 
 
 def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
@@ -146,17 +164,29 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
     with ctx.sessions() as s:
         asset = owned(s, Asset, job.tenant_id, job.target_id)
         concept = _concept(ctx, asset)
-        aux = [_concept(ctx, a) for a in s.scalars(select(Asset).where(
-            Asset.tenant_id == job.tenant_id, Asset.id.in_(asset.aux_asset_ids or []))).all()]
+        aux = [
+            _concept(ctx, a)
+            for a in s.scalars(
+                select(Asset).where(Asset.tenant_id == job.tenant_id, Asset.id.in_(asset.aux_asset_ids or []))
+            ).all()
+        ]
         settings = dict(asset.settings or {})
         base_name = asset.base_model
     base = ctx.base(base_name)  # its measured defaults fill what the request left out
-    plp = base.plp_config(**{k: settings[k] for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed",
-                                                       "content_half", "targets") if k in settings})
-    cfg = TrainConfig(steps=int(settings.get("steps") or base.default("break_steps", 300)),
-                      learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
-                      aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)), seed=int(settings.get("seed", 0)),
-                      checkpoint_every=ctx.settings.checkpoint_every)
+    plp = base.plp_config(
+        **{
+            k: settings[k]
+            for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed", "content_half", "targets")
+            if k in settings
+        }
+    )
+    cfg = TrainConfig(
+        steps=int(settings.get("steps") or base.default("break_steps", 300)),
+        learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
+        aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)),
+        seed=int(settings.get("seed", 0)),
+        checkpoint_every=ctx.settings.checkpoint_every,
+    )
     adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=_hooks(ctx, attempt))
     return _adapter_result(ctx, attempt, adapter)
 
@@ -177,9 +207,16 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
     base = ctx.base(base_name)
     lr = 1e-4 if method == "ziplora" else base.default("learning_rate", 1e-3)
-    fused = fuse(base, ca, sa, cset, sset, method=method,
-                 cfg=TrainConfig(steps=steps, learning_rate=lr, checkpoint_every=ctx.settings.checkpoint_every),
-                 hooks=_hooks(ctx, attempt))
+    fused = fuse(
+        base,
+        ca,
+        sa,
+        cset,
+        sset,
+        method=method,
+        cfg=TrainConfig(steps=steps, learning_rate=lr, checkpoint_every=ctx.settings.checkpoint_every),
+        hooks=_hooks(ctx, attempt),
+    )
     return _adapter_result(ctx, attempt, fused)
 
 
@@ -195,8 +232,16 @@ def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
             a = s.get(Asset, g.content_id or g.style_id)
             adapter_id, base_name = a.adapter_id, a.base_model
         adapter = _load_adapter(ctx, s, adapter_id) if adapter_id else None
-        req = GenerationRequest(prompt=g.prompt, negative_prompt=g.negative_prompt, seed=g.seed, steps=g.steps,
-                                guidance=g.guidance, width=g.width, height=g.height, num_images=g.num_images)
+        req = GenerationRequest(
+            prompt=g.prompt,
+            negative_prompt=g.negative_prompt,
+            seed=g.seed,
+            steps=g.steps,
+            guidance=g.guidance,
+            width=g.width,
+            height=g.height,
+            num_images=g.num_images,
+        )
     gen = ctx.generator(base_name)
     gen.set_adapter(adapter, fuse=True)
     images = gen.generate(req)
@@ -205,16 +250,22 @@ def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         # keys unique to the attempt: a stale attempt's clean-up never removes another's images
-        obj = ctx.store.put(object_key(job.tenant_id, "images", job.target_id, f"{attempt.token[:8]}-{i}.png"),
-                            buf.getvalue(),
-                            content_type="image/png")
+        obj = ctx.store.put(
+            object_key(job.tenant_id, "images", job.target_id, f"{attempt.token[:8]}-{i}.png"),
+            buf.getvalue(),
+            content_type="image/png",
+        )
         attempt.uploaded.append(obj.key)
         out.append({"key": obj.key, "sha256": obj.sha256})
     return JobResult(images=out)
 
 
-HANDLERS = {JobType.TRAIN_CONTENT: _train, JobType.TRAIN_STYLE: _train, JobType.FUSE: _fuse,
-            JobType.GENERATE: _generate}
+HANDLERS = {
+    JobType.TRAIN_CONTENT: _train,
+    JobType.TRAIN_STYLE: _train,
+    JobType.FUSE: _fuse,
+    JobType.GENERATE: _generate,
+}
 
 
 def run_job(ctx: WorkerContext, job_id: str) -> str:
@@ -251,8 +302,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         if attempt.losses:  # a picture of the training, served at GET /jobs/{id}/loss.png
             steps, losses = zip(*attempt.losses)
             png = loss_curve_png(list(steps), list(losses), f"{job.type} {job.id[:8]}")
-            obj = ctx.store.put(object_key(job.tenant_id, "jobs", job.id, f"loss-{attempt.token[:8]}.png"), png,
-                                content_type="image/png")
+            obj = ctx.store.put(
+                object_key(job.tenant_id, "jobs", job.id, f"loss-{attempt.token[:8]}.png"),
+                png,
+                content_type="image/png",
+            )
             attempt.uploaded.append(obj.key)
             extra["loss_curve"] = obj.key
         result.outputs.update(extra)

@@ -27,8 +27,23 @@ def b4m(*args) -> subprocess.CompletedProcess:
 
 
 def test_the_module_entry_point_reports_errors_with_exit_code_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "b4m_core", "generate", "--adapter", tmp_path / "nope.safetensors",
-                        "--prompt", "x", "--out", tmp_path / "o"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "b4m_core",
+            "generate",
+            "--adapter",
+            tmp_path / "nope.safetensors",
+            "--prompt",
+            "x",
+            "--out",
+            tmp_path / "o",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "adapter file not found" in r.stderr
 
 
@@ -40,21 +55,83 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
     auxc = write_images(tmp_path / "aux_cat", 4, 1)
     (aux1 / "word.txt").write_text("ink")
     (c / "00.txt").write_text("a photo of {content} on a table")
-    r = b4m("train", "content", "--images", c, "--class-word", "dog", "--base", tiny_sd_path, "--steps", 4,
-            "--rank", 4, "--aux", aux1, "--aux", aux2, "--checkpoint-every", 2, "--out", tmp_path / "c.safetensors")
+    r = b4m(
+        "train",
+        "content",
+        "--images",
+        c,
+        "--class-word",
+        "dog",
+        "--base",
+        tiny_sd_path,
+        "--steps",
+        4,
+        "--rank",
+        4,
+        "--aux",
+        aux1,
+        "--aux",
+        aux2,
+        "--checkpoint-every",
+        2,
+        "--out",
+        tmp_path / "c.safetensors",
+    )
     assert r.returncode == 0, r.stderr
     assert "step 4/4" in r.stderr
     assert (tmp_path / "c.step000002.ckpt.safetensors").is_file()
     assert Adapter.load(tmp_path / "c.safetensors").extra["aux"] == ["aux0 ink", "aux1 aux_pastel"]
-    r = b4m("train", "style", "--images", s, "--style-word", "ink", "--base", tiny_sd_path, "--steps", 2,
-            "--rank", 4, "--aux", auxc, "--out", tmp_path / "s.safetensors")
+    r = b4m(
+        "train",
+        "style",
+        "--images",
+        s,
+        "--style-word",
+        "ink",
+        "--base",
+        tiny_sd_path,
+        "--steps",
+        2,
+        "--rank",
+        4,
+        "--aux",
+        auxc,
+        "--out",
+        tmp_path / "s.safetensors",
+    )
     assert r.returncode == 0, r.stderr
-    r = b4m("fuse", "--content", tmp_path / "c.safetensors", "--style", tmp_path / "s.safetensors",
-            "--content-images", c, "--style-images", s, "--steps", 2, "--out", tmp_path / "f.safetensors")
+    r = b4m(
+        "fuse",
+        "--content",
+        tmp_path / "c.safetensors",
+        "--style",
+        tmp_path / "s.safetensors",
+        "--content-images",
+        c,
+        "--style-images",
+        s,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "f.safetensors",
+    )
     assert r.returncode == 0, r.stderr
     assert Adapter.load(tmp_path / "f.safetensors").kind == "fused"
-    r = b4m("generate", "--adapter", tmp_path / "f.safetensors", "--prompt", "a {content} in {style} style",
-            "--seed", 3, "--num-images", 2, "--steps", 2, "--out", tmp_path / "imgs")
+    r = b4m(
+        "generate",
+        "--adapter",
+        tmp_path / "f.safetensors",
+        "--prompt",
+        "a {content} in {style} style",
+        "--seed",
+        3,
+        "--num-images",
+        2,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "imgs",
+    )
     assert r.returncode == 0, r.stderr
     pngs = sorted((tmp_path / "imgs").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
@@ -64,16 +141,46 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
         assert r.returncode == 0, r.stderr
         assert any(k.endswith(key) for k in load_file(out))
     # a baseline through the same command
-    r = b4m("train", "content", "--images", c, "--class-word", "dog", "--base", tiny_sd_path, "--steps", 1,
-            "--rank", 4, "--method", "lora", "--out", tmp_path / "lc.safetensors")
+    r = b4m(
+        "train",
+        "content",
+        "--images",
+        c,
+        "--class-word",
+        "dog",
+        "--base",
+        tiny_sd_path,
+        "--steps",
+        1,
+        "--rank",
+        4,
+        "--method",
+        "lora",
+        "--out",
+        tmp_path / "lc.safetensors",
+    )
     assert r.returncode == 0, r.stderr
     assert Adapter.load(tmp_path / "lc.safetensors").method == "lora"
 
 
 def test_resume_from_a_checkpoint_file(tmp_path, tiny_sd_path):
     c = write_images(tmp_path / "content", 0, 2)
-    common = ["train", "content", "--images", c, "--class-word", "dog", "--base", tiny_sd_path, "--steps", 4,
-              "--rank", 4, "--checkpoint-every", 2]
+    common = [
+        "train",
+        "content",
+        "--images",
+        c,
+        "--class-word",
+        "dog",
+        "--base",
+        tiny_sd_path,
+        "--steps",
+        4,
+        "--rank",
+        4,
+        "--checkpoint-every",
+        2,
+    ]
     assert b4m(*common, "--out", tmp_path / "a.safetensors").returncode == 0
     r = b4m(*common, "--resume", tmp_path / "a.step000002.ckpt.safetensors", "--out", tmp_path / "b.safetensors")
     assert r.returncode == 0, r.stderr
@@ -92,8 +199,18 @@ def test_clear_errors_for_bad_input(tmp_path, tiny_sd_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.pdf").write_text("x")
-    base = ["train", "content", "--class-word", "dog", "--base", tiny_sd_path, "--steps", 1, "--out",
-            tmp_path / "x.safetensors"]
+    base = [
+        "train",
+        "content",
+        "--class-word",
+        "dog",
+        "--base",
+        tiny_sd_path,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "x.safetensors",
+    ]
     cases = [
         (["--images", tmp_path / "missing"], "not found"),
         (["--images", empty], "no images"),
@@ -104,17 +221,55 @@ def test_clear_errors_for_bad_input(tmp_path, tiny_sd_path):
         r = b4m(*base, *extra)
         assert r.returncode == 2 and msg in r.stderr, (extra, r.stderr)
     good = write_images(tmp_path / "good", 0, 1)
-    r = b4m("train", "content", "--images", good, "--class-word", "dog", "--base", tmp_path / "nomodel",
-            "--steps", 1, "--out", tmp_path / "x.safetensors")
+    r = b4m(
+        "train",
+        "content",
+        "--images",
+        good,
+        "--class-word",
+        "dog",
+        "--base",
+        tmp_path / "nomodel",
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "x.safetensors",
+    )
     assert r.returncode == 2 and "base model folder not found" in r.stderr
-    r = b4m("train", "content", "--images", good, "--class-word", "dog", "--base", good,
-            "--steps", 1, "--out", tmp_path / "x.safetensors")
+    r = b4m(
+        "train",
+        "content",
+        "--images",
+        good,
+        "--class-word",
+        "dog",
+        "--base",
+        good,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "x.safetensors",
+    )
     assert r.returncode == 2 and "not a diffusers pipeline folder" in r.stderr
     r = b4m("generate", "--adapter", tmp_path / "nope.safetensors", "--prompt", "x", "--out", tmp_path / "o")
     assert r.returncode == 2 and "adapter file not found" in r.stderr
     r = b4m("export", "--adapter", tmp_path / "nope.safetensors", "--format", "kohya", "--out", tmp_path / "o.st")
     assert r.returncode == 2
-    r = b4m("train", "content", "--images", good, "--class-word", "dog", "--base", tiny_sd_path,
-            "--steps", 1, "--rho", "1.5", "--out", tmp_path / "x.safetensors")
+    r = b4m(
+        "train",
+        "content",
+        "--images",
+        good,
+        "--class-word",
+        "dog",
+        "--base",
+        tiny_sd_path,
+        "--steps",
+        1,
+        "--rho",
+        "1.5",
+        "--out",
+        tmp_path / "x.safetensors",
+    )
     assert r.returncode == 2 and "rho" in r.stderr
     assert not (tmp_path / "x.safetensors").exists()

@@ -16,16 +16,19 @@ def _unet_out(base_or_pipe, is_sdxl):
     ctx = torch.randn(2, 32, unet.config.cross_attention_dim, generator=g)
     kw = {}
     if is_sdxl:
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=g),
-                                   "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2, dtype=torch.float32)}
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2, 32, generator=g),
+            "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2, dtype=torch.float32),
+        }
     with torch.no_grad():
         return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx, **kw).sample
 
 
 @pytest.fixture(scope="module")
 def fused_adapters(sd, sdxl):
-    from ..helpers.images import random_images
     from b4m_core.data import Concept
+
+    from ..helpers.images import random_images
 
     out = {}
     for name, base in (("sd", sd), ("sdxl", sdxl)):
@@ -97,8 +100,16 @@ def test_fused_and_unfused_draw_the_same_and_switching_restores_base(request, fu
 def test_prompt_expansion_and_errors(fused_adapters, sd):
     a = fused_adapters["sd"]
     assert expand_prompt("a {content} in {style} style", a) == "a sks dog in zwx ink style"
-    content_only = Adapter(kind="content", method="b4m", tensors={}, rank=4, alpha=4, plp=PLPConfig(rank=4),
-                           tokens={"content": "sks"}, words={"content": "dog"})
+    content_only = Adapter(
+        kind="content",
+        method="b4m",
+        tensors={},
+        rank=4,
+        alpha=4,
+        plp=PLPConfig(rank=4),
+        tokens={"content": "sks"},
+        words={"content": "dog"},
+    )
     with pytest.raises(ConfigError, match="no style"):
         expand_prompt("{content} in {style}", content_only)
     with pytest.raises(ConfigError):
@@ -121,8 +132,19 @@ def test_adapter_file_roundtrip_and_metadata(tmp_path, fused_adapters):
     b = Adapter.load(path)
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     meta = b.metadata()
-    for key in ("base_model", "base_model_hash", "method", "rank", "alpha", "plp", "targets", "tokens", "words",
-                "steps", "seed"):
+    for key in (
+        "base_model",
+        "base_model_hash",
+        "method",
+        "rank",
+        "alpha",
+        "plp",
+        "targets",
+        "tokens",
+        "words",
+        "steps",
+        "seed",
+    ):
         assert meta[key] not in (None, ""), key
     assert meta["plp"]["rho"] == 0.5 and meta["plp"]["basis_mode"] == "exact"
     (tmp_path / "junk.safetensors").write_bytes(b"not a file at all")

@@ -21,8 +21,14 @@ def test_break_make_generate_on_cuda(tiny_sd_path, concepts, precision):
     plp = PLPConfig(rank=4, alpha=4.0)
     losses = []
     cfg = TrainConfig(steps=4, mixed_precision=precision)
-    c = train_concept(base, content, aux=aux_styles, plp=plp, cfg=cfg,
-                      hooks=Hooks(progress=lambda step, total, loss: losses.append(loss)))
+    c = train_concept(
+        base,
+        content,
+        aux=aux_styles,
+        plp=plp,
+        cfg=cfg,
+        hooks=Hooks(progress=lambda step, total, loss: losses.append(loss)),
+    )
     s = train_concept(base, style, aux=aux_contents, plp=plp, cfg=cfg)
     fused = fuse(base, c, s, content, style, cfg=TrainConfig(steps=2, mixed_precision=precision))
     assert losses and all(math.isfinite(x) for x in losses)

@@ -46,17 +46,27 @@ def test_bases_depend_on_seed_name_and_shape_only():
 
 
 def test_bases_identical_in_another_process():
-    code = ("import torch,sys; from b4m_core.layers import make_bases; from b4m_core.config import PLPConfig;"
-            "a,c=make_bases(PLPConfig(rank=8,basis_seed=7),'l',48,40); sys.stdout.write(str(float(a.double().sum()))"
-            "+' '+str(float(c.double().sum())))")
+    code = (
+        "import torch,sys; from b4m_core.layers import make_bases; from b4m_core.config import PLPConfig;"
+        "a,c=make_bases(PLPConfig(rank=8,basis_seed=7),'l',48,40); sys.stdout.write(str(float(a.double().sum()))"
+        "+' '+str(float(c.double().sum())))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     a, c = make_bases(PLPConfig(rank=8, basis_seed=7), "l", 48, 40)
     assert float(out[0]) == float(a.double().sum()) and float(out[1]) == float(c.double().sum())
 
 
 def test_config_rejects_bad_values():
-    for kwargs in ({"rank": 0}, {"rho": 1.0}, {"rho": -0.1}, {"basis_mode": "x"}, {"content_half": "left"},
-                   {"targets": "all"}, {"alpha": 0}, {"rank": 1}):
+    for kwargs in (
+        {"rank": 0},
+        {"rho": 1.0},
+        {"rho": -0.1},
+        {"basis_mode": "x"},
+        {"content_half": "left"},
+        {"targets": "all"},
+        {"alpha": 0},
+        {"rank": 1},
+    ):
         with pytest.raises(ConfigError):
             PLPConfig(**kwargs)
 
@@ -78,9 +88,9 @@ def test_plp_starts_as_identity_and_matches_full_update():
     # block structure of dW: top-left is A C = 0 in exact mode
     dw = layer.delta_weight()
     assert dw[: layer.dm, : layer.dn].abs().max() < 1e-6
-    assert torch.allclose(dw[: layer.dm, layer.dn:], layer.scale * layer.A @ layer.D, atol=1e-6)
-    assert torch.allclose(dw[layer.dm:, : layer.dn], layer.scale * layer.B @ layer.C, atol=1e-6)
-    assert torch.allclose(dw[layer.dm:, layer.dn:], layer.scale * layer.B @ layer.D, atol=1e-6)
+    assert torch.allclose(dw[: layer.dm, layer.dn :], layer.scale * layer.A @ layer.D, atol=1e-6)
+    assert torch.allclose(dw[layer.dm :, : layer.dn], layer.scale * layer.B @ layer.C, atol=1e-6)
+    assert torch.allclose(dw[layer.dm :, layer.dn :], layer.scale * layer.B @ layer.D, atol=1e-6)
 
 
 def test_a_c_are_buffers_b_d_parameters():

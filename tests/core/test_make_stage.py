@@ -18,6 +18,7 @@ def _cli(*args):
     return r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content_half", ["up", "down"])
 def test_separate_processes_share_bases_and_compose_exactly(tmp_path, tiny_sd_path, content_half):
     cdir, sdir = write_images(tmp_path / "c", 0, 3), write_images(tmp_path / "s", 1, 2)
@@ -49,8 +50,9 @@ def test_separate_processes_share_bases_and_compose_exactly(tmp_path, tiny_sd_pa
 
 @pytest.fixture(scope="module")
 def pair(sd):
-    from ..helpers.images import random_images
     from b4m_core.data import Concept
+
+    from ..helpers.images import random_images
 
     content = Concept("content", random_images(0, 3), "dog")
     style = Concept("style", random_images(1, 2), "ink")
@@ -64,10 +66,17 @@ def _with(adapter, **plp_changes):
     return dataclasses.replace(adapter, plp=dataclasses.replace(adapter.plp, **plp_changes))
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"basis_seed": 9}, "basis seed"), ({"basis_mode": "random"}, "basis mode"), ({"rank": 8}, "rank"),
-    ({"rho": 0.25}, "rho"), ({"content_half": "down"}, "content_half"), ({"targets": "cross"}, "target set"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"basis_seed": 9}, "basis seed"),
+        ({"basis_mode": "random"}, "basis mode"),
+        ({"rank": 8}, "rank"),
+        ({"rho": 0.25}, "rho"),
+        ({"content_half": "down"}, "content_half"),
+        ({"targets": "cross"}, "target set"),
+    ],
+)
 def test_every_mismatch_is_refused(pair, change, message):
     c, s, *_ = pair
     with pytest.raises(IncompatibleAdapters, match=message):

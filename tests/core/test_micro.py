@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from b4m_core.micro import world
-from b4m_core.micro.probes import load_probe, predict, probe_dataset, predict_tensor
-from b4m_core.micro.references import (CONTENT_IMAGES, STYLE_IMAGES, reference_concept, reference_scenes)
+from b4m_core.micro.probes import load_probe, predict, predict_tensor, probe_dataset
+from b4m_core.micro.references import CONTENT_IMAGES, STYLE_IMAGES, reference_concept, reference_scenes
 
 
 def test_renderer_is_deterministic_and_covers_every_concept():
@@ -22,11 +22,15 @@ def test_renderer_is_deterministic_and_covers_every_concept():
 
 
 def test_captions_are_plain_english_and_pretraining_never_shows_heldout():
-    assert world.Scene("hexagon", "plaid", "white", "center", "small").caption() == \
-        "a small plaid hexagon in the center on a white background"
+    assert (
+        world.Scene("hexagon", "plaid", "white", "center", "small").caption()
+        == "a small plaid hexagon in the center on a white background"
+    )
     assert world.Scene("arrow", "brick", "pink", "top left", "large").caption(frozenset()) == "a brick arrow"
-    assert world.Scene("arrow", "wavy", "pink", "top left", "large").caption(frozenset({"position"})) == \
-        "a wavy arrow in the top left corner"
+    assert (
+        world.Scene("arrow", "wavy", "pink", "top left", "large").caption(frozenset({"position"}))
+        == "a wavy arrow in the top left corner"
+    )
     held = set(world.HELDOUT_CONTENTS) | set(world.HELDOUT_STYLES)
     for i in range(1500):
         _, caption, scene = world.training_sample(i)
@@ -80,7 +84,9 @@ def test_shipped_vae_carries_heldout_concepts():
     probe, _ = load_probe()
     acc = vae_recon_probe(vae, probe, "cpu", scenes=heldout_scenes(per=12), by="heldout")
     assert all(acc[c] >= 0.8 for c in world.HELDOUT_CONTENTS), acc
-    assert np.mean([acc[s] for s in world.HELDOUT_STYLES]) >= 0.6 and min(acc[s] for s in world.HELDOUT_STYLES) >= 0.3, acc
+    assert (
+        np.mean([acc[s] for s in world.HELDOUT_STYLES]) >= 0.6 and min(acc[s] for s in world.HELDOUT_STYLES) >= 0.3
+    ), acc
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,9 @@ def test_micro_loads_as_a_diffusers_pipeline_and_draws(micro):
     from b4m_core.generation import GenerationRequest, Generator
 
     assert micro.resolution == 64 and not micro.is_sdxl
-    images = Generator(micro).generate(GenerationRequest("a large striped star in the center on a white background",
-                                                         steps=4, num_images=2))
+    images = Generator(micro).generate(
+        GenerationRequest("a large striped star in the center on a white background", steps=4, num_images=2)
+    )
     assert len(images) == 2 and images[0].size == (64, 64)
     assert np.asarray(images[0]).std() > 3
 
@@ -133,14 +140,24 @@ def test_break_and_make_on_micro_with_shipped_references(micro):
     assert f.tokens == {"content": "hkx", "style": "pdk"} and f.base_model == "micro"
 
 
+@pytest.mark.slow
 def test_quality_bench_smoke(tmp_path):
     """Every method of Table 1 runs end to end and is scored (tiny steps: plumbing only)."""
     import json
 
     from b4m_core.micro.quality import Settings, run_quality
 
-    tiny = Settings(break_steps=2, make_steps=1, lora_steps=2, joint_steps=2, ziplora_steps=1, aux_sets=1,
-                    images_per_pair=2, sample_steps=2, rank=4)
+    tiny = Settings(
+        break_steps=2,
+        make_steps=1,
+        lora_steps=2,
+        joint_steps=2,
+        ziplora_steps=1,
+        aux_sets=1,
+        images_per_pair=2,
+        sample_steps=2,
+        rank=4,
+    )
     res = run_quality(tmp_path, settings=tiny, contents=["hexagon"], styles=["plaid"], log=lambda m: None)
     names = list(res["methods"])
     assert len(names) == 10 and "ZipLoRA" in names and "B4M rho=0.75" in names
@@ -153,14 +170,30 @@ def test_quality_bench_smoke(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["time_to_new_pair"]["b4m_compose_and_finetune_s"] > 0
 
 
+@pytest.mark.slow
 def test_demo_cli_smoke(tmp_path):
     import subprocess
     import sys
 
     from PIL import Image
 
-    r = subprocess.run([sys.executable, "-m", "b4m_core", "demo", "--quick", "--break-steps", "2", "--make-steps", "1",
-                        "--out", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "b4m_core",
+            "demo",
+            "--quick",
+            "--break-steps",
+            "2",
+            "--make-steps",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (3 * 68, 3 * 68)  # header row/column of references + 2 x 2 pairs

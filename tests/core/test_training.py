@@ -1,6 +1,5 @@
 import pytest
 import torch
-from torch import nn
 
 from b4m_core.config import PLPConfig, TrainConfig
 from b4m_core.injection import adapter_layers, remove_adapters
@@ -25,9 +24,16 @@ def _grads(stage, weights_mask):
     loss.backward()
     out = {}
     for half in ("up", "down"):
-        out[half] = torch.stack([(l.half(half).grad if l.half(half).grad is not None
-                                  else torch.zeros_like(l.half(half))).abs().sum()
-                                 for l in stage.layers.values()]).sum().item()
+        out[half] = (
+            torch.stack(
+                [
+                    (l.half(half).grad if l.half(half).grad is not None else torch.zeros_like(l.half(half))).abs().sum()
+                    for l in stage.layers.values()
+                ]
+            )
+            .sum()
+            .item()
+        )
     for l in stage.layers.values():
         l.route = None
         l.B.grad = l.D.grad = None
@@ -61,9 +67,14 @@ def test_training_moves_halves_and_keeps_bases(sd, concepts, clean):
     content, _, aux_styles, _ = concepts
     plp = PLPConfig(rank=4, basis_seed=5)
     seen = []
-    adapter = train_concept(sd, content, aux=aux_styles[:2], plp=plp,
-                            cfg=TrainConfig(steps=3, learning_rate=1e-2),
-                            hooks=Hooks(progress=lambda s, t, l: seen.append((s, t, l))))
+    adapter = train_concept(
+        sd,
+        content,
+        aux=aux_styles[:2],
+        plp=plp,
+        cfg=TrainConfig(steps=3, learning_rate=1e-2),
+        hooks=Hooks(progress=lambda s, t, l: seen.append((s, t, l))),
+    )
     assert [s for s, _, _ in seen] == [1, 2, 3] and all(t == 3 for _, t, _ in seen)
     assert all(torch.isfinite(torch.tensor(l)) for _, _, l in seen)
     assert not adapter_layers(sd.unet)  # injection removed after training
@@ -88,8 +99,9 @@ def test_aux_lr_factor_slows_the_other_half(sd, concepts, clean):
     content, _, aux_styles, _ = concepts
 
     def d_norm(factor):
-        a = train_concept(sd, content, aux=aux_styles[:1], plp=PLPConfig(rank=4),
-                          cfg=TrainConfig(steps=2, aux_lr_factor=factor))
+        a = train_concept(
+            sd, content, aux=aux_styles[:1], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2, aux_lr_factor=factor)
+        )
         return sum(a.tensors[f"{n}.D"].abs().sum() for n in a.layer_names)
 
     assert d_norm(0.1) < 0.5 * d_norm(1.0)
@@ -97,8 +109,9 @@ def test_aux_lr_factor_slows_the_other_half(sd, concepts, clean):
 
 def test_same_seed_same_adapter(sd, concepts, clean):
     content, _, aux_styles, _ = concepts
-    run = lambda seed: train_concept(sd, content, aux=aux_styles[:1], plp=PLPConfig(rank=4),
-                                     cfg=TrainConfig(steps=2, seed=seed))
+    run = lambda seed: train_concept(
+        sd, content, aux=aux_styles[:1], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2, seed=seed)
+    )
     a, b, c = run(1), run(1), run(2)
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
     assert any(not torch.equal(a.tensors[k], c.tensors[k]) for k in a.tensors if k.endswith(".B"))
@@ -110,8 +123,14 @@ def test_resume_matches_unbroken_run(request, concepts, clean, which):
     content, _, aux_styles, _ = concepts
     plp, cfg = PLPConfig(rank=4), TrainConfig(steps=6, seed=3, checkpoint_every=2)
     saved = {}
-    unbroken = train_concept(base, content, aux=aux_styles[:2], plp=plp, cfg=cfg,
-                             hooks=Hooks(checkpoint=lambda step, state: saved.__setitem__(step, state)))
+    unbroken = train_concept(
+        base,
+        content,
+        aux=aux_styles[:2],
+        plp=plp,
+        cfg=cfg,
+        hooks=Hooks(checkpoint=lambda step, state: saved.__setitem__(step, state)),
+    )
     assert sorted(saved) == [2, 4]
 
     # interrupted at step 3 (after the step-2 checkpoint), resumed in a fresh stage
@@ -131,8 +150,9 @@ def test_resume_matches_unbroken_run(request, concepts, clean, which):
 
 def test_gradient_checkpointing_gives_same_result(sd, concepts, clean):
     content, _, aux_styles, _ = concepts
-    run = lambda gc: train_concept(sd, content, aux=aux_styles[:2], plp=PLPConfig(rank=4),
-                                   cfg=TrainConfig(steps=2, gradient_checkpointing=gc))
+    run = lambda gc: train_concept(
+        sd, content, aux=aux_styles[:2], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2, gradient_checkpointing=gc)
+    )
     a, b = run(False), run(True)
     for k in a.tensors:
         assert torch.allclose(a.tensors[k], b.tensors[k], atol=1e-5), k

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
@@ -20,11 +17,19 @@ from ..helpers.live import LiveServer, b4m_cli
 from ..helpers.processes import free_port, wait_until
 from ..helpers.webhooks import Receiver
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_sd_path):
-    srv = LiveServer(tmp_path_factory.mktemp("live"), str(tiny_sd_path), preview_every=2,
-                     webhook_allow_private="true", webhook_backoff_s=0.5, webhook_poll_s=0.1)
+    srv = LiveServer(
+        tmp_path_factory.mktemp("live"),
+        str(tiny_sd_path),
+        preview_every=2,
+        webhook_allow_private="true",
+        webhook_backoff_s=0.5,
+        webhook_poll_s=0.1,
+    )
     yield srv
     srv.close()
 
@@ -35,12 +40,16 @@ def is_png(data: bytes) -> bool:
 
 def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
     imgs = write_images(tmp_path / "c", 0, 2)
-    with Client(server.url, api_key=server.keys["alice"]) as alice, \
-            Client(server.url, api_key=server.keys["bob"]) as bob:
-        content = alice.add_content(sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6,
-                                    idempotency_key="client-rex")
-        again = alice.add_content(sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6,
-                                  idempotency_key="client-rex")
+    with (
+        Client(server.url, api_key=server.keys["alice"]) as alice,
+        Client(server.url, api_key=server.keys["bob"]) as bob,
+    ):
+        content = alice.add_content(
+            sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6, idempotency_key="client-rex"
+        )
+        again = alice.add_content(
+            sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6, idempotency_key="client-rex"
+        )
         assert again.id == content.id  # the same request retried trains once
         style = alice.add_style([(imgs / "00.png").read_bytes()], style_word="ink", name="inky", steps=4)
         seen = []
@@ -62,12 +71,16 @@ def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
         assert is_png(alice.image(done.id, 1))
         assert is_png(alice.reference_image("content", content.id, 1))
         kohya = alice.download_adapter(alice.resolve_adapter(fusion.id), "kohya")
-        assert any(k.startswith("lora_unet_") for k in json.loads(kohya[8:8 + int.from_bytes(kohya[:8], "little")]))
+        assert any(k.startswith("lora_unet_") for k in json.loads(kohya[8 : 8 + int.from_bytes(kohya[:8], "little")]))
 
         # bob sees none of it
         assert bob.contents().total == 0
-        for call in (lambda: bob.content(content.id), lambda: bob.job(job.id), lambda: bob.image(done.id, 0),
-                     lambda: bob.fuse(content.id, style.id)):
+        for call in (
+            lambda: bob.content(content.id),
+            lambda: bob.job(job.id),
+            lambda: bob.image(done.id, 0),
+            lambda: bob.fuse(content.id, style.id),
+        ):
             with pytest.raises(B4MError) as err:
                 call()
             assert err.value.status == 404
@@ -86,8 +99,9 @@ def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
 def test_cli_server_commands(server, tmp_path):
     env = server.cli_env("alice")
     imgs = write_images(tmp_path / "c", 5, 2)
-    r = b4m_cli(env, "content", "add", *sorted(imgs.glob("*.png")), "--word", "cat", "--name", "tom", "--steps", 4,
-                "--watch")
+    r = b4m_cli(
+        env, "content", "add", *sorted(imgs.glob("*.png")), "--word", "cat", "--name", "tom", "--steps", 4, "--watch"
+    )
     assert r.returncode == 0, r.stderr
     end = json.loads(r.stdout.strip().splitlines()[-1])
     assert end["status"] == "succeeded" and end["adapter_id"] and end["loss_curve"].startswith(server.url)
@@ -104,8 +118,20 @@ def test_cli_server_commands(server, tmp_path):
     fused = json.loads(r.stdout.strip().splitlines()[-1])
     fusion_id = json.loads(r.stdout.strip().splitlines()[0])["id"]
 
-    r = b4m_cli(env, "generate", "--fusion", fusion_id, "--prompt", "a {content} in {style} style", "--steps", 2,
-                "--num-images", 2, "--out", tmp_path / "imgs")
+    r = b4m_cli(
+        env,
+        "generate",
+        "--fusion",
+        fusion_id,
+        "--prompt",
+        "a {content} in {style} style",
+        "--steps",
+        2,
+        "--num-images",
+        2,
+        "--out",
+        tmp_path / "imgs",
+    )
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "imgs").glob("*.png"))) == 2
 
@@ -125,8 +151,9 @@ def test_cli_server_commands(server, tmp_path):
     assert fused["id"] in b4m_cli(env, "jobs", "list").stdout
 
     # the demo's flow over the API (2 x 2 shipped references), its grid written locally
-    r = b4m_cli(env, "demo", "--url", server.url, "--quick", "--break-steps", 2, "--make-steps", 1, "--out",
-                tmp_path / "demo")
+    r = b4m_cli(
+        env, "demo", "--url", server.url, "--quick", "--break-steps", 2, "--make-steps", 1, "--out", tmp_path / "demo"
+    )
     assert r.returncode == 0, r.stderr + r.stdout
     assert Image.open(tmp_path / "demo" / "grid.png").size == (3 * 68, 3 * 68)
 
@@ -147,14 +174,18 @@ def test_cli_server_commands(server, tmp_path):
 def test_webhook_signed_retried_with_backoff(server, tmp_path):
     rx = Receiver(failures=2)
     try:
-        with Client(server.url, api_key=server.keys["alice"]) as alice, \
-                Client(server.url, api_key=server.keys["bob"]) as bob:
+        with (
+            Client(server.url, api_key=server.keys["alice"]) as alice,
+            Client(server.url, api_key=server.keys["bob"]) as bob,
+        ):
             imgs = write_images(tmp_path / "c", 9, 1)
-            r = alice.add_style(sorted(imgs.glob("*.png")), style_word="ink", name="hooked", steps=2,
-                                webhook_url=rx.url)
+            r = alice.add_style(
+                sorted(imgs.glob("*.png")), style_word="ink", name="hooked", steps=2, webhook_url=rx.url
+            )
             wait_until(lambda: len(rx.calls) >= 3, 60, "three webhook deliveries")
-            job = wait_until(lambda: (j := alice.job(r.job_id)).webhook.status == "delivered" and j, 10,
-                             "delivery recorded")
+            job = wait_until(
+                lambda: (j := alice.job(r.job_id)).webhook.status == "delivered" and j, 10, "delivery recorded"
+            )
             assert job.webhook.attempts == 3 and job.webhook.error is None
             secret = alice.webhook_secret()
             assert secret == alice.webhook_secret() and secret != bob.webhook_secret()

@@ -9,8 +9,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
 def test_docker_compose_file_is_valid():
-    r = subprocess.run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr
     for service in ("api", "worker", "postgres", "redis", "minio", "minio-bucket", "migrate"):
         assert f"  {service}:" in r.stdout
@@ -22,8 +23,9 @@ def test_kustomize_builds_manifests_that_validate_against_kubernetes_schemas():
     import kubernetes_validate
     import yaml
 
-    r = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "overlays" / "example")], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "deploy" / "overlays" / "example")], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     docs = [d for d in yaml.safe_load_all(r.stdout) if d]
     by_kind = {}
@@ -46,7 +48,9 @@ def test_kustomize_builds_manifests_that_validate_against_kubernetes_schemas():
     for pod in pods:
         for c in pod["containers"]:
             assert c["image"] == "ghcr.io/example/b4m:0.1.0"
-            assert {"configMapRef": {"name": config}} in c["envFrom"] and {"secretRef": {"name": secret}} in c["envFrom"]
+            assert {"configMapRef": {"name": config}} in c["envFrom"] and {"secretRef": {"name": secret}} in c[
+                "envFrom"
+            ]
     assert by_kind["Job"][0]["spec"]["template"]["spec"]["containers"][0]["command"] == ["alembic", "upgrade", "head"]
     keys = set(by_kind["ConfigMap"][0]["data"]) | set(by_kind["Secret"][0]["data"])
     assert {"B4M_DATABASE_URL", "B4M_BROKER_URL", "B4M_S3_ENDPOINT_URL", "B4M_S3_SECRET_KEY"} <= keys
@@ -54,4 +58,6 @@ def test_kustomize_builds_manifests_that_validate_against_kubernetes_schemas():
     assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["spec"]["scaleTargetRef"]["name"] in deployments
     assert scaled["spec"]["maxReplicaCount"] == 4  # the overlay's patch
     assert {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"} == {
-        "training", "generation"}  # the Celery queues (services/common/jobs.py JOB_QUEUES)
+        "training",
+        "generation",
+    }  # the Celery queues (services/common/jobs.py JOB_QUEUES)

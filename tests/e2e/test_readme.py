@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from ..helpers.processes import free_port as _free_port
 from ..helpers.processes import run, spawn, stop
 
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
 
 
 def walkthrough() -> str:
@@ -22,8 +25,14 @@ def walkthrough() -> str:
 
 
 def test_readme_walkthrough(tmp_path):
-    env = {**os.environ, "PORT": str(_free_port()), "B4M_DATA_DIR": str(tmp_path / "data"), "B4M_DEVICE": "cpu",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PORT": str(_free_port()),
+        "B4M_DATA_DIR": str(tmp_path / "data"),
+        "B4M_DEVICE": "cpu",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
     for f in (ROOT / "out").glob("walk_*"):
         f.unlink()
     script = "set -e\ntrap 'kill $SERVER 2>/dev/null' EXIT\n" + walkthrough()
@@ -52,8 +61,13 @@ def test_readme_cli_walkthrough(tmp_path):
     m = re.search(r"<!-- cli-walkthrough[^>]*-->\n```bash\n(.*?)```", text, re.S)
     assert m, "README lost its CLI walk-through block"
     env = {k: v for k, v in os.environ.items() if not k.startswith("B4M_")}
-    env.update(PORT=str(_free_port()), B4M_DATA_DIR=str(tmp_path / "data"), B4M_DEVICE="cpu", HF_HUB_OFFLINE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    env.update(
+        PORT=str(_free_port()),
+        B4M_DATA_DIR=str(tmp_path / "data"),
+        B4M_DEVICE="cpu",
+        HF_HUB_OFFLINE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
     walk = ROOT / "out/cli_walk"
     for f in walk.glob("*") if walk.exists() else []:
         f.unlink()
@@ -74,15 +88,24 @@ def test_readme_client_example(tmp_path):
     assert m, "README lost its client example"
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("B4M_")}
-    env.update(B4M_DATA_DIR=str(tmp_path / "data"), B4M_DEVICE="cpu", HF_HUB_OFFLINE="1",
-               B4M_URL=f"http://127.0.0.1:{port}")
+    env.update(
+        B4M_DATA_DIR=str(tmp_path / "data"), B4M_DEVICE="cpu", HF_HUB_OFFLINE="1", B4M_URL=f"http://127.0.0.1:{port}"
+    )
     for f in (ROOT / "out").glob("flower_plaid*"):
         f.unlink()
-    server = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = spawn(
+        [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        script = ("import time, httpx\nfor _ in range(300):\n    try:\n        httpx.get('" + env["B4M_URL"] +
-                  "/healthz'); break\n    except httpx.HTTPError:\n        time.sleep(0.3)\n" + m.group(1))
+        script = (
+            "import time, httpx\nfor _ in range(300):\n    try:\n        httpx.get('"
+            + env["B4M_URL"]
+            + "/healthz'); break\n    except httpx.HTTPError:\n        time.sleep(0.3)\n"
+            + m.group(1)
+        )
         proc = run([sys.executable, "-c", script], cwd=ROOT, env=env, timeout=600)
     finally:
         stop(server)

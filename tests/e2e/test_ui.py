@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -19,8 +18,7 @@ from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, 
 from ..helpers.live import LiveServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium not installed (make install "
-                                                                    "installs it)")
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CONTENTS, STYLES = ("hexagon", "flower"), ("zigzag", "plaid")
 STEPS = int(os.environ.get("B4M_UI_STEPS", "60"))
 
@@ -49,8 +47,10 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         page.locator("#api-key").blur()
         expect(page.locator("#server-status")).to_have_text("")
 
-        for kind, names, words, tokens in (("content", CONTENTS, CONTENT_WORD, CONTENT_TOKEN),
-                                           ("style", STYLES, STYLE_WORD, STYLE_TOKEN)):
+        for kind, names, words, tokens in (
+            ("content", CONTENTS, CONTENT_WORD, CONTENT_TOKEN),
+            ("style", STYLES, STYLE_WORD, STYLE_TOKEN),
+        ):
             for name in names:
                 form = page.locator(f"#{kind}-form")
                 form.locator("input[name=images]").set_input_files(sorted(reference_folder(kind, name).glob("*.png")))
@@ -97,7 +97,8 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         # bad input: a clear message, nothing made
         form = page.locator("#content-form")
         form.locator("input[name=images]").set_input_files(
-            files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])
+            files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}]
+        )
         form.locator("input[name=word]").fill("shape")
         form.locator("input[name=name]").fill("broken")
         form.locator("button").click()

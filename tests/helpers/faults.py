@@ -24,10 +24,24 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> "RedisServer":
-        self.proc = spawn(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.folder)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self) -> RedisServer:
+        self.proc = spawn(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.folder),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import redis
 
         r = redis.Redis(port=self.port)
@@ -118,7 +132,25 @@ class TcpProxy:
 def start_worker(env: dict, log: Path) -> subprocess.Popen:
     """A Celery worker process (one job at a time), as `b4m worker` runs it."""
     out = open(log, "a")
-    return spawn([sys.executable, "-m", "celery", "-A", "services.worker.celery_app", "worker",
-                  "--pool=solo", "--concurrency=1", "-Q", "training,generation", "-l", "info",
-                  "--without-gossip", "--without-mingle", "--without-heartbeat"],
-                 env=env, stdout=out, stderr=subprocess.STDOUT)
+    return spawn(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "services.worker.celery_app",
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "-Q",
+            "training,generation",
+            "-l",
+            "info",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )

@@ -24,8 +24,14 @@ class LiveServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("B4M_")}
-        self.env.update(HF_HUB_OFFLINE="1", B4M_DATA_DIR=str(data_dir), B4M_BASE_MODEL=base_model, B4M_AUTH="true",
-                        B4M_DEVICE="cpu", **{f"B4M_{k.upper()}": str(v) for k, v in settings.items()})
+        self.env.update(
+            HF_HUB_OFFLINE="1",
+            B4M_DATA_DIR=str(data_dir),
+            B4M_BASE_MODEL=base_model,
+            B4M_AUTH="true",
+            B4M_DEVICE="cpu",
+            **{f"B4M_{k.upper()}": str(v) for k, v in settings.items()},
+        )
         self.keys = {}
         for name in tenants:  # the operator's commands, on the server's database
             r = b4m_cli(self.env, "tenant", "create", name)
@@ -34,8 +40,13 @@ class LiveServer:
             assert r.returncode == 0, r.stderr
             self.keys[name] = json.loads(r.stdout)["key"]
         self.log = open(data_dir / "server.log", "w")
-        self.proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(self.port)],
-                          owner="fixture", env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = spawn(
+            [sys.executable, "-m", "services.cli", "serve", "--port", str(self.port)],
+            owner="fixture",
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         end = time.time() + scaled(90)
         while True:
             try:
@@ -43,7 +54,9 @@ class LiveServer:
                 break
             except Exception:
                 if time.time() > end or self.proc.poll() is not None:
-                    raise AssertionError("server did not start: " + (data_dir / "server.log").read_text()[-3000:])
+                    raise AssertionError(
+                        "server did not start: " + (data_dir / "server.log").read_text()[-3000:]
+                    ) from None
                 time.sleep(0.3)
 
     def cli_env(self, tenant: str) -> dict:

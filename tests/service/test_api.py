@@ -66,8 +66,16 @@ def test_train_fuse_generate_over_http(api):
         from safetensors.torch import load
 
         assert any(k.endswith(key) for k in load(r.content))
-    r = client.post("/generate", json={"fusion_id": fusion["id"], "prompt": "a {content} in {style} style",
-                                       "steps": 2, "num_images": 2, "wait": 60})
+    r = client.post(
+        "/generate",
+        json={
+            "fusion_id": fusion["id"],
+            "prompt": "a {content} in {style} style",
+            "steps": 2,
+            "num_images": 2,
+            "wait": 60,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     img = client.get(body["images"][1])
@@ -97,11 +105,17 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
     for files, code in cases:
         r = client.post("/contents", files=files or None, data={"class_word": "dog", "name": "x"})
         assert r.status_code == code, (r.status_code, r.text)
-    r = client.post("/contents", files=[("images", ("a.png", png(1), "image/png"))],
-                    data={"class_word": "dog", "name": "x", "aux_asset_ids": "nope"})
+    r = client.post(
+        "/contents",
+        files=[("images", ("a.png", png(1), "image/png"))],
+        data={"class_word": "dog", "name": "x", "aux_asset_ids": "nope"},
+    )
     assert r.status_code == 404
-    for data in ({"class_word": "d" * 51, "name": "x"}, {"class_word": "dog", "name": "x", "steps": "0"},
-                 {"class_word": "dog", "name": "x", "learning_rate": "2"}):
+    for data in (
+        {"class_word": "d" * 51, "name": "x"},
+        {"class_word": "dog", "name": "x", "steps": "0"},
+        {"class_word": "dog", "name": "x", "learning_rate": "2"},
+    ):
         r = client.post("/contents", files=[("images", ("a.png", png(1), "image/png"))], data=data)
         assert r.status_code == 422, (data, r.text)
     assert client.post("/generate", json={"prompt": "x"}, headers={"Idempotency-Key": ""}).status_code == 422
@@ -152,16 +166,21 @@ def test_idempotency_key(api):
     a = client.post("/contents", files=files, data=form, headers={"Idempotency-Key": "up"}).json()
     b = client.post("/contents", files=files, data=form, headers={"Idempotency-Key": "up"}).json()
     assert a == {**b, "status": a["status"]}
-    assert client.post("/contents", files=files, data={**form, "name": "other"},
-                       headers={"Idempotency-Key": "up"}).status_code == 409
+    assert (
+        client.post(
+            "/contents", files=files, data={**form, "name": "other"}, headers={"Idempotency-Key": "up"}
+        ).status_code
+        == 409
+    )
     assert client.get("/contents").json()["total"] == 1
     # racing requests with one key: one resource, one job, the same answer for all
     from concurrent.futures import ThreadPoolExecutor
 
     race = {"prompt": "a race", "steps": 1}
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: client.post("/generate", json=race, headers={"Idempotency-Key": "race"}),
-                                range(8)))
+        answers = list(
+            pool.map(lambda _: client.post("/generate", json=race, headers={"Idempotency-Key": "race"}), range(8))
+        )
     assert {r.status_code for r in answers} == {202}
     assert len({r.json()["id"] for r in answers}) == 1
     with app.state.runtime.sessions() as s:
@@ -243,8 +262,9 @@ def test_openapi_documents_every_route(api):
             assert not bare, (verb, path, bare)
     post = spec["paths"]["/contents"]["post"]
     assert {"413", "409", "422", "404"} <= set(post["responses"])
-    form = spec["components"]["schemas"][post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
-                                         .split("/")[-1]]
+    form = spec["components"]["schemas"][
+        post["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
+    ]
     assert {"images", "class_word", "name", "base_model"} <= set(form["properties"])
     assert schemas["GenerateIn"].get("examples")
 
@@ -259,7 +279,9 @@ def test_tenants_see_only_their_own(db_url, tmp_path, tiny_sd_path):
             s.add(t)
             s.flush()
             keys[name] = f"key-{name}-secret"
-            s.add(ApiKey(tenant_id=t.id, prefix=keys[name][:6], key_hash=hashlib.sha256(keys[name].encode()).hexdigest()))
+            s.add(
+                ApiKey(tenant_id=t.id, prefix=keys[name][:6], key_hash=hashlib.sha256(keys[name].encode()).hexdigest())
+            )
         s.commit()
     with TestClient(app) as client:
         ha, hb = ({"Authorization": f"Bearer {keys[n]}"} for n in ("a", "b"))
@@ -287,8 +309,12 @@ def test_b4m_serve_answers_over_real_http(tmp_path, tiny_sd_path):
     env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), B4M_BASE_MODEL=str(tiny_sd_path), HF_HUB_OFFLINE="1")
     env.pop("B4M_DATABASE_URL", None)
     env.pop("B4M_BROKER_URL", None)
-    proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = spawn(
+        [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(int(scaled(150))):
             try:
@@ -305,15 +331,32 @@ def test_b4m_serve_answers_over_real_http(tmp_path, tiny_sd_path):
         stop(proc)
 
 
+@pytest.mark.slow
 def test_main_job_over_http(tmp_path):
     """The README's main job, with tiny step counts: serve, upload, train, fuse, draw, grid, stop."""
-    import subprocess
     import sys
 
     from PIL import Image
 
-    r = run([sys.executable, "-m", "services.main_job", "--out", str(tmp_path), "--break-steps", "2",
-             "--make-steps", "1", "--contents", "hexagon", "--styles", "plaid", "zigzag"], timeout=600)
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "services.main_job",
+            "--out",
+            str(tmp_path),
+            "--break-steps",
+            "2",
+            "--make-steps",
+            "1",
+            "--contents",
+            "hexagon",
+            "--styles",
+            "plaid",
+            "zigzag",
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert Image.open(tmp_path / "grid.png").size == (3 * 68, 2 * 68)
     assert (tmp_path / "hexagon_x_zigzag.png").is_file()
@@ -324,7 +367,6 @@ def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
     accepts the printed key, stores only its hash, and refuses it once revoked."""
     import json
     import os
-    import subprocess
     import sys
 
     env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), HF_HUB_OFFLINE="1")

@@ -15,8 +15,14 @@ HEAVY = ("torch", "diffusers", "transformers", "b4m_core.adapter", "b4m_core.tra
 
 def _loaded_after(code: str) -> list[str]:
     probe = code + f"\nimport json, sys; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "B4M_BROKER_URL": "redis://127.0.0.1:1/0"})
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "B4M_BROKER_URL": "redis://127.0.0.1:1/0"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -53,11 +59,14 @@ def test_the_client_installs_without_the_server():
             assert not imported.startswith(("services", "b4m_core")), (package, imported)
 
 
-@pytest.mark.parametrize("package,forbidden", [
-    ("b4m_core", ("services", "fastapi", "sqlalchemy", "celery", "redis", "boto3", "b4m_client")),
-    ("services/api", ("services.worker", "torch", "diffusers", "transformers")),
-    ("services/common", ("services.api", "services.worker", "torch", "diffusers")),
-])
+@pytest.mark.parametrize(
+    "package,forbidden",
+    [
+        ("b4m_core", ("services", "fastapi", "sqlalchemy", "celery", "redis", "boto3", "b4m_client")),
+        ("services/api", ("services.worker", "torch", "diffusers", "transformers")),
+        ("services/common", ("services.api", "services.worker", "torch", "diffusers")),
+    ],
+)
 def test_import_walls(package, forbidden):
     for imported in _imports(ROOT / package):
         assert not imported.startswith(forbidden), (package, imported)

@@ -9,6 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from services.common.db import downgrade, make_engine, migrate, session_factory
 from services.common.models import Asset, Base, Fusion, Job, ReferenceImage, Tenant
 
+
 def test_migrations_build_exactly_the_models_and_downgrade(db_url):
     migrate(db_url)
     engine = make_engine(db_url)
@@ -16,8 +17,7 @@ def test_migrations_build_exactly_the_models_and_downgrade(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], diff  # a model change without a migration fails here
     tables = set(inspect(engine).get_table_names())
-    assert {"tenants", "api_keys", "assets", "reference_images", "adapters", "fusions", "generations",
-            "jobs"} <= tables
+    assert {"tenants", "api_keys", "assets", "reference_images", "adapters", "fusions", "generations", "jobs"} <= tables
     engine.dispose()
     downgrade(db_url)
     engine = make_engine(db_url)
@@ -34,8 +34,12 @@ def test_rows_constraints_and_cascades(db_url):
         s.add(t)
         s.flush()
         content = Asset(tenant_id=t.id, kind="content", name="my dog", word="dog", token="sks", base_model="micro")
-        content.images = [ReferenceImage(position=i, storage_key=f"k{i}", sha256="0" * 64, content_type="image/png",
-                                         width=64, height=64) for i in range(3)]
+        content.images = [
+            ReferenceImage(
+                position=i, storage_key=f"k{i}", sha256="0" * 64, content_type="image/png", width=64, height=64
+            )
+            for i in range(3)
+        ]
         style = Asset(tenant_id=t.id, kind="style", name="ink", word="ink", token="zwx", base_model="micro")
         s.add_all([content, style])
         s.flush()

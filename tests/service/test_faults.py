@@ -24,10 +24,10 @@ from services.common.storage import S3Store
 
 from ..helpers.faults import RedisServer, TcpProxy, start_worker
 from ..helpers.images import png
-from ..helpers.processes import free_port, sigkill, spawn, stop, wait_until
+from ..helpers.processes import free_port, scaled, sigkill, spawn, stop, wait_until
 from ..helpers.rows import add_asset
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(scaled(300)), pytest.mark.slow]
 LEASE_S = 2.0
 
 
@@ -37,12 +37,25 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
     redis = RedisServer(tmp_path / "redis").start()
     proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
     bucket = f"b4m-faults-{int(time.time() * 1000) % 10**9}"
-    env = dict(os.environ, B4M_DATABASE_URL=pg_url, B4M_BROKER_URL=redis.url, B4M_STORAGE="s3",
-               B4M_S3_ENDPOINT_URL=proxy.url, B4M_S3_BUCKET=bucket, B4M_S3_ACCESS_KEY="test",
-               B4M_S3_SECRET_KEY="test", B4M_DEVICE="cpu", B4M_CHECKPOINT_EVERY="5", HF_HUB_OFFLINE="1",
-               B4M_BASE_MODEL=str(tiny_sd_path), B4M_JOB_LEASE_S=str(LEASE_S), B4M_VISIBILITY_TIMEOUT_S="3600")
-    settings = Settings(database_url=pg_url, broker_url=redis.url, requeue_grace_s=1.0, job_lease_s=LEASE_S,
-                        reconcile_every_s=0.5)
+    env = dict(
+        os.environ,
+        B4M_DATABASE_URL=pg_url,
+        B4M_BROKER_URL=redis.url,
+        B4M_STORAGE="s3",
+        B4M_S3_ENDPOINT_URL=proxy.url,
+        B4M_S3_BUCKET=bucket,
+        B4M_S3_ACCESS_KEY="test",
+        B4M_S3_SECRET_KEY="test",
+        B4M_DEVICE="cpu",
+        B4M_CHECKPOINT_EVERY="5",
+        HF_HUB_OFFLINE="1",
+        B4M_BASE_MODEL=str(tiny_sd_path),
+        B4M_JOB_LEASE_S=str(LEASE_S),
+        B4M_VISIBILITY_TIMEOUT_S="3600",
+    )
+    settings = Settings(
+        database_url=pg_url, broker_url=redis.url, requeue_grace_s=1.0, job_lease_s=LEASE_S, reconcile_every_s=0.5
+    )
     store = S3Store(bucket, endpoint_url=s3_endpoint, access_key="test", secret_key="test", create_bucket=True)
     engine = make_engine(pg_url)
     sessions = session_factory(engine)
@@ -62,8 +75,16 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
 
     def submit(kind: str, steps: int, seed: int) -> tuple[str, str]:
         with sessions() as s:
-            a = add_asset(s, store, tenant, kind, "dog" if kind == "content" else "ink",
-                       "sks" if kind == "content" else "zwx", str(tiny_sd_path), seed)
+            a = add_asset(
+                s,
+                store,
+                tenant,
+                kind,
+                "dog" if kind == "content" else "ink",
+                "sks" if kind == "content" else "zwx",
+                str(tiny_sd_path),
+                seed,
+            )
             a.settings = {"steps": steps, "rank": 4, "alpha": 4.0}
             s.flush()
             job = JobStore(sessions).add(s, tenant, f"train_{kind}", a.id, max_attempts=3)
@@ -72,8 +93,17 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
         queue.enqueue(ids[0], f"train_{kind}")
         return ids
 
-    yield {"sessions": sessions, "jobs": JobStore(sessions), "store": store, "tenant": tenant, "redis": redis,
-           "proxy": proxy, "worker": worker, "submit": submit, "log": tmp_path / "worker.log"}
+    yield {
+        "sessions": sessions,
+        "jobs": JobStore(sessions),
+        "store": store,
+        "tenant": tenant,
+        "redis": redis,
+        "proxy": proxy,
+        "worker": worker,
+        "submit": submit,
+        "log": tmp_path / "worker.log",
+    }
     reconciler_stop.set()
     for w in workers:
         stop(w)
@@ -87,8 +117,11 @@ def _job(stack, job_id) -> Job:
 
 
 def _finished(stack, job_id, timeout=150) -> Job:
-    job = wait_until(lambda: (j := _job(stack, job_id)).status in ("succeeded", "failed", "canceled") and j,
-                     timeout, f"job {job_id} to finish (worker log: {stack['log']})")
+    job = wait_until(
+        lambda: (j := _job(stack, job_id)).status in ("succeeded", "failed", "canceled") and j,
+        timeout,
+        f"job {job_id} to finish (worker log: {stack['log']})",
+    )
     return job
 
 
@@ -110,6 +143,8 @@ def _objects(stack, part: str) -> list[str]:
     return [o["Key"] for o in res.get("Contents", [])]
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_sigkilled_worker_resumes_from_its_checkpoint_with_exactly_adapter_rows(stack):
     job_id, asset_id = stack["submit"]("content", steps=200, seed=0)
     first = stack["worker"]()
@@ -127,6 +162,8 @@ def test_sigkilled_worker_resumes_from_its_checkpoint_with_exactly_adapter_rows(
     assert _objects(stack, "checkpoints") == [] and job.checkpoint_key is None
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_redis_restarted_empty_while_jobs_wait_every_job_finishes(stack):
     stack["worker"]()
     jobs = [stack["submit"]("content", steps=40, seed=i) for i in range(3)]
@@ -134,13 +171,15 @@ def test_redis_restarted_empty_while_jobs_wait_every_job_finishes(stack):
     stack["redis"].kill()  # the waiting messages are gone with it
     stack["redis"].start()
     assert stack["redis"].proc.poll() is None
-    for job_id, asset_id in jobs:
+    for job_id, _asset_id in jobs:
         job = _finished(stack, job_id)
         assert job.status == "succeeded", job.error
     assert _adapter_rows(stack, jobs[0][1]) == 3
     assert len(_objects(stack, "adapters")) == 3
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_s3_down_during_training_then_at_the_start_the_job_retries_and_finishes(stack):
     stack["worker"]()
     job_id, asset_id = stack["submit"]("content", steps=120, seed=0)
@@ -154,8 +193,11 @@ def test_s3_down_during_training_then_at_the_start_the_job_retries_and_finishes(
 
     stack["proxy"].down()  # down before the next job can read its references
     job_id2, asset_id2 = stack["submit"]("style", steps=10, seed=1)
-    wait_until(lambda: _job(stack, job_id2).attempts >= 1 and _job(stack, job_id2).error, 60,
-               "the first attempt to fail on storage")
+    wait_until(
+        lambda: _job(stack, job_id2).attempts >= 1 and _job(stack, job_id2).error,
+        60,
+        "the first attempt to fail on storage",
+    )
     stack["proxy"].up()
     job2 = _finished(stack, job_id2)
     assert job2.status == "succeeded" and job2.attempts >= 2, (job2.status, job2.error)
@@ -163,6 +205,8 @@ def test_s3_down_during_training_then_at_the_start_the_job_retries_and_finishes(
     assert len(_objects(stack, "adapters")) == 2
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_s3_down_for_good_fails_the_job_cleanly(stack):
     stack["worker"]()
     stack["proxy"].down()
@@ -182,11 +226,18 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
     started again: the running job resumes from its checkpoint, the one waiting behind it runs."""
     import httpx
 
-
     port = free_port()
-    env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), B4M_BASE_MODEL=str(tiny_sd_path), HF_HUB_OFFLINE="1",
-               B4M_DEVICE="cpu", B4M_CHECKPOINT_EVERY="5", B4M_JOB_LEASE_S=str(LEASE_S),
-               B4M_RECONCILE_EVERY_S="0.5", B4M_REQUEUE_GRACE_S="1")
+    env = dict(
+        os.environ,
+        B4M_DATA_DIR=str(tmp_path),
+        B4M_BASE_MODEL=str(tiny_sd_path),
+        HF_HUB_OFFLINE="1",
+        B4M_DEVICE="cpu",
+        B4M_CHECKPOINT_EVERY="5",
+        B4M_JOB_LEASE_S=str(LEASE_S),
+        B4M_RECONCILE_EVERY_S="0.5",
+        B4M_REQUEUE_GRACE_S="1",
+    )
     for k in ("B4M_DATABASE_URL", "B4M_BROKER_URL", "B4M_STORAGE"):
         env.pop(k, None)
     url = f"http://127.0.0.1:{port}"
@@ -195,8 +246,12 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
         import subprocess
         import sys
 
-        proc = spawn([sys.executable, "-m", "services.cli", "serve", "--port", str(port)], env=env,
-                     stdout=open(tmp_path / "api.log", "a"), stderr=subprocess.STDOUT)
+        proc = spawn(
+            [sys.executable, "-m", "services.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=open(tmp_path / "api.log", "a"),
+            stderr=subprocess.STDOUT,
+        )
         wait_until(lambda: _get(f"{url}/healthz"), 60, "the API to come up")
         return proc
 
@@ -211,8 +266,12 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
         posted = []
         for i, steps in enumerate((200, 20)):
             files = [("images", (f"{j}.png", png(10 * i + j), "image/png")) for j in range(2)]
-            r = httpx.post(f"{url}/contents", files=files, timeout=30,
-                           data={"class_word": "dog", "name": f"c{i}", "steps": str(steps)})
+            r = httpx.post(
+                f"{url}/contents",
+                files=files,
+                timeout=30,
+                data={"class_word": "dog", "name": f"c{i}", "steps": str(steps)},
+            )
             assert r.status_code == 202, r.text
             posted.append(r.json())
         job = lambda i: httpx.get(f"{url}/jobs/{posted[i]['job_id']}", timeout=10).json()
@@ -220,8 +279,11 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
         sigkill(api)
         api = serve()
         for i in range(2):
-            done = wait_until(lambda: job(i)["status"] in ("succeeded", "failed", "canceled") and job(i), 180,
-                              f"job {i} after the restart")
+            done = wait_until(
+                lambda: job(i)["status"] in ("succeeded", "failed", "canceled") and job(i),
+                180,
+                f"job {i} after the restart",
+            )
             assert done["status"] == "succeeded", done
         first = job(0)
         assert first["attempts"] == 2 and first["outputs"]["resumed_from_step"] >= 5

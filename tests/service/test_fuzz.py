@@ -19,6 +19,8 @@ from services.common.settings import Settings
 REDIS_DB = 9
 EXAMPLES = 25  # per operation and mode (valid inputs, then inputs that break the schema)
 
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def fuzzed_app(tmp_path_factory, tiny_sd_path):
@@ -33,9 +35,15 @@ def fuzzed_app(tmp_path_factory, tiny_sd_path):
         c.execute(text(f'CREATE DATABASE "{name}"'))
     redis.Redis(db=REDIS_DB).flushdb()
     data = tmp_path_factory.mktemp("fuzz")
-    app = create_app(Settings(data_dir=data, database_url=PG_ADMIN.rsplit("/", 1)[0] + f"/{name}",
-                              broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}", base_model=str(tiny_sd_path),
-                              reconcile_every_s=0))
+    app = create_app(
+        Settings(
+            data_dir=data,
+            database_url=PG_ADMIN.rsplit("/", 1)[0] + f"/{name}",
+            broker_url=f"redis://127.0.0.1:6379/{REDIS_DB}",
+            base_model=str(tiny_sd_path),
+            reconcile_every_s=0,
+        )
+    )
     yield app
     app.state.runtime.engine.dispose()
     redis.Redis(db=REDIS_DB).flushdb()
@@ -52,9 +60,15 @@ def test_no_input_makes_a_server_error(fuzzed_app):
     tried = {}
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
             @given(case=op.as_strategy(generation_mode=mode))
-            @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None,
-                      derandomize=True)
+            @settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+                derandomize=True,
+            )
             def fuzz(case):
                 if isinstance(case.body, dict) and isinstance(case.body.get("wait"), (int, float)):
                     case.body["wait"] = min(case.body["wait"], 0.2)  # no worker reads this queue: don't sit idle

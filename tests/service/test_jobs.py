@@ -1,10 +1,10 @@
 """Job state transitions on real PostgreSQL and SQLite."""
 
+import time
+
 import pytest
 
 from services.common.db import make_engine, migrate, session_factory
-import time
-
 from services.common.jobs import ClaimLost, IdempotencyConflict, JobResult, JobStore, NewAdapter, request_hash
 from services.common.models import Adapter, Asset, Job, Tenant
 from services.common.reconciler import Reconciler
@@ -30,8 +30,15 @@ def store(db_url):
 
 def _new_job(store, sessions, tenant, target, key=None, body=None, max_attempts=3):
     with sessions() as s:
-        job = store.add(s, tenant, "train_content", target, idempotency_key=key,
-                        body_hash=request_hash(body) if body is not None else None, max_attempts=max_attempts)
+        job = store.add(
+            s,
+            tenant,
+            "train_content",
+            target,
+            idempotency_key=key,
+            body_hash=request_hash(body) if body is not None else None,
+            max_attempts=max_attempts,
+        )
         s.commit()
         return job.id
 
@@ -108,8 +115,12 @@ def test_an_expired_lease_hands_the_job_to_the_next_attempt_and_only_it_commits(
     assert not jobs.heartbeat(jid, stale.claim_token, 30)  # the stale attempt learns it lost the job
 
     def result(adapter_id: str) -> JobResult:
-        return JobResult(adapter=NewAdapter(id=adapter_id, kind="content", method="b4m", storage_key="k",
-                                            sha256="0" * 64, size=1, meta={}), outputs={"ok": True})
+        return JobResult(
+            adapter=NewAdapter(
+                id=adapter_id, kind="content", method="b4m", storage_key="k", sha256="0" * 64, size=1, meta={}
+            ),
+            outputs={"ok": True},
+        )
 
     with pytest.raises(ClaimLost):
         jobs.finish(jid, stale.claim_token, result("a" * 32))

@@ -5,8 +5,9 @@ import urllib.request
 
 import pytest
 
-from ..helpers.processes import free_port as _free_port
 from services.common.storage import IntegrityError, LocalStore, S3Store, StorageError, object_key, sha256
+
+from ..helpers.processes import free_port as _free_port
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -14,8 +15,13 @@ def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "objects")
     url = request.getfixturevalue("s3_endpoint")
-    return S3Store(f"b4m-test-{int(time.time() * 1000) % 10**9}", endpoint_url=url, access_key="test",
-                   secret_key="test", create_bucket=True)
+    return S3Store(
+        f"b4m-test-{int(time.time() * 1000) % 10**9}",
+        endpoint_url=url,
+        access_key="test",
+        secret_key="test",
+        create_bucket=True,
+    )
 
 
 def test_put_get_checks_sha256(store):
@@ -38,8 +44,13 @@ def test_put_get_checks_sha256(store):
 
 def test_keys_stay_inside_their_tenant():
     assert object_key("t1", "images", "g9", "0.png") == "tenants/t1/images/g9/0.png"
-    for bad in (("..", "images", "x", "y"), ("t1", "images", "../t2", "y"), ("t1", "images", "x", "a/b"),
-                ("t1", "images", "x", ""), ("t/2", "images", "x", "y")):
+    for bad in (
+        ("..", "images", "x", "y"),
+        ("t1", "images", "../t2", "y"),
+        ("t1", "images", "x", "a/b"),
+        ("t1", "images", "x", ""),
+        ("t/2", "images", "x", "y"),
+    ):
         with pytest.raises(ValueError):
             object_key(*bad)
 
@@ -52,8 +63,7 @@ def test_local_store_refuses_escaping_keys(tmp_path):
 
 
 def test_presigned_url_downloads_from_s3(s3_endpoint):
-    store = S3Store("b4m-presign", endpoint_url=s3_endpoint, access_key="test", secret_key="test",
-                    create_bucket=True)
+    store = S3Store("b4m-presign", endpoint_url=s3_endpoint, access_key="test", secret_key="test", create_bucket=True)
     key = object_key("acme", "images", "g1", "0.png")
     store.put(key, b"\x89PNG fake", content_type="image/png")
     with urllib.request.urlopen(store.url(key, expires=60), timeout=5) as r:
@@ -61,8 +71,14 @@ def test_presigned_url_downloads_from_s3(s3_endpoint):
 
 
 def test_unreachable_endpoint_fails_cleanly():
-    store = S3Store("nowhere", endpoint_url=f"http://127.0.0.1:{_free_port()}", access_key="x", secret_key="x",
-                    connect_timeout=0.5, retries=1)
+    store = S3Store(
+        "nowhere",
+        endpoint_url=f"http://127.0.0.1:{_free_port()}",
+        access_key="x",
+        secret_key="x",
+        connect_timeout=0.5,
+        retries=1,
+    )
     with pytest.raises(StorageError):
         store.check()
     with pytest.raises(StorageError):

@@ -8,11 +8,11 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from services.embedded import create_embedded_app as create_app
 from services.api.webhooks import UnsafeWebhook, WebhookDispatcher, check_url
 from services.common.db import make_engine, migrate, session_factory
 from services.common.models import Job, Tenant
 from services.common.settings import Settings
+from services.embedded import create_embedded_app as create_app
 
 from ..helpers.processes import free_port
 from ..helpers.webhooks import Receiver
@@ -31,8 +31,9 @@ def ended_job(sessions, url: str, status: str = "succeeded") -> str:
         t = Tenant(name=f"t-{url[-12:]}-{status}")
         s.add(t)
         s.flush()
-        job = Job(tenant_id=t.id, type="generate", target_id="g", status=status, webhook_url=url,
-                  webhook_status="pending")
+        job = Job(
+            tenant_id=t.id, type="generate", target_id="g", status=status, webhook_url=url, webhook_status="pending"
+        )
         s.add(job)
         s.commit()
         return job.id
@@ -43,8 +44,13 @@ def render(job: Job) -> dict:
 
 
 def test_gives_up_after_the_last_attempt(sessions, tmp_path):
-    settings = Settings(data_dir=tmp_path, webhook_allow_private=True, webhook_max_attempts=3,
-                        webhook_backoff_s=0.01, webhook_timeout_s=2)
+    settings = Settings(
+        data_dir=tmp_path,
+        webhook_allow_private=True,
+        webhook_max_attempts=3,
+        webhook_backoff_s=0.01,
+        webhook_timeout_s=2,
+    )
     job_id = ended_job(sessions, f"http://127.0.0.1:{free_port()}/nobody-listens")
     d = WebhookDispatcher(sessions, settings, render)
     for _ in range(200):
@@ -95,13 +101,18 @@ def test_private_addresses_refused_unless_allowed(sessions, tmp_path):
 def test_api_refuses_unsafe_webhook_urls_and_changes_nothing(db_url, tmp_path):
     app = create_app(Settings(data_dir=tmp_path, database_url=db_url))
     with TestClient(app) as client:
-        for body in ({"content_id": "a", "style_id": "b", "webhook_url": "http://127.0.0.1:8000/x"},
-                     {"content_id": "a", "style_id": "b", "webhook_url": "gopher://example.com"}):
+        for body in (
+            {"content_id": "a", "style_id": "b", "webhook_url": "http://127.0.0.1:8000/x"},
+            {"content_id": "a", "style_id": "b", "webhook_url": "gopher://example.com"},
+        ):
             r = client.post("/fusions", json=body)
             assert r.status_code == 422, r.text
         r = client.post("/generate", json={"prompt": "x", "webhook_url": "http://192.168.1.1/x"})
         assert r.status_code == 422 and "non-public" in r.json()["detail"]
-        r = client.post("/contents", files=[("images", ("a.png", b"x", "image/png"))],
-                        data={"class_word": "dog", "name": "n", "webhook_url": "http://localhost/x"})
+        r = client.post(
+            "/contents",
+            files=[("images", ("a.png", b"x", "image/png"))],
+            data={"class_word": "dog", "name": "n", "webhook_url": "http://localhost/x"},
+        )
         assert r.status_code == 422
         assert client.get("/jobs").json()["total"] == 0

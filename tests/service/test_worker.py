@@ -5,10 +5,7 @@ job rows: train a content and a style, fuse them, generate, and load the fused a
 into a diffusers pipeline.
 """
 
-import io
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,15 +17,16 @@ from b4m_core.adapter import Adapter
 from services.common.db import make_engine, migrate, session_factory
 from services.common.jobs import JobStore
 from services.common.models import Adapter as AdapterRow
-from services.common.models import Asset, Fusion, Generation, ReferenceImage, Tenant
-from services.common.storage import S3Store, object_key
+from services.common.models import Fusion, Generation, Tenant
+from services.common.storage import S3Store
 
-from ..helpers.images import random_images
 from ..helpers.faults import start_worker
 from ..helpers.processes import stop
 from ..helpers.rows import add_asset
 
 REDIS_DB = 7
+
+pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -38,16 +36,31 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
     redis.Redis(host="127.0.0.1", port=6379, db=REDIS_DB).flushdb()
     migrate(pg_url)
     bucket = f"b4m-worker-{int(time.time() * 1000) % 10**9}"
-    env = dict(os.environ, B4M_DATABASE_URL=pg_url, B4M_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
-               B4M_STORAGE="s3", B4M_S3_ENDPOINT_URL=s3_endpoint, B4M_S3_BUCKET=bucket, B4M_S3_ACCESS_KEY="test",
-               B4M_S3_SECRET_KEY="test", B4M_DEVICE="cpu", B4M_CHECKPOINT_EVERY="2", HF_HUB_OFFLINE="1",
-               B4M_BASE_MODEL=str(tiny_sd_path))
+    env = dict(
+        os.environ,
+        B4M_DATABASE_URL=pg_url,
+        B4M_BROKER_URL=f"redis://127.0.0.1:6379/{REDIS_DB}",
+        B4M_STORAGE="s3",
+        B4M_S3_ENDPOINT_URL=s3_endpoint,
+        B4M_S3_BUCKET=bucket,
+        B4M_S3_ACCESS_KEY="test",
+        B4M_S3_SECRET_KEY="test",
+        B4M_DEVICE="cpu",
+        B4M_CHECKPOINT_EVERY="2",
+        HF_HUB_OFFLINE="1",
+        B4M_BASE_MODEL=str(tiny_sd_path),
+    )
     store = S3Store(bucket, endpoint_url=s3_endpoint, access_key="test", secret_key="test", create_bucket=True)
     worker = start_worker(env, tmp_path / "worker.log")
     engine = make_engine(pg_url)
     client = Celery(broker=env["B4M_BROKER_URL"])
-    yield {"sessions": session_factory(engine), "store": store, "client": client, "base": str(tiny_sd_path),
-           "log": tmp_path / "worker.log"}
+    yield {
+        "sessions": session_factory(engine),
+        "store": store,
+        "client": client,
+        "base": str(tiny_sd_path),
+        "log": tmp_path / "worker.log",
+    }
     stop(worker)
     engine.dispose()
 
@@ -83,10 +96,13 @@ def test_worker_trains_fuses_and_generates(stack):
         s.add(t)
         s.commit()
         tenant = t.id
-    _, content_id = run(lambda s: add_asset(s, store, tenant, "content", "dog", "sks", stack["base"], 0), "train_content")
+    _, content_id = run(
+        lambda s: add_asset(s, store, tenant, "content", "dog", "sks", stack["base"], 0), "train_content"
+    )
     _, style_id = run(lambda s: add_asset(s, store, tenant, "style", "ink", "zwx", stack["base"], 1), "train_style")
-    job_id, fusion_id = run(lambda s: _add(s, Fusion(tenant_id=tenant, content_id=content_id, style_id=style_id,
-                                                     steps=2)), "fuse")
+    job_id, fusion_id = run(
+        lambda s: _add(s, Fusion(tenant_id=tenant, content_id=content_id, style_id=style_id, steps=2)), "fuse"
+    )
     with sessions() as s:
         fusion = s.get(Fusion, fusion_id)
         row = s.get(AdapterRow, fusion.adapter_id)
@@ -97,8 +113,13 @@ def test_worker_trains_fuses_and_generates(stack):
     fused = Adapter.from_bytes(store.get(row.storage_key, expected_sha256=row.sha256))
     assert fused.kind == "fused" and fused.tokens == {"content": "sks", "style": "zwx"}
 
-    _, gen_id = run(lambda s: _add(s, Generation(tenant_id=tenant, fusion_id=fusion_id, prompt="a {content} in {style}",
-                                                 steps=2, num_images=2)), "generate", queue="generation")
+    _, gen_id = run(
+        lambda s: _add(
+            s, Generation(tenant_id=tenant, fusion_id=fusion_id, prompt="a {content} in {style}", steps=2, num_images=2)
+        ),
+        "generate",
+        queue="generation",
+    )
     with sessions() as s:
         images = s.get(Generation, gen_id).images
     assert len(images) == 2
@@ -107,8 +128,12 @@ def test_worker_trains_fuses_and_generates(stack):
     # the fused adapter, exported, loads into an ordinary diffusers pipeline
     pipe = DiffusionPipeline.from_pretrained(stack["base"])
     pipe.load_lora_weights({k: v for k, v in fused.to_diffusers().items()})
-    out = pipe("a sks dog in zwx ink style", num_inference_steps=2, output_type="np",
-               generator=torch.Generator().manual_seed(0)).images
+    out = pipe(
+        "a sks dog in zwx ink style",
+        num_inference_steps=2,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert out.shape == (1, 32, 32, 3)
 
 

@@ -15,12 +15,24 @@ from ..responses import owned_or_404
 router = APIRouter(tags=["adapters"])
 
 
-@router.get("/adapters/{adapter_id}/download", responses={
-    200: {"content": {"application/octet-stream": {}}, "description": "a safetensors file"}, **errors(401, 404)})
-def download_adapter(adapter_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep,
-                     format: Literal["b4m", "diffusers", "kohya"] = Query(
-                         "b4m", description="b4m: ours (PLP halves + metadata, reloadable); diffusers: "
-                                            "load_lora_weights; kohya: lora_unet_* keys with alpha")):
+@router.get(
+    "/adapters/{adapter_id}/download",
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "a safetensors file"},
+        **errors(401, 404),
+    },
+)
+def download_adapter(
+    adapter_id: str,
+    tenant: TenantId,
+    s: DbSession,
+    rt: RuntimeDep,
+    format: Literal["b4m", "diffusers", "kohya"] = Query(
+        "b4m",
+        description="b4m: ours (PLP halves + metadata, reloadable); diffusers: "
+        "load_lora_weights; kohya: lora_unet_* keys with alpha",
+    ),
+):
     from b4m_core.formats import FormatError, convert  # numpy: loaded on the first download
 
     row = owned_or_404(s, Adapter, tenant, adapter_id, "adapter")
@@ -29,6 +41,9 @@ def download_adapter(adapter_id: str, tenant: TenantId, s: DbSession, rt: Runtim
         try:
             data = convert(data, format)
         except FormatError as exc:  # a stored file this version cannot read
-            raise HTTPException(500, f"adapter {adapter_id} cannot be converted: {exc}")
-    return Response(data, media_type="application/octet-stream", headers={
-        "Content-Disposition": f'attachment; filename="{adapter_id}_{format}.safetensors"'})
+            raise HTTPException(500, f"adapter {adapter_id} cannot be converted: {exc}") from exc
+    return Response(
+        data,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{adapter_id}_{format}.safetensors"'},
+    )

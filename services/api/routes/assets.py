@@ -4,7 +4,6 @@ Both kinds are one implementation, registered once per kind; only the word's for
 differs (`class_word` for a content, `style_word` for a style). No `from __future__ import
 annotations` here: the route signatures are built per kind and must be evaluated at once."""
 
-
 import hashlib
 from typing import Annotated
 
@@ -39,28 +38,41 @@ def _register(kind: AssetKind) -> None:
     other = kind.other
     plural = f"/{kind}s"
 
-    @router.post(plural, status_code=202, response_model=Accepted, name=f"post_{kind}",
-                 responses=errors(401, 404, 409, 413, 422))
-    def create(tenant: TenantId, rt: RuntimeDep, s: DbSession,
-               images: Annotated[list[UploadFile], File(description="1 to 10 images")],
-               word: Annotated[str, Form(alias=WORD_FIELDS[kind], min_length=1, max_length=50)],
-               name: Annotated[str, Form(min_length=1, max_length=200)],
-               base_model: Annotated[str, Form(max_length=500)] = "",
-               steps: Annotated[int | None, Form(ge=1, le=5000, description=STEPS_DOC)] = None,
-               learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
-               token: Annotated[str | None, Form(max_length=50)] = None,
-               aux_asset_ids: Annotated[list[str], Form()] = [],
-               webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
-               idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    @router.post(
+        plural, status_code=202, response_model=Accepted, name=f"post_{kind}", responses=errors(401, 404, 409, 413, 422)
+    )
+    def create(
+        tenant: TenantId,
+        rt: RuntimeDep,
+        s: DbSession,
+        images: Annotated[list[UploadFile], File(description="1 to 10 images")],
+        word: Annotated[str, Form(alias=WORD_FIELDS[kind], min_length=1, max_length=50)],
+        name: Annotated[str, Form(min_length=1, max_length=200)],
+        base_model: Annotated[str, Form(max_length=500)] = "",
+        steps: Annotated[int | None, Form(ge=1, le=5000, description=STEPS_DOC)] = None,
+        learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
+        token: Annotated[str | None, Form(max_length=50)] = None,
+        aux_asset_ids: Annotated[list[str], Form()] = [],
+        webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
+        idempotency_key: IdempotencyKey = None,
+    ) -> JSONResponse:
         # a sync route: FastAPI runs it on a worker thread, so reading and storing the
         # uploads never blocks the event loop
         if not 1 <= len(images) <= 10:
             raise HTTPException(422, "send 1 to 10 images")
         datas = [im.file.read() for im in images]
         train = {k: v for k, v in {"steps": steps, "learning_rate": learning_rate}.items() if v is not None}
-        body = {"kind": kind, "word": word, "name": name, "base": base_model, **train, "token": token,
-                "aux": aux_asset_ids, "images": [hashlib.sha256(d).hexdigest() for d in datas],
-                "webhook_url": webhook_url}
+        body = {
+            "kind": kind,
+            "word": word,
+            "name": name,
+            "base": base_model,
+            **train,
+            "token": token,
+            "aux": aux_asset_ids,
+            "images": [hashlib.sha256(d).hexdigest() for d in datas],
+            "webhook_url": webhook_url,
+        }
 
         def add_asset(s: Session, req: JobRequest) -> str:
             checked = [check_image(im.filename, d, rt.settings) for im, d in zip(images, datas)]
@@ -68,30 +80,46 @@ def _register(kind: AssetKind) -> None:
                 a = owned_or_404(s, Asset, tenant, aid, "auxiliary asset")
                 if a.kind != other:
                     raise HTTPException(422, f"auxiliary asset {aid} is a {a.kind}; a {kind} needs {other}s")
-            asset = Asset(tenant_id=tenant, kind=kind, name=name, word=word, token=token or DEFAULT_TOKENS[kind],
-                          base_model=base_model or rt.settings.base_model, settings=train,
-                          aux_asset_ids=aux_asset_ids)
+            asset = Asset(
+                tenant_id=tenant,
+                kind=kind,
+                name=name,
+                word=word,
+                token=token or DEFAULT_TOKENS[kind],
+                base_model=base_model or rt.settings.base_model,
+                settings=train,
+                aux_asset_ids=aux_asset_ids,
+            )
             s.add(asset)
             s.flush()
             for i, (data, (ctype, w, h)) in enumerate(zip(datas, checked)):
                 obj = rt.store.put(object_key(tenant, "references", asset.id, f"{i}"), data, ctype)
                 req.written.append(obj.key)
-                asset.images.append(ReferenceImage(position=i, storage_key=obj.key, sha256=obj.sha256,
-                                                   content_type=ctype, width=w, height=h))
+                asset.images.append(
+                    ReferenceImage(
+                        position=i, storage_key=obj.key, sha256=obj.sha256, content_type=ctype, width=w, height=h
+                    )
+                )
             return asset.id
 
         req = JobRequest(tenant, idempotency_key, body, webhook_url)
         done = start_job(rt, s, req, kind.training_job, add_asset)
         return accepted(done.target_id, done.job_id, done.status)
 
-    create.__doc__ = (f"Upload a {kind}'s reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the "
-                      f"break stage). `aux_asset_ids` (repeated) names {other} assets whose images serve as MCP "
-                      "auxiliary sets.")
+    create.__doc__ = (
+        f"Upload a {kind}'s reference images (1 to 10: PNG, JPEG or WebP) and train its adapter (the "
+        f"break stage). `aux_asset_ids` (repeated) names {other} assets whose images serve as MCP "
+        "auxiliary sets."
+    )
 
     @router.get(plural, name=f"list_{kind}s", response_model=AssetList, responses=errors(401, 422))
-    def list_assets(tenant: TenantId, s: DbSession, limit: int = Query(50, ge=1, le=500),
-                    offset: int = Query(0, ge=0, le=MAX_OFFSET),
-                    status: JobStatus | None = Query(None, description="only those whose latest job has this status")):
+    def list_assets(
+        tenant: TenantId,
+        s: DbSession,
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
+        status: JobStatus | None = Query(None, description="only those whose latest job has this status"),
+    ):
         q = select(Asset).where(Asset.tenant_id == tenant, Asset.kind == kind)
         return page(s, tenant, Asset, q, status, limit, offset, asset_out).as_dict()
 
@@ -100,9 +128,15 @@ def _register(kind: AssetKind) -> None:
         a = owned_or_404(s, Asset, tenant, asset_id, kind, kind=kind)
         return asset_out(a, latest_job(s, tenant, a.id))
 
-    @router.get(f"{plural}/{{asset_id}}/images/{{index}}", name=f"get_{kind}_image",
-                responses={200: {"content": {"image/*": {}}, "description": "a reference image as uploaded"},
-                           **STORED_FILE, **errors(401, 404)})
+    @router.get(
+        f"{plural}/{{asset_id}}/images/{{index}}",
+        name=f"get_{kind}_image",
+        responses={
+            200: {"content": {"image/*": {}}, "description": "a reference image as uploaded"},
+            **STORED_FILE,
+            **errors(401, 404),
+        },
+    )
     def get_reference_image(asset_id: str, index: int, tenant: TenantId, s: DbSession, rt: RuntimeDep):
         a = owned(s, Asset, tenant, asset_id, kind=kind)
         if a is None or not 0 <= index < len(a.images):
@@ -111,8 +145,13 @@ def _register(kind: AssetKind) -> None:
         return stored_file(rt.store, ref.storage_key, ref.content_type, sha256=ref.sha256)
 
     @router.delete(f"{plural}/{{asset_id}}", name=f"delete_{kind}", status_code=204, responses=errors(401, 404, 409))
-    def delete_asset(asset_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep,
-                     force: bool = Query(False, description="also delete the fusions that use it")):
+    def delete_asset(
+        asset_id: str,
+        tenant: TenantId,
+        s: DbSession,
+        rt: RuntimeDep,
+        force: bool = Query(False, description="also delete the fusions that use it"),
+    ):
         """Delete the asset, its reference images and adapter; refused (409) while fusions use it
         unless `force`, which deletes those fusions and their adapters too."""
         a = owned_or_404(s, Asset, tenant, asset_id, kind, kind=kind)

@@ -23,8 +23,9 @@ router = APIRouter(tags=["fusions"])
 
 
 @router.post("/fusions", status_code=202, response_model=Accepted, responses=errors(401, 404, 409, 422))
-def post_fusion(body: FusionIn, tenant: TenantId, rt: RuntimeDep, s: DbSession,
-                idempotency_key: IdempotencyKey = None) -> JSONResponse:
+def post_fusion(
+    body: FusionIn, tenant: TenantId, rt: RuntimeDep, s: DbSession, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
     """Combine a trained content with a trained style and fine-tune them into one adapter.
     Inputs still training are waited for; an input whose training failed is refused (409)."""
 
@@ -36,8 +37,9 @@ def post_fusion(body: FusionIn, tenant: TenantId, rt: RuntimeDep, s: DbSession,
             state, job = training_state(s, a)
             if state == Training.FAILED:
                 raise HTTPException(409, describe_unready(a, job))
-        f = Fusion(tenant_id=tenant, content_id=body.content_id, style_id=body.style_id, steps=body.steps,
-                   method=body.method)
+        f = Fusion(
+            tenant_id=tenant, content_id=body.content_id, style_id=body.style_id, steps=body.steps, method=body.method
+        )
         s.add(f)
         s.flush()
         return f.id
@@ -48,10 +50,15 @@ def post_fusion(body: FusionIn, tenant: TenantId, rt: RuntimeDep, s: DbSession,
 
 
 @router.get("/fusions", response_model=FusionList, responses=errors(401, 422))
-def list_fusions(tenant: TenantId, s: DbSession, limit: int = Query(50, ge=1, le=500),
-                 offset: int = Query(0, ge=0, le=MAX_OFFSET),
-                 status: JobStatus | None = Query(None, description="only those whose latest job has this status"),
-                 content_id: str | None = None, style_id: str | None = None):
+def list_fusions(
+    tenant: TenantId,
+    s: DbSession,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    status: JobStatus | None = Query(None, description="only those whose latest job has this status"),
+    content_id: str | None = None,
+    style_id: str | None = None,
+):
     q = select(Fusion).where(Fusion.tenant_id == tenant)
     if content_id:
         q = q.where(Fusion.content_id == content_id)

@@ -25,11 +25,18 @@ router = APIRouter(tags=["generate"])
 WAIT_POLL_S = 0.05
 
 
-@router.post("/generate", status_code=202, response_model=Accepted,
-             responses={200: {"model": GenerateDone, "description": "the images, when `wait` was long enough"},
-                        **errors(401, 404, 409, 422)})
-def post_generate(body: GenerateIn, tenant: TenantId, rt: RuntimeDep, s: DbSession, jobs: Jobs,
-                  idempotency_key: IdempotencyKey = None) -> JSONResponse:
+@router.post(
+    "/generate",
+    status_code=202,
+    response_model=Accepted,
+    responses={
+        200: {"model": GenerateDone, "description": "the images, when `wait` was long enough"},
+        **errors(401, 404, 409, 422),
+    },
+)
+def post_generate(
+    body: GenerateIn, tenant: TenantId, rt: RuntimeDep, s: DbSession, jobs: Jobs, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
     """Draw images with a fusion, a content, a style, or the bare base model."""
     if sum(x is not None for x in (body.fusion_id, body.content_id, body.style_id)) > 1:
         raise HTTPException(422, "give at most one of fusion_id, content_id, style_id")
@@ -55,16 +62,26 @@ def post_generate(body: GenerateIn, tenant: TenantId, rt: RuntimeDep, s: DbSessi
         time.sleep(WAIT_POLL_S)
         job = jobs.get(tenant, done.job_id)
     if job.status == JobStatus.SUCCEEDED:
-        return JSONResponse({"id": done.target_id, "job_id": job.id, "status": job.status,
-                             "images": [f"/generations/{done.target_id}/images/{i}" for i in range(body.num_images)]})
+        return JSONResponse(
+            {
+                "id": done.target_id,
+                "job_id": job.id,
+                "status": job.status,
+                "images": [f"/generations/{done.target_id}/images/{i}" for i in range(body.num_images)],
+            }
+        )
     return accepted(done.target_id, job.id, job.status)
 
 
 @router.get("/generations", response_model=GenerationList, responses=errors(401, 422))
-def list_generations(tenant: TenantId, s: DbSession, limit: int = Query(50, ge=1, le=500),
-                     offset: int = Query(0, ge=0, le=MAX_OFFSET),
-                     status: JobStatus | None = Query(None, description="only those whose job has this status"),
-                     fusion_id: str | None = None):
+def list_generations(
+    tenant: TenantId,
+    s: DbSession,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    status: JobStatus | None = Query(None, description="only those whose job has this status"),
+    fusion_id: str | None = None,
+):
     q = select(Generation).where(Generation.tenant_id == tenant)
     if fusion_id:
         q = q.where(Generation.fusion_id == fusion_id)
@@ -77,8 +94,14 @@ def get_generation(generation_id: str, tenant: TenantId, s: DbSession):
     return generation_out(g, latest_job(s, tenant, g.id))
 
 
-@router.get("/generations/{generation_id}/images/{index}", responses={
-    200: {"content": {"image/png": {}}, "description": "the PNG (local store)"}, **STORED_FILE, **errors(401, 404)})
+@router.get(
+    "/generations/{generation_id}/images/{index}",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the PNG (local store)"},
+        **STORED_FILE,
+        **errors(401, 404),
+    },
+)
 def get_image(generation_id: str, index: int, tenant: TenantId, s: DbSession, rt: RuntimeDep):
     g = owned(s, Generation, tenant, generation_id)
     if g is None or not 0 <= index < len(g.images or []):

@@ -20,8 +20,13 @@ router = APIRouter(tags=["jobs"])
 
 
 @router.get("/jobs", response_model=JobList, responses=errors(401, 422))
-def list_jobs(tenant: TenantId, jobs: Jobs, status: JobStatus | None = None, limit: int = Query(50, ge=1, le=500),
-              offset: int = Query(0, ge=0, le=MAX_OFFSET)):
+def list_jobs(
+    tenant: TenantId,
+    jobs: Jobs,
+    status: JobStatus | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+):
     rows, total = jobs.list(tenant, status, limit, offset)
     return {"items": [job_out(j) for j in rows], "total": total, "limit": limit, "offset": offset}
 
@@ -38,9 +43,14 @@ def get_job(job_id: str, tenant: TenantId, jobs: Jobs):
     return job_out(_job_or_404(jobs, tenant, job_id))
 
 
-@router.get("/jobs/{job_id}/loss.png", responses={
-    200: {"content": {"image/png": {}}, "description": "the loss curve (local store)"}, **STORED_FILE,
-    **errors(401, 404)})
+@router.get(
+    "/jobs/{job_id}/loss.png",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the loss curve (local store)"},
+        **STORED_FILE,
+        **errors(401, 404),
+    },
+)
 def get_loss_curve(job_id: str, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
     """The loss curve of a training or fusion job that succeeded (raw loss and a moving average)."""
     job = jobs.get(tenant, job_id)
@@ -50,12 +60,23 @@ def get_loss_curve(job_id: str, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
     return stored_file(rt.store, key, "image/png")
 
 
-@router.get("/jobs/{job_id}/events", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}},
-                             "description": "`progress` events while the job changes, one `end` event"},
-                       **errors(401, 404)})
-async def job_events(job_id: str, tenant: TenantId, jobs: Jobs,
-                     interval: float = Query(0.5, ge=0.1, le=10, description="seconds between polls")):
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "`progress` events while the job changes, one `end` event",
+        },
+        **errors(401, 404),
+    },
+)
+async def job_events(
+    job_id: str,
+    tenant: TenantId,
+    jobs: Jobs,
+    interval: float = Query(0.5, ge=0.1, le=10, description="seconds between polls"),
+):
     """Server-Sent Events: a `progress` event (the job as in GET /jobs/{id}) each time its status,
     step or attempt changes, then an `end` event when it succeeded, failed or was canceled."""
     job = await asyncio.to_thread(jobs.get, tenant, job_id)
@@ -77,13 +98,19 @@ async def job_events(job_id: str, tenant: TenantId, jobs: Jobs,
             await asyncio.sleep(interval)
             current = await asyncio.to_thread(jobs.get, tenant, job_id) or current
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
-@router.get("/jobs/{job_id}/previews/{index}", responses={
-    200: {"content": {"image/png": {}}, "description": "the preview (local store)"}, **STORED_FILE,
-    **errors(401, 404)})
+@router.get(
+    "/jobs/{job_id}/previews/{index}",
+    responses={
+        200: {"content": {"image/png": {}}, "description": "the preview (local store)"},
+        **STORED_FILE,
+        **errors(401, 404),
+    },
+)
 def get_preview(job_id: str, index: int, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
     """A preview drawn with the adapter part-way through training (listed in the job's `previews`)."""
     job = jobs.get(tenant, job_id)

@@ -23,8 +23,11 @@ def healthz():
 @router.get("/readyz", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 def readyz(rt: RuntimeDep):
     checks = {}
-    for name, check in (("database", lambda: rt.engine.connect().close()), ("storage", rt.store.check),
-                        ("broker", rt.queue.check)):
+    for name, check in (
+        ("database", lambda: rt.engine.connect().close()),
+        ("storage", rt.store.check),
+        ("broker", rt.queue.check),
+    ):
         try:
             check()
             checks[name] = "ok"
@@ -34,8 +37,12 @@ def readyz(rt: RuntimeDep):
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
 
-@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+)
 def metrics(request: Request):
     """Jobs by state and type, job durations (last hour), queue depth, HTTP requests, GPU memory."""
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
