@@ -76,18 +76,18 @@ class StepBudget:
     """Fits a stage's step count to a time budget, measuring speed after a warm-up
     (the first steps on a GPU are slow and would make the estimate far too low)."""
 
-    def __init__(self, seconds: float, name: str, warmup: int = 20, probe: int = 50):
-        self.seconds, self.name, self.warmup, self.probe = seconds, name, warmup, probe
-        self.start = time.time()
+    def __init__(self, seconds: float, name: str, warmup: int = 20, probe: int = 50, clock=time.time):
+        self.seconds, self.name, self.warmup, self.probe, self.clock = seconds, name, warmup, probe, clock
+        self.start = clock()
         self.t_warm = None
         self.total = 10**9
 
     def update(self, step: int) -> int:
         if step == self.warmup:
-            self.t_warm = time.time()
+            self.t_warm = self.clock()
         elif step == self.warmup + self.probe:
-            rate = self.probe / (time.time() - self.t_warm)
-            left = self.seconds - (time.time() - self.start)
+            rate = self.probe / (self.clock() - self.t_warm)
+            left = self.seconds - (self.clock() - self.start)
             self.total = max(100, step + int(rate * left))
             log(f"{self.name}: {rate:.1f} steps/s -> {self.total} steps")
         return self.total

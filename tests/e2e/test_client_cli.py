@@ -14,7 +14,7 @@ from b4m_client import B4MError, Client, JobFailed, verify_webhook
 
 from ..helpers.images import write_images
 from ..helpers.live import LiveServer, b4m_cli
-from ..helpers.processes import free_port, wait_until
+from ..helpers.processes import free_port, scaled, wait_until
 from ..helpers.webhooks import Receiver
 
 pytestmark = pytest.mark.slow
@@ -53,19 +53,19 @@ def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
         assert again.id == content.id  # the same request retried trains once
         style = alice.add_style([(imgs / "00.png").read_bytes()], style_word="ink", name="inky", steps=4)
         seen = []
-        job = alice.wait(content.job_id, on_progress=seen.append, timeout=300)
+        job = alice.wait(content.job_id, on_progress=seen.append, timeout=scaled(300))
         assert job.status == "succeeded" and job.outputs["adapter_id"]
         assert [j.progress_step for j in seen] == sorted(j.progress_step for j in seen)  # live, in order
         assert seen[-1].progress_step == 6
         # previews every 2 steps (not at the last: the result itself is the last picture)
         assert job.previews == [f"/jobs/{job.id}/previews/0", f"/jobs/{job.id}/previews/1"]
         assert is_png(alice.preview(job.id, 1)) and is_png(alice.loss_curve(job.id))
-        alice.wait(style.job_id, timeout=300)
+        alice.wait(style.job_id, timeout=scaled(300))
 
         # names work where ids do; a fusion and a generation
         assert alice.resolve_asset("content", "rex").id == content.id
         fusion = alice.fuse(content.id, style.id, steps=2)
-        assert alice.wait(fusion.job_id, timeout=300).status == "succeeded"
+        assert alice.wait(fusion.job_id, timeout=scaled(300)).status == "succeeded"
         done = alice.generate("a {content} in {style} style", fusion_id=fusion.id, steps=2, num_images=2, wait=120)
         assert done.images == [f"/generations/{done.id}/images/0", f"/generations/{done.id}/images/1"]
         assert is_png(alice.image(done.id, 1))
@@ -92,7 +92,7 @@ def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
         doomed = alice.add_content([(imgs / "00.png").read_bytes()], class_word="dog", name="doomed", steps=500)
         alice.cancel(doomed.job_id)
         with pytest.raises(JobFailed) as failed:
-            alice.wait(doomed.job_id, timeout=120)
+            alice.wait(doomed.job_id, timeout=scaled(120))
         assert failed.value.job.status == "canceled"
 
 

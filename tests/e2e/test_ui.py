@@ -16,6 +16,7 @@ import pytest
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD, reference_folder
 
 from ..helpers.live import LiveServer
+from ..helpers.processes import scaled
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -63,8 +64,8 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         # watch training: a progress bar per job, live, until all four succeed
         jobs = page.locator("#jobs li")
         expect(jobs).to_have_count(4)
-        expect(page.locator("#jobs li[data-status=running] progress").first).to_be_visible(timeout=60_000)
-        expect(page.locator("#jobs li[data-status=succeeded]")).to_have_count(4, timeout=600_000)
+        expect(page.locator("#jobs li[data-status=running] progress").first).to_be_visible(timeout=scaled(60_000))
+        expect(page.locator("#jobs li[data-status=succeeded]")).to_have_count(4, timeout=scaled(600_000))
         expect(page.locator("#jobs li .previews img").first).to_have_attribute("src", blob)  # previews shown
         expect(page.locator("#jobs li .status").first).to_contain_text(f"{STEPS}/{STEPS}")
 
@@ -78,7 +79,7 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
                 cell.click()
                 expect(cell).not_to_have_class(re.compile("empty"))
         filled = page.locator("#matrix td.filled img")
-        expect(filled).to_have_count(4, timeout=600_000)  # fused, then sampled: a thumbnail each
+        expect(filled).to_have_count(4, timeout=scaled(600_000))  # fused, then sampled: a thumbnail each
         for i in range(4):
             expect(filled.nth(i)).to_have_attribute("src", blob)
 
@@ -92,7 +93,7 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         page.select_option("#generate-fusion", label=f"{CONTENTS[1]} × {STYLES[0]}")
         page.fill("#generate-form input[name=num_images]", "3")
         page.locator("#generate-form button").click()
-        expect(page.locator("#generated img[src^='blob:']")).to_have_count(3, timeout=120_000)
+        expect(page.locator("#generated img[src^='blob:']")).to_have_count(3, timeout=scaled(120_000))
 
         # bad input: a clear message, nothing made
         form = page.locator("#content-form")

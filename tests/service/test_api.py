@@ -27,7 +27,7 @@ def api(db_url, tmp_path, tiny_sd_path):
 
 def wait_job(client, job_id, timeout=120, headers=None):
     t = time.time()
-    while time.time() - t < timeout:
+    while time.time() - t < scaled(timeout):
         job = client.get(f"/jobs/{job_id}", headers=headers).json()
         if job["status"] in ("succeeded", "failed", "canceled"):
             return job
@@ -400,7 +400,7 @@ def test_cancel_mid_training_removes_partial_state(tmp_path, tiny_sd_path):
         r = post_asset(client, "content", 0, steps="400").json()
         checkpoints = lambda: list((tmp_path / "objects").rglob("checkpoints/*/*"))
         t = time.time()
-        while not checkpoints() and time.time() - t < 120:
+        while not checkpoints() and time.time() - t < scaled(120):
             time.sleep(0.1)
         assert checkpoints(), "no checkpoint was written"
         assert client.post(f"/jobs/{r['job_id']}/cancel", headers={"Idempotency-Key": "c1"}).status_code == 200

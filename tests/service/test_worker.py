@@ -21,7 +21,7 @@ from services.common.models import Fusion, Generation, Tenant
 from services.common.storage import S3Store
 
 from ..helpers.faults import start_worker
-from ..helpers.processes import stop
+from ..helpers.processes import scaled, stop
 from ..helpers.rows import add_asset
 
 REDIS_DB = 7
@@ -67,7 +67,7 @@ def stack(pg_url, s3_endpoint, tiny_sd_path, tmp_path):
 
 def _wait(jobs: JobStore, tenant: str, job_id: str, log, timeout: float = 180) -> str:
     t = time.time()
-    while time.time() - t < timeout:
+    while time.time() - t < scaled(timeout):
         job = jobs.get(tenant, job_id)
         if job.status in ("succeeded", "failed", "canceled"):
             assert job.status == "succeeded", (job.error, log.read_text()[-3000:])
