@@ -28,17 +28,40 @@ def _loaded_after(code: str) -> list[str]:
 
 
 def test_the_api_process_imports_no_model_code(tmp_path):
-    """Import the API, build the app (Celery queue: a production replica) and serve a request
-    that converts an adapter: neither torch nor diffusers is loaded."""
+    """Build the app as a production replica does (Celery queue) and serve requests, one of
+    them converting a stored b4m adapter to kohya and diffusers files: neither torch nor
+    diffusers is loaded."""
     code = f"""
+import json
+import numpy as np
 from fastapi.testclient import TestClient
+from safetensors.numpy import load, save
 from services.api.app import create_app
+from services.common.models import Adapter, Tenant
 from services.common.settings import Settings
+
 app = create_app(Settings(data_dir={str(tmp_path)!r}, reconcile_every_s=0))
+rt = app.state.runtime
 with TestClient(app) as c:
-    assert c.get("/healthz").status_code == 200
-    assert c.get("/openapi.json").status_code == 200
-    assert c.get("/adapters/nope/download?format=kohya").status_code == 404
+    assert c.get("/healthz").status_code == 200 and c.get("/openapi.json").status_code == 200
+    assert c.get("/jobs").status_code == 200  # auth off: this makes the default tenant
+    tenant = rt.sessions().query(Tenant).one().id
+    rng = np.random.default_rng(0)
+    parts = {{"l.A": (2, 4), "l.B": (2, 4), "l.C": (4, 3), "l.D": (4, 3)}}
+    tensors = {{k: rng.standard_normal(v).astype(np.float32) for k, v in parts.items()}}
+    meta = {{"kind": "fused", "method": "b4m", "rank": 4, "alpha": 2.0, "base_model": "micro"}}
+    obj = rt.store.put(f"tenants/{{tenant}}/adapters/a1/adapter.safetensors",
+                       save(tensors, metadata={{"b4m": json.dumps(meta)}}))
+    with rt.sessions() as s:
+        s.add(Adapter(id="a1", tenant_id=tenant, kind="fused", method="b4m", storage_key=obj.key,
+                      sha256=obj.sha256, size=obj.size, meta=meta))
+        s.commit()
+    kohya = load(c.get("/adapters/a1/download?format=kohya").content)
+    diffusers = load(c.get("/adapters/a1/download?format=diffusers").content)
+    up = np.concatenate([tensors["l.A"], tensors["l.B"]])
+    down = np.concatenate([tensors["l.C"], tensors["l.D"]], axis=1)
+    assert np.array_equal(kohya["lora_unet_l.lora_up.weight"], up) and float(kohya["lora_unet_l.alpha"]) == 2.0
+    assert np.allclose(diffusers["unet.l.lora.up.weight"] @ diffusers["unet.l.lora.down.weight"], 0.5 * up @ down)
 """
     assert _loaded_after(code) == []
 
