@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import BASIS_MODES, CONTENT_HALVES, TARGET_SETS, ConfigError, TrainConfig
+from .config import BASIS_MODES, BASIS_SCALES, CONTENT_HALVES, ROUTINGS, TARGET_SETS, ConfigError, TrainConfig
 
 AUX_HELP = (
     "auxiliary reference folder of the opposite kind for MCP (repeatable); each folder's name "
@@ -62,6 +62,12 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
             help="PLP split ratio (default: the base model's measured one, 0.75 on micro; else 0.5)",
         )
         p.add_argument("--basis-mode", choices=BASIS_MODES, default="exact")
+        p.add_argument(
+            "--basis-scale",
+            choices=BASIS_SCALES,
+            default="legacy",
+            help="exact bases: legacy (A 3-6x larger than C) or balanced (equal norms; not yet measured)",
+        )
         p.add_argument("--basis-seed", type=int, default=0)
         p.add_argument("--content-half", choices=CONTENT_HALVES, default="up")
         p.add_argument("--targets", choices=TARGET_SETS, default="attn")
@@ -93,6 +99,13 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
             type=float,
             default=0.1,
             help="learning-rate factor for the auxiliary half (default 0.1, as the released code)",
+        )
+        p.add_argument(
+            "--routing",
+            choices=ROUTINGS,
+            default="strict",
+            help="MCP: strict (each loss trains only its own half; default) or released (one joint loss, "
+            "as the authors' code does in effect)",
         )
         p.add_argument(
             "--method", choices=["b4m", "lora"], default="b4m", help="b4m (PLP + MCP) or a plain LoRA for the baselines"
@@ -182,6 +195,7 @@ def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainCo
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
         aux_lr_factor=getattr(args, "aux_lr_factor", 0.1),
+        routing=getattr(args, "routing", "strict"),
     )
 
 
@@ -231,6 +245,7 @@ def cmd_train(args) -> None:
         alpha=args.alpha or float(args.rank),
         rho=args.rho,
         basis_mode=args.basis_mode,
+        basis_scale=args.basis_scale,
         basis_seed=args.basis_seed,
         content_half=args.content_half,
         targets=args.targets,

@@ -10,13 +10,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 BasisMode = Literal["exact", "paper", "random"]
+BasisScale = Literal["legacy", "balanced"]
 ContentHalf = Literal["up", "down"]
 TargetSet = Literal["attn", "cross"]
+Routing = Literal["strict", "released"]
 Kind = Literal["content", "style", "fused"]
 
 BASIS_MODES = ("exact", "paper", "random")
+BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
 TARGET_SETS = ("attn", "cross")
+ROUTINGS = ("strict", "released")
 
 
 class ConfigError(ValueError):
@@ -34,6 +38,11 @@ class PLPConfig:
     basis_seed: int = 0
     content_half: ContentHalf = "up"
     targets: TargetSet = "attn"
+    # `exact` bases: "legacy" draws A and C at different scales (A's columns 3-6x C's rows,
+    # so the half trained through A learns 3-6x faster); "balanced" gives both the same
+    # Frobenius norm, so an optimizer step on either half moves the layer alike (DESIGN.md 1).
+    # Adapter files without the field are legacy ones.
+    basis_scale: BasisScale = "legacy"
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -50,6 +59,8 @@ class PLPConfig:
             raise ConfigError(f"content_half must be one of {CONTENT_HALVES}, got {self.content_half!r}")
         if self.targets not in TARGET_SETS:
             raise ConfigError(f"targets must be one of {TARGET_SETS}, got {self.targets!r}")
+        if self.basis_scale not in BASIS_SCALES:
+            raise ConfigError(f"basis_scale must be one of {BASIS_SCALES}, got {self.basis_scale!r}")
 
     @property
     def scale(self) -> float:
@@ -86,6 +97,10 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's own sample size
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # MCP: "strict" routes the concept's loss to its own half and the auxiliary losses to the
+    # other half only; "released" is what the authors' code does in effect: one joint loss
+    # on both halves, the other half at `aux_lr_factor` times the rate (DESIGN.md 1).
+    routing: Routing = "strict"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     max_grad_norm: float | None = 1.0
@@ -102,5 +117,7 @@ class TrainConfig:
             raise ConfigError("aux_lr_factor must be >= 0")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

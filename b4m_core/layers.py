@@ -40,6 +40,13 @@ def make_bases(config: PLPConfig, layer_name: str, m: int, n: int) -> tuple[torc
         q1, q2 = q[:, :h], q[:, h:]
         a = (torch.randn(dm, h, **f64) / math.sqrt(h)) @ q1.T
         c = q2 @ (torch.randn(r - h, dn, **f64) / math.sqrt(max(n, 1)))
+        if config.basis_scale == "balanced":
+            # Same Frobenius norm for both (the geometric mean of the legacy ones, so the
+            # two halves together learn about as fast as before), keeping A C = 0.
+            na, nc = torch.linalg.matrix_norm(a), torch.linalg.matrix_norm(c)
+            if na > 0 and nc > 0:
+                target = torch.sqrt(na * nc)
+                a, c = a * (target / na), c * (target / nc)
     elif config.basis_mode == "paper":
         # The released code: rows of one random orthogonal matrix for both projections.
         # Their truncations are not orthogonal, so A C is small but not zero. Layers that

@@ -316,7 +316,10 @@ class BreakStage:
         params = [{"params": primary, "lr": cfg.learning_rate}]
         if train_other:
             params.append({"params": other, "lr": cfg.learning_rate * cfg.aux_lr_factor})
-        self.session = TrainingSession(base, params, groups, cfg, route_layers=list(self.layers.values()))
+        # strict: each row's gradient reaches only its own half; released: both halves
+        # see the joint loss (each at its own rate)
+        routed = list(self.layers.values()) if cfg.routing == "strict" else []
+        self.session = TrainingSession(base, params, groups, cfg, route_layers=routed)
 
     def train(self, hooks: Hooks | None = None) -> Adapter:
         try:
@@ -342,6 +345,7 @@ class BreakStage:
                 "aux": [a.phrase for a in self.aux],
                 "aux_lr_factor": self.cfg.aux_lr_factor,
                 "learning_rate": self.cfg.learning_rate,
+                "routing": self.cfg.routing,
             },
             **_meta(self.base),
         )
@@ -365,6 +369,7 @@ def check_composable(content: Adapter, style: Adapter) -> None:
     for attr, label in (
         ("basis_seed", "basis seed"),
         ("basis_mode", "basis mode"),
+        ("basis_scale", "basis scale"),
         ("rank", "rank"),
         ("rho", "rho"),
         ("content_half", "content_half"),

@@ -83,7 +83,15 @@ class Method:
     name: str
     family: str  # "b4m" | "joint" | "merge" | "ziplora"
     plp: PLPConfig = field(default_factory=PLPConfig)
-    mcp: bool = True
+    aux_sets: int | None = None  # MCP's k; None: the bench's setting (3)
+    routing: str = "strict"
+
+    def k(self, settings: Settings) -> int:
+        return settings.aux_sets if self.aux_sets is None else self.aux_sets
+
+    def key(self, settings: Settings) -> tuple:
+        """Rows with the same key share their adapters."""
+        return (self.family, self.plp, self.k(settings), self.routing)
 
 
 def methods(rank: int) -> list[Method]:
@@ -94,11 +102,14 @@ def methods(rank: int) -> list[Method]:
         Method("Joint LoRA (DB+LoRA)", "joint", base),
         Method("Direct merge", "merge", base),
         Method("ZipLoRA", "ziplora", base),
-        Method("B4M w/o MCP", "b4m", base, mcp=False),
+        Method("B4M w/o MCP (k=1)", "b4m", base, aux_sets=1),  # the paper's ablation: one style per content
+        Method("B4M no auxiliary sets (k=0)", "b4m", base, aux_sets=0),
         Method("B4M random bases (w/o Orth)", "b4m", replace(base, basis_mode="random")),
         Method("B4M rho=0.25", "b4m", replace(base, rho=0.25)),
         Method("B4M rho=0.5", "b4m", base),  # same adapters as the first row; listed for the sweep
         Method("B4M rho=0.75", "b4m", replace(base, rho=0.75)),
+        Method("B4M balanced bases", "b4m", replace(base, basis_scale="balanced")),
+        Method("B4M released routing", "b4m", base, routing="released"),
     ]
 
 
@@ -176,16 +187,21 @@ class QualityBench:
         s = self.s
         out = {}
         if m.family == "b4m":
-            key = ("b4m", m.plp, m.mcp)
+            key = m.key(s)
             if key not in cache:
                 single = {}
                 for kind, names in (("content", self.contents), ("style", self.styles)):
                     for n in names:
-                        aux = aux_bank(kind, s.aux_sets if m.mcp else 0, seed=s.seed)
+                        aux = aux_bank(kind, m.k(s), seed=s.seed)
                         single[(kind, n)] = self._time(
                             "b4m break (per concept)",
                             lambda: train_concept(
-                                self.base, self.ref[(kind, n)], "b4m", aux=aux, plp=m.plp, cfg=self._cfg(s.break_steps)
+                                self.base,
+                                self.ref[(kind, n)],
+                                "b4m",
+                                aux=aux,
+                                plp=m.plp,
+                                cfg=replace(self._cfg(s.break_steps), routing=m.routing),
                             ),
                         )
                 pairs = {}
@@ -286,7 +302,7 @@ class QualityBench:
         grid_cells: dict[str, dict] = {}
         seen: dict[tuple, str] = {}
         for m in method_list:
-            key = (m.family, m.plp, m.mcp)
+            key = m.key(self.s)
             if key in seen:  # the same adapters as an earlier row (the rho sweep's 0.5)
                 results["methods"][m.name] = dict(results["methods"][seen[key]], same_as=seen[key])
                 grid_cells[m.name] = grid_cells[seen[key]]

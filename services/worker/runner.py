@@ -176,7 +176,7 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
     plp = base.plp_config(
         **{
             k: settings[k]
-            for k in ("rank", "alpha", "rho", "basis_mode", "basis_seed", "content_half", "targets")
+            for k in ("rank", "alpha", "rho", "basis_mode", "basis_scale", "basis_seed", "content_half", "targets")
             if k in settings
         }
     )
@@ -184,6 +184,7 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         steps=int(settings.get("steps") or base.default("break_steps", 300)),
         learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
         aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)),
+        routing=settings.get("routing", "strict"),
         seed=int(settings.get("seed", 0)),
         checkpoint_every=ctx.settings.checkpoint_every,
     )

@@ -129,3 +129,45 @@ def test_routing_matches_detached_reference(primary):
     assert torch.allclose(g_b, layer.B.grad, atol=1e-5)
     assert torch.allclose(g_d, layer.D.grad, atol=1e-5)
     assert torch.allclose(g_x, x2.grad, atol=1e-5)
+
+
+def _layer_change_per_adam_step(layer: PLPLinear, half: str) -> float:
+    """|dW| after one Adam step on one half (the other frozen), from B = D = 0."""
+    torch.manual_seed(1)
+    x, target = torch.randn(8, layer.in_features), torch.randn(8, layer.out_features)
+    with torch.no_grad():  # a start where both halves get gradients
+        layer.B.normal_(0, 0.01)
+        layer.D.normal_(0, 0.01)
+    before = layer.delta_weight().clone()
+    opt = torch.optim.Adam([layer.half(half)], lr=1e-3)
+    ((layer(x) - target) ** 2).mean().backward()
+    opt.step()
+    return (layer.delta_weight() - before).norm().item()
+
+
+@pytest.mark.parametrize("m,n,rank", [(64, 64, 4), (320, 320, 16), (320, 768, 16)])
+def test_balanced_bases_let_either_half_move_the_layer_alike(m, n, rank):
+    """DESIGN.md 1: A and C at one scale, so an optimizer step on B (through B C) and on D
+    (through A D) change the layer by comparable amounts; the legacy exact bases do not."""
+    moves = {}
+    for scale in ("legacy", "balanced"):
+        torch.manual_seed(0)
+        layer = PLPLinear(nn.Linear(n, m), PLPConfig(rank=rank, alpha=rank, basis_scale=scale), "blk.attn.to_k")
+        assert (layer.A @ layer.C).abs().max() < 1e-5  # still exact
+        moves[scale] = _layer_change_per_adam_step(layer, "up") / _layer_change_per_adam_step(layer, "down")
+        if scale == "balanced":
+            assert torch.isclose(torch.linalg.matrix_norm(layer.A), torch.linalg.matrix_norm(layer.C), rtol=1e-4)
+    # a step moves every element by ~lr: |dB C| / |A dD| ~ sqrt((m-dm)/(n-dn)) once |A| = |C|
+    shape = ((m - m // 2) / (n - n // 2)) ** 0.5
+    assert 0.5 < moves["balanced"] / shape < 2, moves
+    assert moves["legacy"] / shape < 0.4, moves  # B (through the small C) learnt 3-6x slower
+
+
+def test_basis_scale_is_part_of_the_bases_and_is_checked():
+    a1, c1 = make_bases(PLPConfig(rank=8), "l", 32, 32)
+    a2, c2 = make_bases(PLPConfig(rank=8, basis_scale="balanced"), "l", 32, 32)
+    assert not torch.allclose(a1, a2)
+    # the same directions, other lengths
+    assert torch.allclose(a1 / a1.norm(), a2 / a2.norm(), atol=1e-6)
+    with pytest.raises(ConfigError):
+        PLPConfig(basis_scale="big")

@@ -160,12 +160,17 @@ def test_quality_bench_smoke(tmp_path):
     )
     res = run_quality(tmp_path, settings=tiny, contents=["hexagon"], styles=["plaid"], log=lambda m: None)
     names = list(res["methods"])
-    assert len(names) == 10 and "ZipLoRA" in names and "B4M rho=0.75" in names
+    assert len(names) == 13 and "ZipLoRA" in names and "B4M rho=0.75" in names
+    assert {"B4M w/o MCP (k=1)", "B4M no auxiliary sets (k=0)", "B4M balanced bases", "B4M released routing"} <= set(
+        names
+    )
     for r in res["methods"].values():
         for k in ("content", "style", "prompt", "average"):
             assert 0.0 <= r["aggregate"]["probe"][k] <= 1.0
         assert -1.0 <= r["aggregate"]["paper"]["content_effnet"] <= 1.0
     assert res["methods"]["B4M rho=0.5"]["same_as"] == "B4M (content up)"
+    assert res["methods"]["B4M w/o MCP (k=1)"]["same_as"] == "B4M (content up)"  # this tiny bench's k is 1
+    assert "same_as" not in res["methods"]["B4M released routing"]
     assert (tmp_path / "grid.png").is_file() and "| Method |" in (tmp_path / "table.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["time_to_new_pair"]["b4m_compose_and_finetune_s"] > 0
 

@@ -190,3 +190,24 @@ def test_sd2_style_model_with_v_prediction(tmp_path, concepts):
     gen = Generator(base)
     gen.set_adapter(f)
     assert len(gen.generate(GenerationRequest("a {content} in {style} style", steps=2))) == 1
+
+
+def test_released_routing_trains_both_halves_on_the_joint_loss(sd, concepts, clean):
+    """`routing="released"`: the auxiliary rows' loss reaches the concept's own half too, as
+    in the authors' code (its other half still trains at aux_lr_factor times the rate)."""
+    content, _, aux_styles, _ = concepts
+    plp = PLPConfig(rank=4)
+    stage = BreakStage(sd, content, aux_styles, plp, TrainConfig(steps=1, routing="released"))
+    assert stage.session.route_layers == []
+    rates = sorted(g["lr"] for g in stage.session.optimizer.param_groups)
+    assert rates == [pytest.approx(1e-4), pytest.approx(1e-3)]
+    with torch.no_grad():
+        for l in stage.layers.values():
+            l.B.normal_(0, 0.1)
+            l.D.normal_(0, 0.1)
+    session = stage.session
+    batch, weights, route = session.draw()
+    (session.row_losses(batch, route) * weights * (~route).float()).sum().backward()  # the auxiliary rows alone
+    grads = {h: sum(l.half(h).grad.abs().sum().item() for l in stage.layers.values()) for h in ("up", "down")}
+    remove_adapters(sd.unet)
+    assert grads["up"] > 0 and grads["down"] > 0  # strict routing gives the content half (up) 0 here
