@@ -361,11 +361,19 @@ def _server_export(args):
 def cmd_serve(args) -> None:
     import uvicorn
 
+    from services.api.watch import shut_down_all
     from services.common.observability import setup_logging
     from services.common.settings import get_settings
 
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # uvicorn waits for open responses before it stops: end the event streams and
+            # `wait`s now, so a SIGTERM (a rolling deploy) is not held up by them
+            shut_down_all()
+            super().handle_exit(sig, frame)
+
     setup_logging(json_logs=get_settings().log_json)  # uvicorn's loggers propagate to it
-    uvicorn.run(
+    config = uvicorn.Config(
         "services.embedded:create_server_app",
         factory=True,
         host=args.host,
@@ -373,6 +381,7 @@ def cmd_serve(args) -> None:
         log_level="info",
         log_config=None,
     )
+    Server(config).run()
 
 
 def cmd_worker(args) -> None:

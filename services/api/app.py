@@ -27,6 +27,7 @@ from .deps import Runtime
 from .openapi import describe_openapi
 from .routes import ROUTERS
 from .views import job_out
+from .watch import JobWatcher
 from .webhooks import WebhookDispatcher
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -57,6 +58,7 @@ def create_app(
         jobs=JobStore(sessions),
         store=settings.object_store(),
         queue=queue,
+        watcher=JobWatcher(sessions),
     )
 
     @asynccontextmanager
@@ -66,7 +68,9 @@ def create_app(
             stops.append(
                 Reconciler(sessions, settings, queue.enqueue, queue.waiting_ids, store=rt.store).start_thread()
             )
+        rt.watcher.start()
         yield
+        await rt.watcher.close()
         for stop in stops:
             stop.set()
         queue.close()

@@ -22,6 +22,7 @@ from ..common.models import ApiKey, Tenant
 from ..common.settings import Settings
 from ..common.storage import ObjectStore
 from ..common.tenants import hash_key
+from .watch import JobWatcher
 
 DEFAULT_TENANT = "default"
 
@@ -34,6 +35,7 @@ class Runtime:
     jobs: JobStore
     store: ObjectStore
     queue: JobQueue
+    watcher: JobWatcher  # waits on jobs without holding a thread
 
 
 def runtime(request: Request) -> Runtime:
@@ -83,6 +85,10 @@ def _queue(request: Request) -> JobQueue:
     return runtime(request).queue
 
 
+def _watcher(request: Request) -> JobWatcher:
+    return runtime(request).watcher
+
+
 RuntimeDep = Annotated[Runtime, Depends(runtime)]
 AppSettings = Annotated[Settings, Depends(_settings)]
 DbSession = Annotated[Session, Depends(_session)]
@@ -90,3 +96,4 @@ TenantId = Annotated[str, Depends(_tenant)]
 Jobs = Annotated[JobStore, Depends(_jobs)]
 Store = Annotated[ObjectStore, Depends(_store)]
 Queue = Annotated[JobQueue, Depends(_queue)]
+Watcher = Annotated[JobWatcher, Depends(_watcher)]

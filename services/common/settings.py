@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0, description="seconds a receiver has to answer")
     webhook_poll_s: float = Field(1.0, gt=0, description="how often the API looks for webhooks to send")
     preview_every: int = Field(50, ge=0, description="training: a preview image every N steps (0: none)")
+    ready_timeout_s: float = Field(2.0, gt=0, description="/readyz: how long each dependency has to answer")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
     @property

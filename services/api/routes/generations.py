@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,7 +13,7 @@ from b4m_contract.schemas import Accepted, GenerateDone, GenerateIn, GenerationL
 
 from ...common.models import Asset, Fusion, Generation
 from ...common.queries import latest_job, owned, page
-from ..deps import DbSession, Jobs, RuntimeDep, TenantId
+from ..deps import DbSession, RuntimeDep, TenantId, Watcher
 from ..openapi import errors
 from ..responses import STORED_FILE, accepted, owned_or_404, stored_file
 from ..submit import JobRequest, start_job
@@ -22,7 +21,6 @@ from ..views import generation_out
 from .common import MAX_OFFSET, IdempotencyKey
 
 router = APIRouter(tags=["generate"])
-WAIT_POLL_S = 0.05
 
 
 @router.post(
@@ -34,10 +32,11 @@ WAIT_POLL_S = 0.05
         **errors(401, 404, 409, 422),
     },
 )
-def post_generate(
-    body: GenerateIn, tenant: TenantId, rt: RuntimeDep, s: DbSession, jobs: Jobs, idempotency_key: IdempotencyKey = None
+async def post_generate(
+    body: GenerateIn, tenant: TenantId, rt: RuntimeDep, watcher: Watcher, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
-    """Draw images with a fusion, a content, a style, or the bare base model."""
+    """Draw images with a fusion, a content, a style, or the bare base model. With `wait`, the
+    answer waits for the images (200) up to that many seconds, else 202; waiting holds no thread."""
     if sum(x is not None for x in (body.fusion_id, body.content_id, body.style_id)) > 1:
         raise HTTPException(422, "give at most one of fusion_id, content_id, style_id")
 
@@ -54,13 +53,15 @@ def post_generate(
         s.flush()
         return g.id
 
-    req = JobRequest(tenant, idempotency_key, body.model_dump(exclude={"wait"}), body.webhook_url)
-    done = start_job(rt, s, req, JobType.GENERATE, add_generation)
-    deadline = time.time() + body.wait
-    job = jobs.get(tenant, done.job_id)
-    while body.wait and job.status in ACTIVE and time.time() < deadline:
-        time.sleep(WAIT_POLL_S)
-        job = jobs.get(tenant, done.job_id)
+    def create():  # the database and the queue: on a worker thread, briefly
+        req = JobRequest(tenant, idempotency_key, body.model_dump(exclude={"wait"}), body.webhook_url)
+        with rt.sessions() as s:
+            done = start_job(rt, s, req, JobType.GENERATE, add_generation)
+        return done, rt.jobs.get(tenant, done.job_id)
+
+    done, job = await run_in_threadpool(create)
+    if body.wait and job.status in ACTIVE:
+        job = await watcher.wait(job, body.wait)
     if job.status == JobStatus.SUCCEEDED:
         return JSONResponse(
             {

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, HTTPException, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from b4m_contract.jobs import TERMINAL, JobStatus
 from b4m_contract.schemas import JobList, JobOut
 
-from ..deps import Jobs, RuntimeDep, TenantId
+from ..deps import Jobs, RuntimeDep, TenantId, Watcher
 from ..openapi import errors
 from ..responses import STORED_FILE, stored_file
 from ..views import job_out
@@ -75,28 +74,23 @@ async def job_events(
     job_id: str,
     tenant: TenantId,
     jobs: Jobs,
-    interval: float = Query(0.5, ge=0.1, le=10, description="seconds between polls"),
+    watcher: Watcher,
+    interval: float = Query(
+        0.5, ge=0.1, le=10, description="ignored (kept for old clients): events come as the job changes"
+    ),
 ):
     """Server-Sent Events: a `progress` event (the job as in GET /jobs/{id}) each time its status,
-    step or attempt changes, then an `end` event when it succeeded, failed or was canceled."""
-    job = await asyncio.to_thread(jobs.get, tenant, job_id)
+    step or attempt changes, then an `end` event when it succeeded, failed or was canceled. An
+    open stream holds no thread; the server ends it at shutdown (clients reconnect)."""
+    job = await run_in_threadpool(jobs.get, tenant, job_id)
     if job is None:
         raise HTTPException(404, f"job {job_id} not found")
 
     async def stream():
-        last = None
-        current = job
-        while True:
+        async for current in watcher.follow(job):
             body = job_out(current)
-            seen = (body.status, body.progress_step, body.attempts, len(body.previews))
-            if seen != last:
-                last = seen
-                event = "end" if body.status in TERMINAL else "progress"
-                yield f"event: {event}\ndata: {body.model_dump_json()}\n\n"
-                if event == "end":
-                    return
-            await asyncio.sleep(interval)
-            current = await asyncio.to_thread(jobs.get, tenant, job_id) or current
+            event = "end" if body.status in TERMINAL else "progress"
+            yield f"event: {event}\ndata: {body.model_dump_json()}\n\n"
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

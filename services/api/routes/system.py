@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -16,23 +18,29 @@ router = APIRouter()
 
 
 @router.get("/healthz", tags=["ops"])
-def healthz():
+async def healthz():
+    """Liveness: answered on the event loop itself, so it stays fast while every worker thread
+    is busy (a stalled store, a flood of uploads)."""
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
-def readyz(rt: RuntimeDep):
-    checks = {}
-    for name, check in (
-        ("database", lambda: rt.engine.connect().close()),
-        ("storage", rt.store.check),
-        ("broker", rt.queue.check),
-    ):
+async def readyz(rt: RuntimeDep):
+    """Readiness: database, storage and broker each answer within `B4M_READY_TIMEOUT_S`."""
+    limit = rt.settings.ready_timeout_s
+
+    async def check(fn) -> str:
         try:
-            check()
-            checks[name] = "ok"
+            await asyncio.wait_for(asyncio.to_thread(fn), limit)
+            return "ok"
+        except TimeoutError:
+            return f"error: no answer within {limit:g} s"
         except Exception as exc:
-            checks[name] = f"error: {exc}"
+            return f"error: {exc}"
+
+    names = ("database", "storage", "broker")
+    fns = (lambda: rt.engine.connect().close(), rt.store.check, rt.queue.check)
+    checks = dict(zip(names, await asyncio.gather(*(check(fn) for fn in fns))))
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
 
