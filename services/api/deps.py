@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..common.broker import JobQueue
@@ -48,25 +49,35 @@ def _session(rt: Annotated[Runtime, Depends(runtime)]) -> Iterator[Session]:
 
 
 def _tenant(
-    s: Annotated[Session, Depends(_session)],
     rt: Annotated[Runtime, Depends(runtime)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> str:
-    """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off."""
-    if not rt.settings.auth:
-        t = s.scalars(select(Tenant).where(Tenant.name == DEFAULT_TENANT)).first()
-        if t is None:
-            t = Tenant(name=DEFAULT_TENANT)
-            s.add(t)
-            s.commit()
-        return t.id
-    if not authorization or not authorization.startswith("Bearer "):
-        raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
-    digest = hash_key(authorization[7:])
-    for key in s.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))):
-        if hmac.compare_digest(key.key_hash, digest):
-            return key.tenant_id
+    """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off.
+    Its own short session: a request that then waits (a job, an event stream) holds no connection."""
+    with rt.sessions() as s:
+        if not rt.settings.auth:
+            return default_tenant(s)
+        if not authorization or not authorization.startswith("Bearer "):
+            raise HTTPException(401, "missing API key (Authorization: Bearer <key>)")
+        digest = hash_key(authorization[7:])
+        for key in s.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))):
+            if hmac.compare_digest(key.key_hash, digest):
+                return key.tenant_id
     raise HTTPException(401, "invalid API key")
+
+
+def default_tenant(s: Session) -> str:
+    """The one tenant of a server with auth off, made on first use (concurrent first
+    requests may race to make it: the loser reads the winner's)."""
+    query = select(Tenant.id).where(Tenant.name == DEFAULT_TENANT)
+    if (found := s.scalar(query)) is not None:
+        return found
+    try:
+        s.add(Tenant(name=DEFAULT_TENANT))
+        s.commit()
+    except IntegrityError:
+        s.rollback()
+    return s.scalar(query)
 
 
 def _settings(request: Request) -> Settings:
