@@ -6,11 +6,37 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .jobs import AssetKind, JobStatus, JobType
 
 ID_EXAMPLE = "3f2a9c0d4b1e4f6a8c7d5e2b1a0f9e8d"
+
+
+def text_problem(value: str) -> str | None:
+    """Why a text cannot be stored (PostgreSQL refuses NUL bytes and lone surrogates), or None."""
+    if "\x00" in value:
+        return "contains a NUL byte"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: finite numbers and storable text only (422 otherwise)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable_text(cls, data):
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if isinstance(value, str) and (why := text_problem(value)):
+                    raise ValueError(f"{name} {why}")
+        return data
 
 
 class ErrorOut(BaseModel):
@@ -90,7 +116,7 @@ class AssetList(BaseModel):
     offset: int
 
 
-class FusionIn(BaseModel):
+class FusionIn(RequestBody):
     content_id: str = Field(min_length=1, max_length=64, description="a trained content asset", examples=[ID_EXAMPLE])
     style_id: str = Field(min_length=1, max_length=64, description="a trained style asset", examples=[ID_EXAMPLE])
     steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: the bare composition)")
@@ -124,7 +150,7 @@ class FusionList(BaseModel):
     offset: int
 
 
-class GenerateIn(BaseModel):
+class GenerateIn(RequestBody):
     model_config = {
         "json_schema_extra": {
             "examples": [

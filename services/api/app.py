@@ -24,6 +24,7 @@ from ..common.observability import GpuCollector, HttpMetrics, JobCollector
 from ..common.reconciler import Reconciler
 from ..common.settings import Settings, get_settings
 from .deps import Runtime
+from .errors import install_error_handlers
 from .openapi import describe_openapi
 from .routes import ROUTERS
 from .views import job_out
@@ -104,6 +105,7 @@ def create_app(
         return app.openapi_schema
 
     app.openapi = openapi
+    install_error_handlers(app)
     return app
 
 

@@ -2,7 +2,9 @@
 
 import hashlib
 import io
+import json
 import time
+from datetime import UTC
 
 import pytest
 from fastapi.testclient import TestClient
@@ -491,3 +493,60 @@ def test_job_events_stream_progress_then_end(api):
     im = Image.open(io.BytesIO(png_.content))
     assert im.size == (480, 240) and len(set(im.convert("RGB").getdata())) > 3  # a drawing, not a blank
     assert client.get("/jobs/nope/loss.png").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("post", "/generate", {"prompt": "a \x00 dog"}),
+        ("post", "/generate", {"prompt": "a \ud800 dog"}),
+        ("post", "/fusions", {"content_id": "a\x00", "style_id": "b"}),
+        ("get", "/jobs/a%00b", None),
+        ("get", "/contents/a%00b", None),
+        ("get", "/jobs?status=%00", None),
+    ],
+)
+def test_nul_bytes_and_lone_surrogates_are_422_not_500(api, method, path, body):
+    client, _ = api
+    kwargs = {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
+    r = client.request(method.upper(), path, **(kwargs if body is not None else {}))
+    assert r.status_code == 422, r.text
+    assert client.get("/jobs").json()["total"] == 0  # nothing written
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_422_with_a_readable_body(api, value):
+    client, _ = api
+    raw = f'{{"prompt": "x", "guidance": {value}}}'
+    r = client.post("/generate", content=raw.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "guidance" in r.text, r.text
+    r = client.post(
+        "/contents", files=[("images", ("a.png", png(1), "image/png"))], data={"class_word": "do\x00g", "name": "n"}
+    )
+    assert r.status_code == 422 and "NUL" in r.json()["detail"]
+
+
+def test_times_carry_their_offset_and_eta_holds_under_a_non_utc_timezone(api, monkeypatch):
+    """SQLite returns times without an offset; read as local time they put eta_seconds hours off."""
+    client, app = api
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        r = client.post("/generate", json={"prompt": "x"})
+        job_id = r.json()["job_id"]
+        app.state.runtime.queue.join()  # the embedded worker ran it: succeeded, times set
+        job = client.get(f"/jobs/{job_id}").json()
+        for field in ("created_at", "started_at", "finished_at"):
+            assert job[field].endswith("+00:00"), job
+        with app.state.runtime.sessions() as s:  # a running job halfway, started 10 s ago
+            from datetime import datetime, timedelta
+
+            row = s.get(Job, job_id)
+            row.status, row.progress_step, row.progress_total = "running", 5, 10
+            row.started_at = datetime.now(UTC) - timedelta(seconds=10)
+            s.commit()
+        eta = client.get(f"/jobs/{job_id}").json()["eta_seconds"]
+        assert 5 < eta < 60, eta  # ~10 s; hours off (or negative) when read as local time
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from b4m_contract.jobs import AssetKind, JobStatus
-from b4m_contract.schemas import Accepted, AssetList, AssetOut
+from b4m_contract.schemas import Accepted, AssetList, AssetOut, text_problem
 
 from ...common.models import Asset, Fusion, ReferenceImage
 from ...common.queries import latest_job, owned, page
@@ -60,6 +60,11 @@ def _register(kind: AssetKind) -> None:
         # uploads never blocks the event loop
         if not 1 <= len(images) <= 10:
             raise HTTPException(422, "send 1 to 10 images")
+        texts = {"word": word, "name": name, "base_model": base_model, "token": token, "webhook_url": webhook_url}
+        texts.update({f"aux_asset_ids[{i}]": a for i, a in enumerate(aux_asset_ids)})
+        for field_name, text in texts.items():
+            if text is not None and (why := text_problem(text)):
+                raise HTTPException(422, f"{field_name} {why}")
         datas = [im.file.read() for im in images]
         train = {k: v for k, v in {"steps": steps, "learning_rate": learning_rate}.items() if v is not None}
         body = {
