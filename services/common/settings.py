@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     storage: Literal["local", "s3"] = Field("local", description="object store backend")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto); None: AWS")
     s3_bucket: str = Field("b4m", description="bucket for adapters and images")
+    s3_public_endpoint_url: str | None = Field(
+        None, description="where clients reach the store, for presigned URLs (default: s3_endpoint_url)"
+    )
     s3_region: str = "us-east-1"
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
@@ -73,6 +76,7 @@ class Settings(BaseSettings):
                 region=self.s3_region,
                 access_key=self.s3_access_key,
                 secret_key=self.s3_secret_key,
+                public_endpoint_url=self.s3_public_endpoint_url,
             )
         return LocalStore(self.data_dir / "objects")
 

@@ -125,24 +125,33 @@ class S3Store:
         create_bucket: bool = False,
         connect_timeout: float = 5.0,
         retries: int = 3,
+        public_endpoint_url: str | None = None,
     ):
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            config=Config(
-                connect_timeout=connect_timeout,
-                read_timeout=60,
-                retries={"max_attempts": retries, "mode": "standard"},
-                s3={"addressing_style": "path"},
-            ),
+        config = Config(
+            connect_timeout=connect_timeout,
+            read_timeout=60,
+            retries={"max_attempts": retries, "mode": "standard"},
+            s3={"addressing_style": "path"},
         )
+
+        def client(endpoint):
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=region,
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                config=config,
+            )
+
+        self.client = client(endpoint_url)
+        # presigned URLs are opened by clients outside the cluster: sign them for the address
+        # they can reach (the in-cluster endpoint, e.g. http://minio:9000, is not one)
+        self.presigner = client(public_endpoint_url) if public_endpoint_url else self.client
         if create_bucket:
             self.ensure_bucket()
 
@@ -188,7 +197,7 @@ class S3Store:
             return False
 
     def url(self, key: str, expires: int = 3600) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
         )
 

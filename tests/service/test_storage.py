@@ -70,6 +70,25 @@ def test_presigned_url_downloads_from_s3(s3_endpoint):
         assert r.read() == b"\x89PNG fake"
 
 
+def test_presigned_urls_name_the_public_endpoint(s3_endpoint):
+    """In a cluster the store is at http://minio:9000; clients reach it elsewhere."""
+    public = s3_endpoint.replace("127.0.0.1", "localhost")
+    store = S3Store(
+        "b4m-public",
+        endpoint_url=s3_endpoint,
+        access_key="test",
+        secret_key="test",
+        create_bucket=True,
+        public_endpoint_url=public,
+    )
+    key = object_key("acme", "images", "g1", "0.png")
+    store.put(key, b"\x89PNG fake", content_type="image/png")
+    url = store.url(key, expires=60)
+    assert url.startswith(public + "/b4m-public/")
+    with urllib.request.urlopen(url, timeout=5) as r:  # signed for that host, and it verifies
+        assert r.read() == b"\x89PNG fake"
+
+
 def test_unreachable_endpoint_fails_cleanly():
     store = S3Store(
         "nowhere",
