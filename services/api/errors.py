@@ -1,4 +1,5 @@
-"""Error handling every route shares: bad input is a 422 that can always be written as JSON."""
+"""Error handling every route shares: bad input is a 422 that can always be written as JSON; a
+store that is down is a 503 with Retry-After, never a 500."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from b4m_contract.schemas import text_problem
+
+from ..common.storage import StorageUnavailable
+
+RETRY_AFTER_S = 5
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -25,6 +30,15 @@ def install_error_handlers(app: FastAPI) -> None:
         if why:
             return JSONResponse({"detail": f"the URL {why}"}, 422)
         return await call_next(request)
+
+    @app.exception_handler(StorageUnavailable)
+    async def store_down(request: Request, exc: StorageUnavailable):
+        # nothing was written: the request failed whole and can be sent again
+        return JSONResponse(
+            {"detail": f"the object store is unavailable, try again: {exc}"},
+            503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from b4m_contract.jobs import JobType
 
+from ..common import deletions
 from ..common.jobs import IdempotencyConflict, request_hash
 from .deps import Runtime
 from .webhooks import UnsafeWebhook, check_url
@@ -89,11 +90,7 @@ def start_job(
         s.commit()
     except BaseException as exc:
         s.rollback()
-        for key in req.written:  # no orphan objects
-            try:
-                rt.store.delete(key)
-            except Exception as err:
-                log.warning("could not remove %s: %s", key, err)
+        deletions.remove(rt.sessions, rt.store, req.written, recorded=False)  # no orphan objects
         if isinstance(exc, IntegrityError) and req.idempotency_key and (found := earlier(rt, req)):
             return found  # a concurrent request with the same key committed first
         raise

@@ -131,6 +131,18 @@ class Generation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ObjectDeletion(Base):
+    """An object to remove from the store: written in the transaction that drops the rows
+    pointing at it (or when a clean-up failed), removed once the object is gone. The
+    reconciler retries what the store refused, so no object is orphaned by an outage."""
+
+    __tablename__ = "object_deletions"
+    key: Mapped[str] = mapped_column(String(500), primary_key=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Job(Base):
     """One unit of queued work. The queue carries only `id`; this row is the truth."""
 

@@ -21,6 +21,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from . import deletions
 from .jobs import CANCELED, FAILED, QUEUED, RUNNING
 from .models import Job, utcnow
 from .settings import Settings
@@ -92,11 +93,10 @@ class Reconciler:
                         job.enqueued_at = now
                         send.append((job.id, job.type))
                         report["resent"].append(job.id)
-        for key in filter(None, ended_checkpoints if self.store else []):  # a job that ended keeps no partial state
-            try:
-                self.store.delete(key)
-            except Exception as exc:
-                log.warning("checkpoint %s not removed: %s", key, exc)
+        if self.store is not None:
+            # a job that ended keeps no partial state; objects whose removal failed earlier go now
+            deletions.remove(self.sessions, self.store, ended_checkpoints, recorded=False)
+            report["objects_removed"] = deletions.sweep(self.sessions, self.store)
         for job_id, job_type in send:
             try:
                 self.enqueue(job_id, job_type)

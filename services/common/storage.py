@@ -28,6 +28,14 @@ class IntegrityError(StorageError):
     """An object's bytes do not match the sha256 recorded for it."""
 
 
+class ObjectMissing(StorageError):
+    """No object under that key."""
+
+
+class StorageUnavailable(StorageError):
+    """The store did not answer or refused the call (down, hung, throttling): try again later."""
+
+
 def object_key(tenant: str, kind: str, object_id: str, name: str) -> str:
     """`tenants/<tenant>/<kind>/<id>/<name>`; every part is checked so no key escapes its tenant."""
     for label, part in (("tenant", tenant), ("kind", kind), ("id", object_id), ("name", name)):
@@ -94,7 +102,7 @@ class LocalStore:
     def get(self, key: str, expected_sha256: str | None = None) -> bytes:
         path = self._path(key)
         if not path.is_file():
-            raise StorageError(f"object not found: {key}")
+            raise ObjectMissing(f"object not found: {key}")
         return _verify(key, path.read_bytes(), expected_sha256)
 
     def delete(self, key: str) -> None:
@@ -170,7 +178,7 @@ class S3Store:
                 Bucket=self.bucket, Key=key, Body=data, ContentType=content_type, Metadata={"sha256": digest}
             )
         except Exception as exc:
-            raise StorageError(f"upload of {key} failed: {exc}") from exc
+            raise StorageUnavailable(f"upload of {key} failed: {exc}") from exc
         return StoredObject(key, digest, len(data))
 
     def get(self, key: str, expected_sha256: str | None = None) -> bytes:
@@ -179,13 +187,18 @@ class S3Store:
         try:
             data = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as exc:
-            raise StorageError(f"object not found: {key}") from exc
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectMissing(f"object not found: {key}") from exc
+            raise StorageUnavailable(f"download of {key} failed: {exc}") from exc
         except Exception as exc:
-            raise StorageError(f"download of {key} failed: {exc}") from exc
+            raise StorageUnavailable(f"download of {key} failed: {exc}") from exc
         return _verify(key, data, expected_sha256)
 
     def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise StorageUnavailable(f"delete of {key} failed: {exc}") from exc
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
@@ -205,4 +218,4 @@ class S3Store:
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
-            raise StorageError(f"bucket {self.bucket} unreachable: {exc}") from exc
+            raise StorageUnavailable(f"bucket {self.bucket} unreachable: {exc}") from exc

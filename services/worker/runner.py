@@ -23,6 +23,7 @@ from b4m_core.generation import GenerationRequest, Generator
 from b4m_core.models import BaseModel, load_base
 from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
 
+from ..common import deletions
 from ..common.charts import loss_curve_png
 from ..common.db import make_engine, session_factory
 from ..common.jobs import ClaimLost, JobResult, JobStore, NewAdapter, NotReady
@@ -338,18 +339,11 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     finally:
         current_job.reset(job_context)
         done.set()
-        for key in attempt.uploaded:  # no orphan objects from an attempt that did not commit
-            _try(lambda: ctx.store.delete(key), f"job {job.id}: could not remove {key}")
-
-
-def _try(fn, what: str) -> None:
-    try:
-        fn()
-    except Exception as exc:
-        log.warning("%s: %s", what, exc)
+        # no orphan objects from an attempt that did not commit (the sweep retries a refused one)
+        deletions.remove(ctx.sessions, ctx.store, attempt.uploaded, recorded=False)
 
 
 def _drop_checkpoint(ctx: WorkerContext, job: Job) -> None:
     key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
-    _try(lambda: ctx.store.delete(key), f"job {job.id}: checkpoint not removed")
+    deletions.remove(ctx.sessions, ctx.store, [key], recorded=False)
     ctx.jobs.set_checkpoint(job.id, None)

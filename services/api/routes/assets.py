@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from b4m_contract.jobs import AssetKind, JobStatus
 from b4m_contract.schemas import Accepted, AssetList, AssetOut, text_problem
 
+from ...common import deletions
 from ...common.models import Asset, Fusion, ReferenceImage
 from ...common.queries import latest_job, owned, page
 from ...common.storage import object_key
@@ -170,10 +171,9 @@ def _register(kind: AssetKind) -> None:
             s.delete(f)
         s.delete(a)
         s.flush()
-        keys += delete_adapters(s, adapter_ids)
-        s.commit()
-        for k in keys:
-            rt.store.delete(k)
+        keys = deletions.record(s, keys + delete_adapters(s, adapter_ids))
+        s.commit()  # the rows and the record of their objects, together
+        deletions.remove(rt.sessions, rt.store, keys)  # a store outage leaves them to the sweep
         return Response(status_code=204)
 
 

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 from b4m_contract.jobs import AssetKind, JobStatus, JobType
 from b4m_contract.schemas import Accepted, FusionIn, FusionList, FusionOut
 
+from ...common import deletions
 from ...common.models import Asset, Fusion
 from ...common.queries import Training, describe_unready, latest_job, page, training_state
 from ..deps import DbSession, RuntimeDep, TenantId
@@ -80,8 +81,7 @@ def delete_fusion(fusion_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep
     adapter_id = f.adapter_id
     s.delete(f)
     s.flush()
-    keys = delete_adapters(s, [adapter_id])
-    s.commit()
-    for k in keys:
-        rt.store.delete(k)
+    keys = deletions.record(s, delete_adapters(s, [adapter_id]))
+    s.commit()  # the rows and the record of their objects, together
+    deletions.remove(rt.sessions, rt.store, keys)  # a store outage leaves them to the sweep
     return Response(status_code=204)

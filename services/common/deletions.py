@@ -1,0 +1,65 @@
+"""Removing objects from the store reliably: record first, delete after, retry what failed.
+
+A DELETE drops its rows and records their objects' keys in one transaction (`record`), then
+tries to remove the objects (`remove`); a key whose removal failed (the store is down) stays
+recorded and `sweep` (run by the reconciler) retries it. Clean-ups of objects an attempt or
+a refused request wrote go through `remove` too, so an outage leaves no orphan behind.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import ObjectDeletion
+from .storage import ObjectStore
+
+log = logging.getLogger("b4m.deletions")
+
+
+def record(s: Session, keys) -> list[str]:
+    """Add the keys to the session (committed with the caller's transaction)."""
+    keys = [k for k in dict.fromkeys(keys) if k]
+    for key in keys:
+        if s.get(ObjectDeletion, key) is None:
+            s.add(ObjectDeletion(key=key))
+    return keys
+
+
+def remove(sessions: sessionmaker[Session], store: ObjectStore, keys, recorded: bool = True) -> int:
+    """Delete the objects now; a key the store refuses stays recorded for the sweep (recorded
+    here when it was not yet). Returns how many are gone."""
+    gone = 0
+    for key in [k for k in dict.fromkeys(keys) if k]:
+        try:
+            store.delete(key)
+        except Exception as exc:
+            log.warning("object %s not removed yet (%s): the sweep retries it", key, exc)
+            try:
+                with sessions() as s, s.begin():
+                    row = s.get(ObjectDeletion, key) or ObjectDeletion(key=key)
+                    row.attempts, row.error = (row.attempts or 0) + 1, str(exc)[:2000]
+                    s.add(row)
+            except Exception as db_exc:  # the database is down too: nothing more to do here
+                log.warning("could not record %s for the sweep: %s", key, db_exc)
+            continue
+        gone += 1
+        if recorded:
+            with sessions() as s, s.begin():
+                row = s.get(ObjectDeletion, key)
+                if row is not None:
+                    s.delete(row)
+    return gone
+
+
+def sweep(sessions: sessionmaker[Session], store: ObjectStore, limit: int = 500) -> list[str]:
+    """Retry the recorded deletions; returns the keys removed."""
+    with sessions() as s:
+        keys = list(s.scalars(select(ObjectDeletion.key).order_by(ObjectDeletion.created_at).limit(limit)))
+    done = []
+    for key in keys:
+        if remove(sessions, store, [key]):
+            done.append(key)
+    return done

@@ -1,0 +1,86 @@
+"""A store outage during requests: uploads answer 503 with Retry-After and write nothing;
+deletes succeed and leave no orphan once the store is back (issue 15, item 6)."""
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from services.common import deletions
+from services.common.models import Asset, Job, ObjectDeletion
+from services.common.settings import Settings
+from services.common.storage import S3Store
+from services.embedded import create_embedded_app
+
+from ..helpers.faults import TcpProxy
+from ..helpers.images import png
+from ..helpers.processes import wait_until
+
+
+@pytest.fixture
+def outage(db_url, tmp_path, tiny_sd_path, s3_endpoint):
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    bucket = f"b4m-outage-{int(time.time() * 1000) % 10**9}"
+    direct = S3Store(bucket, endpoint_url=s3_endpoint, access_key="t", secret_key="t", create_bucket=True)
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=db_url,
+        base_model=str(tiny_sd_path),
+        device="cpu",
+        storage="s3",
+        s3_endpoint_url=proxy.url,
+        s3_bucket=bucket,
+        s3_access_key="t",
+        s3_secret_key="t",
+        reconcile_every_s=0,
+        preview_every=0,
+    )
+    app = create_embedded_app(settings)
+    with TestClient(app) as client:
+        yield client, app, proxy, direct
+    proxy.down()
+
+
+def _objects(direct: S3Store) -> list[str]:
+    listed = direct.client.list_objects_v2(Bucket=direct.bucket)
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def _upload(client, seed: int):
+    files = [("images", (f"{i}.png", png(seed + i), "image/png")) for i in range(2)]
+    return client.post("/contents", files=files, data={"class_word": "dog", "name": "d", "steps": "2"})
+
+
+def test_uploads_answer_503_during_an_outage_and_deletes_leave_no_orphan(outage):
+    client, app, proxy, direct = outage
+    rt = app.state.runtime
+    r = _upload(client, 0)
+    assert r.status_code == 202, r.text
+    wait_until(lambda: client.get(f"/jobs/{r.json()['job_id']}").json()["status"] == "succeeded", 120, "training")
+    kept = _objects(direct)
+    assert len(kept) >= 3  # two references and the adapter (and its loss curve)
+
+    proxy.down()
+    with rt.sessions() as s:
+        before = s.scalar(select(func.count(Asset.id))), s.scalar(select(func.count(Job.id)))
+    refused = _upload(client, 10)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+    with rt.sessions() as s:  # the request failed whole
+        assert (s.scalar(select(func.count(Asset.id))), s.scalar(select(func.count(Job.id)))) == before
+    gone = client.delete(f"/contents/{r.json()['id']}")
+    assert gone.status_code == 204  # the rows go now; their objects are recorded for removal
+    assert client.get(f"/contents/{r.json()['id']}").status_code == 404
+    with rt.sessions() as s:
+        recorded = set(s.scalars(select(ObjectDeletion.key)))
+    assert {k for k in kept if "/references/" in k or "/adapters/" in k} <= recorded
+    assert set(kept) <= set(_objects(direct))  # the store was down: nothing removed yet
+    # whatever the refused upload got written before the store went away is recorded too
+    assert set(_objects(direct)) - set(kept) <= recorded
+
+    proxy.up()
+    removed = deletions.sweep(rt.sessions, rt.store)
+    assert set(removed) == recorded
+    with rt.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(ObjectDeletion)) == 0
+    assert not [k for k in _objects(direct) if "/references/" in k or "/adapters/" in k]
