@@ -213,7 +213,7 @@ def test_s3_down_for_good_fails_the_job_cleanly(stack):
     job_id, asset_id = stack["submit"]("content", steps=10, seed=0)
     job = _finished(stack, job_id, timeout=120)
     assert job.status == "failed" and job.attempts == 3
-    assert "Error" in job.error  # the storage error, for the user to read
+    assert job.error.startswith("StorageUnavailable: download of")  # the storage error, for the user to read
     with stack["sessions"]() as s:
         assert s.get(Asset, asset_id).adapter_id is None
         assert s.scalar(select(func.count(AdapterRow.id))) == 0
