@@ -70,7 +70,14 @@ def create_app(
                 Reconciler(sessions, settings, queue.enqueue, queue.waiting_ids, store=rt.store).start_thread()
             )
         rt.watcher.start()
+        scrape = None
+        if settings.metrics_port:  # the cluster-internal scrape port (no key)
+            from prometheus_client import start_http_server
+
+            scrape, _ = start_http_server(settings.metrics_port, registry=app.state.metrics)
         yield
+        if scrape is not None:
+            scrape.shutdown()
         await rt.watcher.close()
         for stop in stops:
             stop.set()

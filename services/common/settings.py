@@ -45,7 +45,12 @@ class Settings(BaseSettings):
     job_deadline_s: int = Field(6 * 3600, description="a job running or queued longer than this ends failed")
     reconcile_every_s: float = Field(15.0, description="how often the reconciler sweeps (0: never, in this process)")
     log_json: bool = Field(False, description="JSON log lines carrying job ids (production)")
-    metrics_port: int | None = Field(None, description="worker: serve Prometheus metrics (GPU memory) on this port")
+    metrics_port: int | None = Field(
+        None, description="serve Prometheus metrics on this port too (worker: GPU memory; API: everything), no key"
+    )
+    metrics_token: str | None = Field(
+        None, description="with auth on, GET /metrics on the API's port needs `Authorization: Bearer <this>`"
+    )
     webhook_allow_private: bool = Field(
         False,
         description="let webhook URLs reach private/loopback addresses "

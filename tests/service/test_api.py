@@ -550,3 +550,28 @@ def test_times_carry_their_offset_and_eta_holds_under_a_non_utc_timezone(api, mo
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
+
+
+def test_metrics_with_auth_on_need_the_operators_token(db_url, tmp_path, tiny_sd_path):
+    """/metrics counts every tenant's jobs: with auth on, a tenant's key does not read them."""
+    import urllib.request
+
+    from ..helpers.processes import free_port
+
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=db_url,
+        base_model=str(tiny_sd_path),
+        device="cpu",
+        auth=True,
+        metrics_token="ops-secret",
+        metrics_port=port,
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        r = client.get("/metrics", headers={"Authorization": "Bearer ops-secret"})
+        assert r.status_code == 200 and "b4m_jobs" in r.text
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as scraped:  # in-cluster port
+            assert b"b4m_http_requests_total" in scraped.read()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -49,10 +50,17 @@ async def readyz(rt: RuntimeDep):
     "/metrics",
     tags=["ops"],
     response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}},
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}, **errors(401)},
 )
-def metrics(request: Request):
-    """Jobs by state and type, job durations (last hour), queue depth, HTTP requests, GPU memory."""
+def metrics(request: Request, rt: RuntimeDep):
+    """Jobs by state and type, job durations (last hour), queue depth, HTTP requests, GPU memory.
+    They count every tenant's jobs: with auth on, only the operator's `B4M_METRICS_TOKEN` reads
+    them here (or scrape `B4M_METRICS_PORT`, which is not exposed outside the cluster)."""
+    if rt.settings.auth:
+        token = rt.settings.metrics_token
+        given = request.headers.get("authorization", "")
+        if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "metrics need the operator's B4M_METRICS_TOKEN (or scrape B4M_METRICS_PORT)")
     return Response(generate_latest(request.app.state.metrics), media_type=CONTENT_TYPE_LATEST)
 
 
