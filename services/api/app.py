@@ -25,6 +25,7 @@ from ..common.reconciler import Reconciler
 from ..common.settings import Settings, get_settings
 from .deps import Runtime
 from .errors import install_error_handlers
+from .guards import RequestGuard
 from .openapi import describe_openapi
 from .routes import ROUTERS
 from .views import job_out
@@ -113,6 +114,7 @@ def create_app(
 
     app.openapi = openapi
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, runtime=rt)  # outermost: before any body is read
     return app
 
 

@@ -49,11 +49,20 @@ def _session(rt: Annotated[Runtime, Depends(runtime)]) -> Iterator[Session]:
 
 
 def _tenant(
+    request: Request,
     rt: Annotated[Runtime, Depends(runtime)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> str:
     """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off.
     Its own short session: a request that then waits (a job, an event stream) holds no connection."""
+    if (found := getattr(request.state, "tenant_id", None)) is not None:
+        return found  # checked before the body was read (guards.RequestGuard)
+    return key_tenant(rt, authorization)
+
+
+def key_tenant(rt: Runtime, authorization: str | None) -> str:
+    """The tenant of an `Authorization` header (401 unless it holds a live key), or the default
+    tenant when auth is off."""
     with rt.sessions() as s:
         if not rt.settings.auth:
             return default_tenant(s)

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     auth: bool = Field(False, description="require API keys (production); embedded mode has one default tenant")
     max_upload_bytes: int = Field(10 * 2**20, description="per reference image")
     max_image_pixels: int = Field(4096 * 4096, description="decompression-bomb guard")
+    max_request_bytes: int | None = Field(
+        None, description="a request body's cap (413 before it is read); default: 10 images and 1 MiB"
+    )
     job_max_attempts: int = 3
     checkpoint_every: int = Field(50, description="training steps between checkpoints to storage")
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout: above the longest job")
@@ -63,6 +66,10 @@ class Settings(BaseSettings):
     preview_every: int = Field(50, ge=0, description="training: a preview image every N steps (0: none)")
     ready_timeout_s: float = Field(2.0, gt=0, description="/readyz: how long each dependency has to answer")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
+
+    @property
+    def request_byte_cap(self) -> int:
+        return self.max_request_bytes or 10 * self.max_upload_bytes + 2**20
 
     @property
     def resolved_database_url(self) -> str:

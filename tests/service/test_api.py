@@ -575,3 +575,27 @@ def test_metrics_with_auth_on_need_the_operators_token(db_url, tmp_path, tiny_sd
         assert r.status_code == 200 and "b4m_jobs" in r.text
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as scraped:  # in-cluster port
             assert b"b4m_http_requests_total" in scraped.read()
+
+
+def test_oversized_requests_are_refused_before_reading_and_auth_comes_first(db_url, tmp_path, tiny_sd_path):
+    settings = Settings(
+        data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu", max_request_bytes=20_000
+    )
+    with TestClient(create_app(settings)) as client:
+        big = [("images", ("a.png", png(0) + b"\0" * 30_000, "image/png"))]
+        r = client.post("/contents", files=big, data={"class_word": "dog", "name": "n"})
+        assert r.status_code == 413 and "larger than 20000" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: the cap is counted as the body streams in
+            for _ in range(10):
+                yield b"x" * 5_000
+
+        r = client.post("/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413, r.text
+        assert client.get("/jobs").json()["total"] == 0
+    with TestClient(create_app(Settings(data_dir=tmp_path, database_url=db_url, auth=True))) as client:
+        # a body that could not even be parsed: the missing key is what is answered
+        r = client.post("/contents", content=b"--garbage", headers={"content-type": "multipart/form-data; boundary=x"})
+        assert r.status_code == 401
+        r = client.post("/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
