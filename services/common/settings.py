@@ -7,6 +7,7 @@ database URL, broker URL and S3 variables turns the same code into the productio
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
     base_model: str = Field("micro", description="default base model for new assets")
+    base_models: str | None = Field(
+        None, description="comma-separated base models a request may name (default: base_model and micro)"
+    )
+    max_loaded_bases: int = Field(2, ge=1, description="worker: base models kept loaded (least recently used go)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: cuda if available")
     auth: bool = Field(False, description="require API keys (production); embedded mode has one default tenant")
     max_upload_bytes: int = Field(10 * 2**20, description="per reference image")
@@ -67,6 +72,19 @@ class Settings(BaseSettings):
     ready_timeout_s: float = Field(2.0, gt=0, description="/readyz: how long each dependency has to answer")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
+    def allowed_base_model(self, name: str) -> str | None:
+        """`name` as stored (paths normalised: `/m//` and `/m/./` are `/m`) if requests may
+        name it, else None. A worker loads each distinct name: an open list would let any
+        tenant fill its memory, and its errors would tell which paths exist on it."""
+        normal = normalize_base_model(name)
+        allowed = {normalize_base_model(n) for n in (self.base_models or "").split(",") if n.strip()}
+        allowed = allowed or {normalize_base_model(self.base_model), "micro"}
+        return normal if normal in allowed else None
+
+    def allowed_base_models(self) -> list[str]:
+        names = [n.strip() for n in (self.base_models or "").split(",") if n.strip()]
+        return sorted({normalize_base_model(n) for n in names} or {normalize_base_model(self.base_model), "micro"})
+
     @property
     def request_byte_cap(self) -> int:
         return self.max_request_bytes or 10 * self.max_upload_bytes + 2**20
@@ -91,6 +109,14 @@ class Settings(BaseSettings):
                 public_endpoint_url=self.s3_public_endpoint_url,
             )
         return LocalStore(self.data_dir / "objects")
+
+
+def normalize_base_model(name: str) -> str:
+    """One spelling per model: local paths normalised, hub ids and names as given."""
+    name = name.strip()
+    if "/" in name and (name.startswith(("/", ".", "~")) or os.sep in name and os.path.exists(name)):
+        return os.path.normpath(os.path.expanduser(name))
+    return name
 
 
 @lru_cache

@@ -50,8 +50,16 @@ class WorkerContext:
         self.generators: dict[str, Generator] = {}
 
     def base(self, name: str) -> BaseModel:
-        if name not in self.bases:  # once per process
-            self.bases[name] = load_base(name, device=self.settings.device)
+        """Each base model loaded once; past `max_loaded_bases`, the least recently used goes."""
+        if name in self.bases:
+            self.bases[name] = self.bases.pop(name)  # now the most recently used
+            return self.bases[name]
+        while len(self.bases) >= self.settings.max_loaded_bases:
+            old = next(iter(self.bases))
+            del self.bases[old]
+            self.generators.pop(old, None)
+            log.info("base model %s unloaded (max_loaded_bases=%d)", old, self.settings.max_loaded_bases)
+        self.bases[name] = load_base(name, device=self.settings.device)
         return self.bases[name]
 
     def generator(self, name: str) -> Generator:

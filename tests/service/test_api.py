@@ -599,3 +599,31 @@ def test_oversized_requests_are_refused_before_reading_and_auth_comes_first(db_u
         assert r.status_code == 401
         r = client.post("/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401 and r.json()["detail"] == "invalid API key"
+
+
+def test_base_models_come_from_the_allowed_list_normalised(api, tmp_path):
+    """A worker loads each distinct base model: requests may name only the configured ones,
+    spelled one way, and an unknown one is a 422 at the API (not a worker error naming paths)."""
+    client, app = api
+    files = [("images", ("a.png", png(0), "image/png"))]
+    r = client.post("/contents", files=files, data={"class_word": "d", "name": "n", "base_model": "/etc"})
+    assert r.status_code == 422 and "must be one of" in r.json()["detail"]
+    assert client.get("/jobs").json()["total"] == 0
+    r = client.post(
+        "/contents",
+        files=files,
+        data={"class_word": "d", "name": "n", "steps": "1", "base_model": client.base + "//./"},
+    )
+    assert r.status_code == 202, r.text
+    assert client.get(f"/contents/{r.json()['id']}").json()["base_model"] == client.base
+    app.state.runtime.queue.join()
+
+
+def test_the_worker_keeps_a_bounded_number_of_base_models(tmp_path, tiny_sd_path, tiny_sdxl_path):
+    from services.worker.runner import WorkerContext
+
+    ctx = WorkerContext(Settings(data_dir=tmp_path, device="cpu", max_loaded_bases=1))
+    first = ctx.base(str(tiny_sd_path))
+    assert ctx.base(str(tiny_sd_path)) is first  # loaded once
+    ctx.base(str(tiny_sdxl_path))
+    assert list(ctx.bases) == [str(tiny_sdxl_path)]  # the older one went

@@ -67,6 +67,9 @@ def _register(kind: AssetKind) -> None:
             if text is not None and (why := text_problem(text)):
                 raise HTTPException(422, f"{field_name} {why}")
         datas = [im.file.read() for im in images]
+        base = rt.settings.allowed_base_model(base_model or rt.settings.base_model)
+        if base is None:
+            raise HTTPException(422, f"base_model must be one of {rt.settings.allowed_base_models()}")
         train = {k: v for k, v in {"steps": steps, "learning_rate": learning_rate}.items() if v is not None}
         body = {
             "kind": kind,
@@ -92,7 +95,7 @@ def _register(kind: AssetKind) -> None:
                 name=name,
                 word=word,
                 token=token or DEFAULT_TOKENS[kind],
-                base_model=base_model or rt.settings.base_model,
+                base_model=base,
                 settings=train,
                 aux_asset_ids=aux_asset_ids,
             )
