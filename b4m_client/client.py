@@ -361,6 +361,10 @@ class Client:
     def cancel(self, job_id: str) -> JobOut:
         return JobOut.model_validate(self._request("POST", f"/jobs/{job_id}/cancel").json())
 
+    def retry(self, job_id: str) -> JobOut:
+        """Queue a failed job again (a training resumes from its last checkpoint)."""
+        return JobOut.model_validate(self._request("POST", f"/jobs/{job_id}/retry").json())
+
     def loss_curve(self, job_id: str) -> bytes:
         return self._request("GET", f"/jobs/{job_id}/loss.png").content
 

@@ -68,7 +68,7 @@ def _add_server(sub) -> None:
         sh = ksub.add_parser("show", help=f"one {kind} (by id or name) as JSON")
         sh.add_argument("id")
         _server_flags(sh)
-    p = sub.add_parser("jobs", help="jobs on a server: watch (live progress bar), list, show, cancel")
+    p = sub.add_parser("jobs", help="jobs on a server: watch (live progress bar), list, show, cancel, retry")
     jsub = p.add_subparsers(dest="action", required=True)
     w = jsub.add_parser(
         "watch", help="a progress bar from the job's live events until it ends (exit 1 unless it succeeded)"
@@ -79,7 +79,11 @@ def _add_server(sub) -> None:
     ls.add_argument("--status", default=None, choices=list(JobStatus))
     ls.add_argument("--json", action="store_true")
     _server_flags(ls)
-    for name, text in (("show", "one job as JSON"), ("cancel", "cancel a job")):
+    for name, text in (
+        ("show", "one job as JSON"),
+        ("cancel", "cancel a job"),
+        ("retry", "queue a failed job again (a training resumes from its last checkpoint)"),
+    ):
         x = jsub.add_parser(name, help=text)
         x.add_argument("job_id")
         _server_flags(x)
@@ -236,6 +240,8 @@ def cmd_jobs(args):
             print(c.job(args.job_id).model_dump_json(indent=2))
         elif args.action == "cancel":
             print(c.cancel(args.job_id).model_dump_json())
+        elif args.action == "retry":
+            print(c.retry(args.job_id).model_dump_json())
         else:
             rows = [j.model_dump() for j in c.jobs(status=args.status, limit=500).items]
             print(

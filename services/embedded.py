@@ -58,7 +58,8 @@ class InProcessQueue:
                 if self._ctx is None:
                     self._ctx = WorkerContext(self.settings)  # loads base models once, on first use
                 if run_job(self._ctx, job_id) == JobStatus.QUEUED:
-                    threading.Timer(RETRY_AFTER_S, self._q.put, args=(job_id,)).start()
+                    delay = self._ctx.retry_in.pop(job_id, RETRY_AFTER_S)
+                    threading.Timer(delay, self._q.put, args=(job_id,)).start()
             except Exception:  # keep the thread alive; the job row holds the error
                 log.exception("job %s crashed the in-process worker", job_id)
             finally:

@@ -13,7 +13,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import ObjectDeletion
+from .models import Job, ObjectDeletion
 from .storage import ObjectStore
 
 log = logging.getLogger("b4m.deletions")
@@ -26,6 +26,17 @@ def record(s: Session, keys) -> list[str]:
         if s.get(ObjectDeletion, key) is None:
             s.add(ObjectDeletion(key=key))
     return keys
+
+
+def job_objects(s: Session, tenant_id: str, target_ids) -> list[str]:
+    """What the jobs working on these targets left in the store: checkpoints (a failed job keeps
+    its own for a retry), loss curves, previews. They go with the asset or fusion."""
+    keys: list[str] = []
+    for job in s.scalars(select(Job).where(Job.tenant_id == tenant_id, Job.target_id.in_(list(target_ids)))):
+        outputs = job.outputs or {}
+        keys += [job.checkpoint_key, outputs.get("loss_curve"), *outputs.get("previews", [])]
+        job.checkpoint_key = None
+    return [k for k in keys if k]
 
 
 def remove(sessions: sessionmaker[Session], store: ObjectStore, keys, recorded: bool = True) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from b4m_contract.jobs import JOB_QUEUES, TERMINAL, JobStatus, JobType
@@ -217,6 +217,8 @@ class JobStore:
             if (job.outputs or {}).get("previews"):  # drawn during training: they stay with the job
                 outputs = {**outputs, "previews": job.outputs["previews"]}
             job.status, job.outputs, job.finished_at = SUCCEEDED, outputs, utcnow()
+            if job.outage_since is not None:  # the outage it waited out is over
+                job.outage_since, job.error = None, None
             job.claim_token, job.lease_expires_at = None, None
             return outputs
 
@@ -239,21 +241,48 @@ class JobStore:
                 job.status, job.finished_at = FAILED, utcnow()
             return job.status
 
-    def defer(self, job_id: str, token: str) -> str:
-        """Back to `queued` without using up an attempt: the job waits on another one."""
+    def defer(self, job_id: str, token: str, outage: str | None = None) -> str:
+        """Back to `queued` without using up an attempt: the job waits on another one, or
+        (`outage`: the error) waits out an unavailable store; `outage_since` marks when that began."""
+        values = {
+            "status": QUEUED,
+            "attempts": Job.attempts - 1,
+            "claim_token": None,
+            "lease_expires_at": None,
+            "enqueued_at": utcnow(),
+        }
+        if outage is not None:
+            values.update(error=outage[:4000], outage_since=func.coalesce(Job.outage_since, utcnow()))
+        with self.sessions() as s, s.begin():
+            res = s.execute(
+                update(Job).where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING).values(**values)
+            )
+            return QUEUED if res.rowcount == 1 else "lost"
+
+    def retry(self, tenant_id: str, job_id: str) -> Job | None:
+        """A failed job queued again with fresh attempts (it resumes from its last checkpoint);
+        None when the tenant has no such failed job."""
         with self.sessions() as s, s.begin():
             res = s.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.claim_token == token, Job.status == RUNNING)
+                .where(Job.id == job_id, Job.tenant_id == tenant_id, Job.status == FAILED)
                 .values(
                     status=QUEUED,
-                    attempts=Job.attempts - 1,
-                    claim_token=None,
-                    lease_expires_at=None,
+                    attempts=0,
+                    error=None,
+                    finished_at=None,
+                    outage_since=None,
+                    cancel_requested=False,
                     enqueued_at=utcnow(),
+                    webhook_status=case((Job.webhook_url.is_not(None), "pending"), else_=None),
+                    webhook_attempts=0,
+                    webhook_next_at=None,
+                    webhook_error=None,
                 )
             )
-            return QUEUED if res.rowcount == 1 else "lost"
+            if res.rowcount != 1:
+                return None
+        return self.get(tenant_id, job_id)
 
     def _end(self, job_id: str, status: str, token: str | None = None) -> bool:
         q = update(Job).where(Job.id == job_id, Job.status == RUNNING)

@@ -69,6 +69,7 @@ class Reconciler:
                 job.error = f"deadline exceeded: not finished {st.job_deadline_s} s after it was created"
                 report["deadline"].append(job.id)
                 ended_checkpoints.append(job.checkpoint_key)
+                job.checkpoint_key = None  # the object goes below: nothing may point at it
             for job in s.scalars(
                 select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).with_for_update(skip_locked=True)
             ):
@@ -77,7 +78,9 @@ class Reconciler:
                     job.status, job.finished_at = (CANCELED if job.cancel_requested else FAILED), now
                     job.error = job.error or f"worker lost in each of {job.attempts} attempts"
                     report["gave_up"].append(job.id)
-                    ended_checkpoints.append(job.checkpoint_key)
+                    if job.cancel_requested:  # a failed job keeps its checkpoint for a retry
+                        ended_checkpoints.append(job.checkpoint_key)
+                        job.checkpoint_key = None
                 else:
                     job.status, job.enqueued_at = QUEUED, now
                     send.append((job.id, job.type))

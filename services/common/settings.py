@@ -46,7 +46,12 @@ class Settings(BaseSettings):
     max_request_bytes: int | None = Field(
         None, description="a request body's cap (413 before it is read); default: 10 images and 1 MiB"
     )
-    job_max_attempts: int = 3
+    job_max_attempts: int = Field(3, description="crashes of a job itself before it fails (outages do not count)")
+    outage_retry_s: float = Field(
+        900.0, gt=0, description="how long a job waits out an unavailable store (retrying with backoff) before it fails"
+    )
+    outage_backoff_s: float = Field(5.0, gt=0, description="first wait after an outage error; grows, with jitter")
+    outage_backoff_max_s: float = Field(120.0, gt=0, description="longest wait between outage retries")
     checkpoint_every: int = Field(50, description="training steps between checkpoints to storage")
     visibility_timeout_s: int = Field(6 * 3600, description="Redis redelivery timeout: above the longest job")
     job_lease_s: float = Field(60.0, gt=0, description="a running job's lease; its worker renews it every third")

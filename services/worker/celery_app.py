@@ -60,8 +60,11 @@ def run_job_task(job_id: str) -> str:
     from .runner import run_job
 
     status = run_job(context(), job_id)
-    if status == JobStatus.QUEUED:  # a retryable failure: try again after a pause
-        run_job_task.apply_async((job_id,), countdown=5, queue=JOB_QUEUES[_job_type(job_id)], task_id=task_id(job_id))
+    if status == JobStatus.QUEUED:  # a retryable failure or an outage: try again after a pause
+        delay = context().retry_in.pop(job_id, 5.0)
+        run_job_task.apply_async(
+            (job_id,), countdown=delay, queue=JOB_QUEUES[_job_type(job_id)], task_id=task_id(job_id)
+        )
     return status
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 
 from sqlalchemy import select
 
@@ -28,11 +30,11 @@ from ..common.charts import loss_curve_png
 from ..common.db import make_engine, session_factory
 from ..common.jobs import ClaimLost, JobResult, JobStore, NewAdapter, NotReady
 from ..common.models import Adapter as AdapterRow
-from ..common.models import Asset, Fusion, Generation, Job, new_id
+from ..common.models import Asset, Fusion, Generation, Job, new_id, utcnow
 from ..common.observability import current_job
 from ..common.queries import Training, describe_unready, owned, training_state
 from ..common.settings import Settings
-from ..common.storage import object_key
+from ..common.storage import StorageUnavailable, object_key
 
 log = logging.getLogger("b4m.worker")
 
@@ -48,6 +50,7 @@ class WorkerContext:
         self.jobs = JobStore(self.sessions)
         self.store = self.settings.object_store()
         self.generators: dict[str, Generator] = {}
+        self.retry_in: dict[str, float] = {}  # job id -> seconds to wait before its next try
 
     def base(self, name: str) -> BaseModel:
         """Each base model loaded once; past `max_loaded_bases`, the least recently used goes."""
@@ -88,8 +91,9 @@ def _adapter_result(ctx: WorkerContext, attempt: Attempt, adapter: Adapter) -> J
     by `JobStore.finish` in the transaction that marks the job succeeded."""
     job = attempt.job
     adapter_id = new_id()
-    obj = ctx.store.put(object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes())
-    attempt.uploaded.append(obj.key)
+    obj = _put_result(
+        ctx, attempt, object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes()
+    )
     return JobResult(
         adapter=NewAdapter(
             id=adapter_id,
@@ -260,7 +264,9 @@ def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         # keys unique to the attempt: a stale attempt's clean-up never removes another's images
-        obj = ctx.store.put(
+        obj = _put_result(
+            ctx,
+            attempt,
             object_key(job.tenant_id, "images", job.target_id, f"{attempt.token[:8]}-{i}.png"),
             buf.getvalue(),
             content_type="image/png",
@@ -312,12 +318,13 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         if attempt.losses:  # a picture of the training, served at GET /jobs/{id}/loss.png
             steps, losses = zip(*attempt.losses)
             png = loss_curve_png(list(steps), list(losses), f"{job.type} {job.id[:8]}")
-            obj = ctx.store.put(
+            obj = _put_result(
+                ctx,
+                attempt,
                 object_key(job.tenant_id, "jobs", job.id, f"loss-{attempt.token[:8]}.png"),
                 png,
                 content_type="image/png",
             )
-            attempt.uploaded.append(obj.key)
             extra["loss_curve"] = obj.key
         result.outputs.update(extra)
         ctx.jobs.finish(job.id, attempt.token, result)
@@ -325,6 +332,15 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         _drop_checkpoint(ctx, job)
         log.info("%s succeeded in %.1f s", job.type, time.perf_counter() - started)
         return JobStatus.SUCCEEDED
+    except StorageUnavailable as exc:  # an outage is not the job's fault: no attempt spent, for a while
+        waited = (utcnow() - _utc(job.outage_since)).total_seconds() if job.outage_since else 0.0
+        if waited > ctx.settings.outage_retry_s:
+            return ctx.jobs.fail(
+                job.id, f"the object store was unavailable for {waited:.0f} s: {exc}", retry=False, token=attempt.token
+            )
+        ctx.retry_in[job.id] = _backoff(ctx.settings, waited)
+        log.warning("job %s: store unavailable, retrying in %.1f s: %s", job.id, ctx.retry_in[job.id], exc)
+        return ctx.jobs.defer(job.id, attempt.token, outage=f"waiting for the object store: {exc}")
     except NotReady as exc:  # run it again later, without using an attempt
         log.info("job %s waits: %s", job.id, exc)
         return ctx.jobs.defer(job.id, attempt.token)
@@ -340,15 +356,42 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         return ctx.jobs.fail(job.id, str(exc), retry=False, token=attempt.token)
     except Exception as exc:  # infrastructure: retry while attempts remain (resuming from the checkpoint)
         log.exception("job %s failed", job.id)
-        status = ctx.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", retry=True, token=attempt.token)
-        if status == JobStatus.FAILED:
-            _drop_checkpoint(ctx, job)
-        return status
+        # a job that failed keeps its checkpoint: POST /jobs/{id}/retry resumes from it
+        return ctx.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", retry=True, token=attempt.token)
     finally:
         current_job.reset(job_context)
         done.set()
         # no orphan objects from an attempt that did not commit (the sweep retries a refused one)
         deletions.remove(ctx.sessions, ctx.store, attempt.uploaded, recorded=False)
+
+
+def _backoff(settings: Settings, waited: float) -> float:
+    """The next wait of an outage: grows with how long it has lasted (about doubling each
+    time), between the first and the longest wait, with +-50% jitter so workers spread out."""
+    base = min(max(settings.outage_backoff_s, waited), settings.outage_backoff_max_s)
+    return base * random.uniform(0.5, 1.5)
+
+
+def _put_result(ctx: WorkerContext, attempt: Attempt, key: str, data: bytes, content_type: str | None = None):
+    """Upload what the attempt made, waiting out an unavailable store (with backoff, for up to
+    `outage_retry_s`) instead of throwing the finished work away; the lease stays renewed."""
+    started = time.monotonic()
+    while True:
+        try:
+            obj = ctx.store.put(key, data, **({"content_type": content_type} if content_type else {}))
+            attempt.uploaded.append(obj.key)
+            return obj
+        except StorageUnavailable as exc:
+            waited = time.monotonic() - started
+            if waited > ctx.settings.outage_retry_s or attempt.lost.is_set():
+                raise
+            delay = _backoff(ctx.settings, waited)
+            log.warning("job %s: result not uploaded yet, retrying in %.1f s: %s", attempt.job.id, delay, exc)
+            time.sleep(delay)
+
+
+def _utc(dt):
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _drop_checkpoint(ctx: WorkerContext, job: Job) -> None:

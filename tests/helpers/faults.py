@@ -88,6 +88,10 @@ class TcpProxy:
     def down(self) -> None:
         with self._lock:
             if self._listener:
+                try:  # wakes the thread blocked in accept(): close() alone leaves it listening
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 self._listener.close()
                 self._listener = None
             for c in self._conns:

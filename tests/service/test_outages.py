@@ -84,3 +84,75 @@ def test_uploads_answer_503_during_an_outage_and_deletes_leave_no_orphan(outage)
     with rt.sessions() as s:
         assert s.scalar(select(func.count()).select_from(ObjectDeletion)) == 0
     assert not [k for k in _objects(direct) if "/references/" in k or "/adapters/" in k]
+
+
+@pytest.fixture
+def slow_outage(tmp_path, tiny_sd_path, s3_endpoint):
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    bucket = f"b4m-wait-{int(time.time() * 1000) % 10**9}"
+    S3Store(bucket, endpoint_url=s3_endpoint, access_key="t", secret_key="t", create_bucket=True)
+    settings = Settings(
+        data_dir=tmp_path,
+        base_model=str(tiny_sd_path),
+        device="cpu",
+        storage="s3",
+        s3_endpoint_url=proxy.url,
+        s3_bucket=bucket,
+        s3_access_key="t",
+        s3_secret_key="t",
+        reconcile_every_s=0,
+        preview_every=0,
+        checkpoint_every=2,
+        outage_retry_s=30,
+        outage_backoff_s=0.2,
+        outage_backoff_max_s=0.5,
+    )
+    app = create_embedded_app(settings)
+    with TestClient(app) as client:
+        yield client, app, proxy
+    proxy.down()
+
+
+def test_a_job_waits_out_a_short_outage_without_spending_attempts(slow_outage):
+    """The store goes away right after the upload, for 2 s: whether the job was reading its
+    references or uploading its adapter then, it waits and succeeds in its one attempt."""
+    client, _, proxy = slow_outage
+    r = _upload(client, 20)
+    assert r.status_code == 202
+    proxy.down()
+    time.sleep(2)
+    proxy.up()
+    job = wait_until(
+        lambda: (j := client.get(f"/jobs/{r.json()['job_id']}").json())["status"] in ("succeeded", "failed") and j,
+        120,
+        "the job",
+    )
+    assert job["status"] == "succeeded" and job["attempts"] == 1, job
+    assert job["error"] is None  # the outage's note is cleared once it is over
+
+
+def test_an_outage_past_the_window_fails_the_job_and_retry_runs_it_again(slow_outage):
+    client, app, proxy = slow_outage
+    app.state.runtime.settings.outage_retry_s = 1.0  # the worker shares these settings
+    proxy.down()  # a generation needs the store only for its images, at the end
+    r = client.post("/generate", json={"prompt": "x", "steps": 1})
+    job_id = r.json()["job_id"]
+    job = wait_until(
+        lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
+        120,
+        "the job to give up",
+    )
+    assert job["status"] == "failed" and "unavailable for" in job["error"] and job["attempts"] == 1, job
+    assert client.post(f"/jobs/{job_id}/retry").status_code == 200
+    proxy.up()
+    app.state.runtime.settings.outage_retry_s = 30
+    job = wait_until(
+        lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
+        120,
+        "the retried job",
+    )
+    assert job["status"] == "succeeded", job
+    assert client.get(f"/generations/{job['target_id']}").json()["images"]
+    r = client.post(f"/jobs/{job_id}/retry")
+    assert r.status_code == 409 and "only a failed job" in r.json()["detail"]
+    assert client.post("/jobs/nope/retry").status_code == 404

@@ -174,6 +174,7 @@ def _register(kind: AssetKind) -> None:
             s.delete(f)
         s.delete(a)
         s.flush()
+        keys += deletions.job_objects(s, tenant, [a.id] + [f.id for f in fusions])
         keys = deletions.record(s, keys + delete_adapters(s, adapter_ids))
         s.commit()  # the rows and the record of their objects, together
         deletions.remove(rt.sessions, rt.store, keys)  # a store outage leaves them to the sweep

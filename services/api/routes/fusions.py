@@ -81,7 +81,7 @@ def delete_fusion(fusion_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep
     adapter_id = f.adapter_id
     s.delete(f)
     s.flush()
-    keys = deletions.record(s, delete_adapters(s, [adapter_id]))
+    keys = deletions.record(s, deletions.job_objects(s, tenant, [fusion_id]) + delete_adapters(s, [adapter_id]))
     s.commit()  # the rows and the record of their objects, together
     deletions.remove(rt.sessions, rt.store, keys)  # a store outage leaves them to the sweep
     return Response(status_code=204)

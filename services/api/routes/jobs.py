@@ -1,14 +1,18 @@
-"""Jobs: list, show, follow live (Server-Sent Events), cancel; a job's loss curve and previews."""
+"""Jobs: list, show, follow live (Server-Sent Events), cancel, retry; a job's loss curve and previews."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from b4m_contract.jobs import TERMINAL, JobStatus
+from b4m_contract.jobs import TERMINAL, JobStatus, JobType
 from b4m_contract.schemas import JobList, JobOut
 
+from ...common.models import Asset, Fusion, Generation
+from ...common.queries import owned
 from ..deps import Jobs, RuntimeDep, TenantId, Watcher
 from ..openapi import errors
 from ..responses import STORED_FILE, stored_file
@@ -16,6 +20,7 @@ from ..views import job_out
 from .common import MAX_OFFSET, IdempotencyKey
 
 router = APIRouter(tags=["jobs"])
+log = logging.getLogger("b4m.api")
 
 
 @router.get("/jobs", response_model=JobList, responses=errors(401, 422))
@@ -122,4 +127,28 @@ def cancel_job(job_id: str, tenant: TenantId, jobs: Jobs, idempotency_key: Idemp
     job = jobs.request_cancel(tenant, job_id)
     if job is None:
         raise HTTPException(404, f"job {job_id} not found")
+    return job_out(job)
+
+
+@router.post("/jobs/{job_id}/retry", response_model=JobOut, responses=errors(401, 404, 409))
+def retry_job(job_id: str, tenant: TenantId, rt: RuntimeDep, idempotency_key: IdempotencyKey = None):
+    """Queue a failed job again with fresh attempts; a training resumes from its last
+    checkpoint (kept when a job fails). 409 unless the job failed, or when what it works on
+    was deleted. Retrying twice is harmless: the second finds the job no longer failed (409)."""
+    job = rt.jobs.get(tenant, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    if job.status != JobStatus.FAILED:
+        raise HTTPException(409, f"job {job_id} is {job.status}: only a failed job can be retried")
+    target = {JobType.FUSE: Fusion, JobType.GENERATE: Generation}.get(JobType(job.type), Asset)
+    with rt.sessions() as s:
+        if owned(s, target, tenant, job.target_id) is None:
+            raise HTTPException(409, f"job {job_id} works on {job.target_id}, which was deleted")
+    job = rt.jobs.retry(tenant, job_id)
+    if job is None:  # retried by a concurrent request in between
+        raise HTTPException(409, f"job {job_id} is no longer failed")
+    try:
+        rt.queue.enqueue(job.id, JobType(job.type))
+    except Exception as exc:  # the reconciler sends it
+        log.warning("job %s queued again but not sent (the reconciler will): %s", job.id, exc)
     return job_out(job)
