@@ -24,6 +24,7 @@ _WHERE = {
     "IncompatibleAdapters": "training",
     "MakeStage": "training",
     "TrainingCanceled": "training",
+    "TrainingPaused": "training",
     "compose": "training",
     "fuse": "training",
     "train_concept": "training",

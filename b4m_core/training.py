@@ -31,6 +31,14 @@ class TrainingCanceled(Exception):
     """The cancel check said stop; nothing is returned."""
 
 
+class TrainingPaused(Exception):
+    """The run stopped at `step` when `Hooks.should_pause` asked, after checkpointing there."""
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"paused at step {step}")
+
+
 class IncompatibleAdapters(ConfigError):
     """Two adapters cannot be composed."""
 
@@ -45,6 +53,9 @@ class Hooks:
     resume: bytes | None = None  # a state given to `checkpoint` earlier
     preview: Callable[[int, Image.Image], None] | None = None  # (step, image) every `preview_every` steps
     preview_every: int = 0
+    # asked between steps; when true the run checkpoints where it is and raises TrainingPaused
+    # (a worker shutting down hands its job back without losing the steps since the last checkpoint)
+    should_pause: Callable[[], bool] | None = None
 
 
 # ---------------------------------------------------------------- sample cache
@@ -202,6 +213,10 @@ class TrainingSession:
             while self.step < self.cfg.steps:
                 if hooks.should_cancel and hooks.should_cancel():
                     raise TrainingCanceled(f"canceled at step {self.step}")
+                if hooks.should_pause and self.step > 0 and hooks.should_pause():
+                    if hooks.checkpoint:
+                        hooks.checkpoint(self.step, self.state())
+                    raise TrainingPaused(self.step)
                 loss = self.train_step()
                 if hooks.progress:
                     hooks.progress(self.step, self.cfg.steps, loss)

@@ -368,6 +368,7 @@ def cmd_serve(args) -> None:
     import uvicorn
 
     from services.api.watch import shut_down_all
+    from services.common.lifecycle import DRAINING
     from services.common.observability import setup_logging
     from services.common.settings import get_settings
 
@@ -376,6 +377,7 @@ def cmd_serve(args) -> None:
             # uvicorn waits for open responses before it stops: end the event streams and
             # `wait`s now, so a SIGTERM (a rolling deploy) is not held up by them
             shut_down_all()
+            DRAINING.set()  # the embedded worker hands its job back at the next step
             super().handle_exit(sig, frame)
 
     setup_logging(json_logs=get_settings().log_json)  # uvicorn's loggers propagate to it

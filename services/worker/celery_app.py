@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutting_down
 
 from b4m_contract.jobs import JOB_QUEUES, JobStatus, JobType
 
@@ -46,6 +46,15 @@ def _load_before_consuming(**_) -> None:
         registry.register(GpuCollector())
         start_http_server(settings.metrics_port, registry=registry)
     context()
+
+
+@worker_shutting_down.connect
+def _hand_jobs_back(**_) -> None:
+    """SIGTERM (warm shutdown): the running training checkpoints at its next step and goes back
+    to the queue, so the worker stops in seconds instead of at the job's end."""
+    from ..common.lifecycle import DRAINING
+
+    DRAINING.set()
 
 
 @lru_cache(maxsize=1)

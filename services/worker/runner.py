@@ -23,12 +23,13 @@ from b4m_core.config import ConfigError, TrainConfig
 from b4m_core.data import Concept, open_image
 from b4m_core.generation import GenerationRequest, Generator
 from b4m_core.models import BaseModel, load_base
-from b4m_core.training import Hooks, TrainingCanceled, fuse, train_concept
+from b4m_core.training import Hooks, TrainingCanceled, TrainingPaused, fuse, train_concept
 
 from ..common import deletions
 from ..common.charts import loss_curve_png
 from ..common.db import make_engine, session_factory
 from ..common.jobs import ClaimLost, JobResult, JobStore, NewAdapter, NotReady
+from ..common.lifecycle import DRAINING
 from ..common.models import Adapter as AdapterRow
 from ..common.models import Asset, Fusion, Generation, Job, new_id, utcnow
 from ..common.observability import current_job
@@ -162,6 +163,9 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         except Exception as exc:  # a preview is a nicety: never fail the training for one
             log.warning("job %s: preview at step %d not saved: %s", job.id, step, exc)
 
+    def should_pause() -> bool:
+        return DRAINING.is_set()
+
     return Hooks(
         progress=progress,
         should_cancel=should_stop,
@@ -169,6 +173,7 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         resume=resume,
         preview=preview,
         preview_every=ctx.settings.preview_every,
+        should_pause=should_pause,
     )
 
 
@@ -341,6 +346,10 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         ctx.retry_in[job.id] = _backoff(ctx.settings, waited)
         log.warning("job %s: store unavailable, retrying in %.1f s: %s", job.id, ctx.retry_in[job.id], exc)
         return ctx.jobs.defer(job.id, attempt.token, outage=f"waiting for the object store: {exc}")
+    except TrainingPaused as exc:  # the process is shutting down: back to the queue, no attempt spent
+        log.info("job %s handed back at step %d (shutting down)", job.id, exc.step)
+        ctx.retry_in[job.id] = 0.0
+        return ctx.jobs.defer(job.id, attempt.token)
     except NotReady as exc:  # run it again later, without using an attempt
         log.info("job %s waits: %s", job.id, exc)
         return ctx.jobs.defer(job.id, attempt.token)

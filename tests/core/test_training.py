@@ -4,7 +4,7 @@ import torch
 from b4m_core.config import PLPConfig, TrainConfig
 from b4m_core.injection import adapter_layers, remove_adapters
 from b4m_core.layers import make_bases
-from b4m_core.training import BreakStage, Hooks, TrainingCanceled, train_concept
+from b4m_core.training import BreakStage, Hooks, TrainingCanceled, TrainingPaused, train_concept
 
 
 @pytest.fixture
@@ -211,3 +211,31 @@ def test_released_routing_trains_both_halves_on_the_joint_loss(sd, concepts, cle
     grads = {h: sum(l.half(h).grad.abs().sum().item() for l in stage.layers.values()) for h in ("up", "down")}
     remove_adapters(sd.unet)
     assert grads["up"] > 0 and grads["down"] > 0  # strict routing gives the content half (up) 0 here
+
+
+def test_a_paused_run_checkpoints_where_it_stopped_and_resumes_exactly(sd, concepts, clean):
+    """`Hooks.should_pause` (a worker shutting down): the run saves its state at the current
+    step, not the last periodic checkpoint, so resuming loses no step and ends bit-equal."""
+    content, _, aux_styles, _ = concepts
+    plp, cfg = PLPConfig(rank=4), TrainConfig(steps=6, seed=3, checkpoint_every=4)
+    unbroken = train_concept(sd, content, aux=aux_styles[:2], plp=plp, cfg=cfg)
+    saved, asked = {}, {"n": 0}
+
+    def pause() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 2  # asked after each step from the first: true after step 3
+
+    with pytest.raises(TrainingPaused) as stopped:
+        train_concept(
+            sd,
+            content,
+            aux=aux_styles[:2],
+            plp=plp,
+            cfg=cfg,
+            hooks=Hooks(should_pause=pause, checkpoint=lambda step, state: saved.__setitem__(step, state)),
+        )
+    assert stopped.value.step == 3 and sorted(saved) == [3]  # not the periodic step-4 one: it never came
+    assert not adapter_layers(sd.unet)
+    resumed = train_concept(sd, content, aux=aux_styles[:2], plp=plp, cfg=cfg, hooks=Hooks(resume=saved[3]))
+    for k in unbroken.tensors:
+        assert torch.allclose(unbroken.tensors[k], resumed.tensors[k], atol=1e-6), k

@@ -226,6 +226,30 @@ def test_s3_down_for_good_fails_the_job_cleanly(stack):
     assert _objects(stack, "adapters") == [] and _objects(stack, "checkpoints") == []
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_sigterm_hands_the_job_back_at_the_next_step_and_spends_no_attempt(stack):
+    """A rolling deploy: the worker, told to stop, checkpoints at its next step and hands the
+    job back instead of finishing it (or being SIGKILLed after the grace period); the next
+    worker resumes from exactly there."""
+    import signal
+
+    worker = stack["worker"]()
+    job_id, asset_id = stack["submit"]("content", steps=400, seed=0)
+    wait_until(lambda: _job(stack, job_id).progress_step >= 7, 120, "training to be under way")
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=scaled(60))
+    job = _job(stack, job_id)
+    assert job.status == "queued" and job.attempts == 0, (job.status, job.attempts, job.error)
+    paused = job.checkpoint_step
+    assert 7 <= paused < 400 and job.checkpoint_key
+    stack["worker"]()
+    job = _finished(stack, job_id)
+    assert job.status == "succeeded" and job.attempts == 1, (job.status, job.error)
+    assert job.outputs["resumed_from_step"] == paused
+    assert _adapter_rows(stack, asset_id) == 1
+
+
 def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
     """The embedded stack (API process = worker, SQLite, local store) SIGKILLed mid-training and
     started again: the running job resumes from its checkpoint, the one waiting behind it runs."""
