@@ -21,7 +21,7 @@ from ..helpers.processes import scaled
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CONTENTS, STYLES = ("hexagon", "flower"), ("zigzag", "plaid")
-STEPS = int(os.environ.get("B4M_UI_STEPS", "60"))
+STEPS = int(os.environ.get("B4M_UI_STEPS", "40"))
 
 
 @pytest.fixture

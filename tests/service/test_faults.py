@@ -235,14 +235,14 @@ def test_sigterm_hands_the_job_back_at_the_next_step_and_spends_no_attempt(stack
     import signal
 
     worker = stack["worker"]()
-    job_id, asset_id = stack["submit"]("content", steps=400, seed=0)
+    job_id, asset_id = stack["submit"]("content", steps=120, seed=0)
     wait_until(lambda: _job(stack, job_id).progress_step >= 7, 120, "training to be under way")
     worker.send_signal(signal.SIGTERM)
     worker.wait(timeout=scaled(60))
     job = _job(stack, job_id)
     assert job.status == "queued" and job.attempts == 0, (job.status, job.attempts, job.error)
     paused = job.checkpoint_step
-    assert 7 <= paused < 400 and job.checkpoint_key
+    assert 7 <= paused < 120 and job.checkpoint_key
     stack["worker"]()
     job = _finished(stack, job_id)
     assert job.status == "succeeded" and job.attempts == 1, (job.status, job.error)
