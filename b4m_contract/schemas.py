@@ -74,7 +74,11 @@ class JobOut(BaseModel):
     progress_total: int = Field(description="steps in all (0 until the worker starts)", examples=[300])
     loss: float | None = Field(None, description="last training loss (training jobs)")
     eta_seconds: float | None = Field(None, description="estimated seconds left, from the speed so far")
-    attempts: int = Field(description="times a worker has started this job (redelivery counts)")
+    attempts: int = Field(
+        description="attempts spent: runs that crashed or are running (outages, hand-backs "
+        "and lost workers do not count)"
+    )
+    worker_losses: int = Field(0, description="times the worker running this job died (counted apart)")
     error: str | None = Field(None, description="why the job failed")
     outputs: dict = Field(description="what the job made, e.g. {'adapter_id': ...} or {'images': n}")
     previews: list[str] = Field(

@@ -54,6 +54,7 @@ def job_out(job: Job) -> JobOut:
         loss=job.loss,
         eta_seconds=eta,
         attempts=job.attempts,
+        worker_losses=job.worker_losses or 0,
         error=job.error,
         outputs=outputs,
         previews=[f"/jobs/{job.id}/previews/{i}" for i in range(len(previews))],

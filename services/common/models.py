@@ -164,6 +164,8 @@ class Job(Base):
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # set while the job waits out an unavailable store (retries that spend no attempt)
     outage_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # attempts whose worker died (lease ran out): counted apart, they spend no attempt
+    worker_losses: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # the attempt that holds the job: a token and a lease its worker renews (heartbeat);
     # a job whose lease ran out lost its worker, and the reconciler queues it again
     claim_token: Mapped[str | None] = mapped_column(String(32), nullable=True)

@@ -74,9 +74,12 @@ class Reconciler:
                 select(Job).where(Job.status == RUNNING, Job.lease_expires_at < now).with_for_update(skip_locked=True)
             ):
                 job.claim_token = job.lease_expires_at = None
-                if job.attempts >= job.max_attempts or job.cancel_requested:
+                # the worker died, not the job: count it apart, give the attempt back
+                job.worker_losses = (job.worker_losses or 0) + 1
+                job.attempts = max(0, job.attempts - 1)
+                if job.worker_losses >= st.max_worker_losses or job.cancel_requested:
                     job.status, job.finished_at = (CANCELED if job.cancel_requested else FAILED), now
-                    job.error = job.error or f"worker lost in each of {job.attempts} attempts"
+                    job.error = job.error or f"its worker was lost {job.worker_losses} times"
                     report["gave_up"].append(job.id)
                     if job.cancel_requested:  # a failed job keeps its checkpoint for a retry
                         ended_checkpoints.append(job.checkpoint_key)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
         None, description="a request body's cap (413 before it is read); default: 10 images and 1 MiB"
     )
     job_max_attempts: int = Field(3, description="crashes of a job itself before it fails (outages do not count)")
+    max_worker_losses: int = Field(
+        5, ge=1, description="a job whose worker dies this many times (OOM, node loss) ends failed"
+    )
     outage_retry_s: float = Field(
         900.0, gt=0, description="how long a job waits out an unavailable store (retrying with backoff) before it fails"
     )

@@ -158,7 +158,7 @@ def test_sigkilled_worker_resumes_from_its_checkpoint_with_exactly_adapter_rows(
     stack["worker"]()  # a new worker; the reconciler sees the lease run out and queues the job again
     job = _finished(stack, job_id)
     assert job.status == "succeeded", job.error
-    assert job.attempts == 2
+    assert (job.attempts, job.worker_losses) == (1, 1)  # the lost worker is counted apart
     assert job.outputs["resumed_from_step"] >= killed_at.checkpoint_step >= 10
     assert _adapter_rows(stack, asset_id) == 1
     assert len(_objects(stack, "adapters")) == 1
@@ -315,7 +315,7 @@ def test_api_restarted_while_jobs_run_loses_nothing(tmp_path, tiny_sd_path):
             )
             assert done["status"] == "succeeded", done
         first = job(0)
-        assert first["attempts"] == 2 and first["outputs"]["resumed_from_step"] >= 5
+        assert (first["attempts"], first["worker_losses"]) == (1, 1) and first["outputs"]["resumed_from_step"] >= 5
         assert job(1)["attempts"] == 1  # it was only waiting: it ran once, after the restart
         for p in posted:  # one adapter each, on the asset and on disk
             assert httpx.get(f"{url}/contents/{p['id']}", timeout=10).json()["adapter_id"]

@@ -134,7 +134,7 @@ def test_an_expired_lease_hands_the_job_to_the_next_attempt_and_only_it_commits(
 def test_reconciler_requeues_lost_workers_resends_lost_messages_and_ends_overdue_jobs(store):
     jobs, sessions, (a, _, asset) = store
     sent = []
-    settings = Settings(requeue_grace_s=0, job_deadline_s=3600)
+    settings = Settings(requeue_grace_s=0, job_deadline_s=3600, max_worker_losses=2)
     waiting: set[str] = set()
     rec = Reconciler(sessions, settings, enqueue=lambda j, t: sent.append(j), waiting_ids=lambda: waiting)
     lost_msg = _new_job(jobs, sessions, a, asset)
@@ -144,6 +144,8 @@ def test_reconciler_requeues_lost_workers_resends_lost_messages_and_ends_overdue
     jobs.start(dead_worker, lease_s=0.01)
     out_of_attempts = _new_job(jobs, sessions, a, asset, max_attempts=1)
     jobs.start(out_of_attempts, lease_s=0.01)
+    with sessions() as s, s.begin():  # its worker died once before: this is the second loss
+        s.get(Job, out_of_attempts).worker_losses = 1
     alive = _new_job(jobs, sessions, a, asset)
     jobs.start(alive, lease_s=60)
     overdue = _new_job(jobs, sessions, a, asset)
@@ -157,7 +159,9 @@ def test_reconciler_requeues_lost_workers_resends_lost_messages_and_ends_overdue
     assert sorted(sent) == sorted([lost_msg, dead_worker])
     got = {j: jobs.get(a, j) for j in (dead_worker, out_of_attempts, alive, overdue, in_broker)}
     assert got[dead_worker].status == "queued" and got[alive].status == "running"
-    assert got[out_of_attempts].status == "failed" and "worker lost" in got[out_of_attempts].error
+    # a lost worker spends no attempt; it is counted apart
+    assert (got[dead_worker].attempts, got[dead_worker].worker_losses) == (0, 1)
+    assert got[out_of_attempts].status == "failed" and "lost 2 times" in got[out_of_attempts].error
     assert got[overdue].status == "failed" and "deadline" in got[overdue].error
     assert got[in_broker].status == "queued"
     # the next sweep finds nothing new to send while the messages are waiting
