@@ -414,7 +414,7 @@ def cmd_reconcile(args) -> None:
     queue = CeleryQueue(settings)
     rec = Reconciler(_sessions(), settings, queue.enqueue, queue.waiting_ids, store=settings.object_store())
     if args.once:
-        print(json.dumps(rec.sweep()))
+        print(json.dumps(rec.sweep(orphans=True)))
     else:
         rec.run_forever(threading.Event())
 

@@ -70,8 +70,13 @@ class InProcessQueue:
         """Until every job handed over so far has run (tests)."""
         self._q.join()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the worker thread: a training in progress checkpoints and hands its job back at
+        its next step (it resumes when the server runs again), so no job is cut off mid-write."""
+        if self._ctx is not None:
+            self._ctx.draining.set()
         self._q.put(None)
+        self._thread.join(timeout=timeout)
 
     def check(self) -> None:
         if not self._thread.is_alive():

@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 
 from ..common.broker import CeleryQueue, JobQueue
 from ..common.db import make_engine, migrate, session_factory
@@ -68,7 +68,14 @@ def create_app(
         stops = [WebhookDispatcher(sessions, settings, lambda job: job_out(job).model_dump(mode="json")).start_thread()]
         if settings.reconcile_every_s > 0:  # crash recovery: lost messages, dead workers, deadlines
             stops.append(
-                Reconciler(sessions, settings, queue.enqueue, queue.waiting_ids, store=rt.store).start_thread()
+                Reconciler(
+                    sessions,
+                    settings,
+                    queue.enqueue,
+                    queue.waiting_ids,
+                    store=rt.store,
+                    on_orphans=app.state.orphans_removed.inc,
+                ).start_thread()
             )
         rt.watcher.start()
         scrape = None
@@ -125,6 +132,9 @@ def _observe(app: FastAPI, rt: Runtime) -> None:
     registry.register(JobCollector(rt.sessions, rt.queue.depths))
     registry.register(GpuCollector())
     app.state.metrics = registry
+    app.state.orphans_removed = Counter(
+        "b4m_orphaned_objects_removed", "objects no row pointed at, removed by this process's sweeps", registry=registry
+    )
     http = HttpMetrics(registry)
 
     @app.middleware("http")

@@ -9,11 +9,12 @@ a refused request wrote go through `remove` too, so an outage leaves no orphan b
 from __future__ import annotations
 
 import logging
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from .models import Job, ObjectDeletion
+from .models import Adapter, Generation, Job, ObjectDeletion, ReferenceImage
 from .storage import ObjectStore
 
 log = logging.getLogger("b4m.deletions")
@@ -63,6 +64,43 @@ def remove(sessions: sessionmaker[Session], store: ObjectStore, keys, recorded: 
                 if row is not None:
                     s.delete(row)
     return gone
+
+
+def referenced(s: Session) -> set[str]:
+    """Every object key a row points at (or that is already recorded for removal)."""
+    keys = set(s.scalars(select(ReferenceImage.storage_key)))
+    keys |= set(s.scalars(select(Adapter.storage_key)))
+    keys |= set(s.scalars(select(ObjectDeletion.key)))
+    for images in s.scalars(select(Generation.images)):
+        keys |= {im["key"] for im in images or []}
+    for ckpt, outputs in s.execute(select(Job.checkpoint_key, Job.outputs)):
+        outputs = outputs or {}
+        keys |= {ckpt, outputs.get("loss_curve"), *outputs.get("previews", [])}
+    keys.discard(None)
+    return keys
+
+
+def sweep_orphans(sessions: sessionmaker[Session], store: ObjectStore, grace_s: float) -> list[str]:
+    """Remove objects under `tenants/` that no row points at and that are older than `grace_s`
+    (an upload is referenced within moments of being written: the grace covers that window).
+    They are what a process killed between upload and commit leaves behind."""
+    cutoff = time.time() - grace_s
+    candidates = [key for key, modified in store.list("tenants/") if modified < cutoff]
+    if not candidates:
+        return []
+    with sessions() as s:
+        known = referenced(s)
+    orphans = [k for k in candidates if k not in known]
+    removed = []
+    for key in orphans:
+        try:
+            store.delete(key)
+            removed.append(key)
+        except Exception as exc:
+            log.warning("orphan %s not removed: %s", key, exc)
+    if removed:
+        log.info("removed %d orphaned object(s)", len(removed))
+    return removed
 
 
 def sweep(sessions: sessionmaker[Session], store: ObjectStore, limit: int = 500) -> list[str]:

@@ -131,6 +131,19 @@ class JobStore:
             )
         return self.get(tenant_id, job_id)
 
+    def forget_targets(self, s: Session, tenant_id: str, target_ids) -> None:
+        """The targets are being deleted (in `s`'s transaction): their jobs stop (queued ones at
+        once, running ones at their next step) and give up their Idempotency-Keys, so a retried
+        request with the same key makes a new resource instead of answering the deleted one."""
+        mine = (Job.tenant_id == tenant_id, Job.target_id.in_(list(target_ids)))
+        s.execute(
+            update(Job)
+            .where(*mine, Job.status == QUEUED)
+            .values(status=CANCELED, finished_at=utcnow(), cancel_requested=True)
+        )
+        s.execute(update(Job).where(*mine, Job.status == RUNNING).values(cancel_requested=True))
+        s.execute(update(Job).where(*mine).values(idempotency_key=None))
+
     # ---------------------------------------------------------------- worker side
     def start(self, job_id: str, lease_s: float = 60.0) -> Job | None:
         """Claim a job for one attempt; None when it must not run here.
@@ -213,6 +226,8 @@ class JobStore:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.status != RUNNING or job.claim_token != token:
                 raise ClaimLost(f"job {job_id} is no longer held by this attempt")
+            if job.cancel_requested:  # canceled, or what it works on was deleted, while it ran
+                raise JobCanceled(f"job {job_id} was canceled")
             outputs = {**_write_result(s, job, result), **result.outputs}
             if (job.outputs or {}).get("previews"):  # drawn during training: they stay with the job
                 outputs = {**outputs, "previews": job.outputs["previews"]}
@@ -326,6 +341,10 @@ def _write_result(s: Session, job: Job, result: JobResult) -> dict:
 
 class NotReady(Exception):
     """The job depends on another that has not finished yet (a fusion of a content in training)."""
+
+
+class JobCanceled(Exception):
+    """The job was canceled (or its target deleted) before its results could commit."""
 
 
 class ClaimLost(Exception):

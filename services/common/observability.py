@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 
-from .models import Job, utcnow
+from .models import Job, ObjectDeletion, utcnow
 
 current_job: contextvars.ContextVar[str | None] = contextvars.ContextVar("b4m_job_id", default=None)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -56,6 +56,11 @@ class JobCollector:
             buckets = [(str(b), sum(v <= b for v in values)) for b in DURATION_BUCKETS] + [("+Inf", len(values))]
             hist.add_metric([type_], buckets, sum_value=sum(values))
         yield hist
+        with self.sessions() as s:
+            pending = s.scalar(select(func.count()).select_from(ObjectDeletion))
+        yield GaugeMetricFamily(
+            "b4m_object_deletions_pending", "objects recorded for removal, not yet removed", value=pending or 0
+        )
         depth = GaugeMetricFamily("b4m_queue_depth", "messages waiting in each queue", labels=["queue"])
         try:
             for name, n in sorted(self.queue_depths().items()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -38,11 +39,16 @@ class Reconciler:
         enqueue: Callable[[str, str], None],
         waiting_ids: Callable[[], set[str] | None],
         store=None,
+        on_orphans: Callable[[int], None] | None = None,
     ):
         self.sessions, self.settings, self.store = sessions, settings, store
         self.enqueue, self.waiting_ids = enqueue, waiting_ids
+        self.on_orphans = on_orphans  # counts removed orphans (a metric)
+        self._orphans_due = 0.0  # monotonic time of the next orphan sweep
 
-    def sweep(self) -> dict[str, list[str]]:
+    def sweep(self, orphans: bool | None = None) -> dict[str, list[str]]:
+        """One pass; `orphans` forces (or skips) the slower sweep for unreferenced objects,
+        which otherwise runs every `orphan_sweep_every_s`."""
         st = self.settings
         try:
             waiting = self.waiting_ids()
@@ -103,6 +109,14 @@ class Reconciler:
             # a job that ended keeps no partial state; objects whose removal failed earlier go now
             deletions.remove(self.sessions, self.store, ended_checkpoints, recorded=False)
             report["objects_removed"] = deletions.sweep(self.sessions, self.store)
+            if orphans or (orphans is None and time.monotonic() >= self._orphans_due):
+                self._orphans_due = time.monotonic() + st.orphan_sweep_every_s
+                try:
+                    report["orphans_removed"] = deletions.sweep_orphans(self.sessions, self.store, st.orphan_grace_s)
+                except Exception as exc:  # the store is down: next time
+                    log.warning("orphan sweep: %s", exc)
+                if self.on_orphans and report.get("orphans_removed"):
+                    self.on_orphans(len(report["orphans_removed"]))
         for job_id, job_type in send:
             try:
                 self.enqueue(job_id, job_type)

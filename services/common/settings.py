@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     webhook_poll_s: float = Field(1.0, gt=0, description="how often the API looks for webhooks to send")
     preview_every: int = Field(50, ge=0, description="training: a preview image every N steps (0: none)")
     ready_timeout_s: float = Field(2.0, gt=0, description="/readyz: how long each dependency has to answer")
+    orphan_grace_s: float = Field(
+        3600.0, gt=0, description="an object no row points at is removed once it is this old (the reconciler)"
+    )
+    orphan_sweep_every_s: float = Field(3600.0, gt=0, description="how often the reconciler looks for orphans")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
     def allowed_base_model(self, name: str) -> str | None:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -64,6 +65,7 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool: ...
     def url(self, key: str, expires: int = 3600) -> str | None: ...
     def check(self) -> None: ...
+    def list(self, prefix: str = "") -> Iterator[tuple[str, float]]: ...  # (key, modified, unix seconds)
 
 
 def _verify(key: str, data: bytes, expected: str | None) -> bytes:
@@ -113,6 +115,13 @@ class LocalStore:
 
     def url(self, key: str, expires: int = 3600) -> str | None:
         return None  # served by streaming through the API
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        for path in self.root.rglob("*"):
+            if path.is_file() and path.name != ".ready":
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield key, path.stat().st_mtime
 
     def check(self) -> None:
         probe = self.root / ".ready"
@@ -213,6 +222,15 @@ class S3Store:
         return self.presigner.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
         )
+
+    def list(self, prefix: str = "") -> Iterator[tuple[str, float]]:
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    yield obj["Key"], obj["LastModified"].timestamp()
+        except Exception as exc:
+            raise StorageUnavailable(f"listing {self.bucket}/{prefix} failed: {exc}") from exc
 
     def check(self) -> None:
         try:

@@ -28,7 +28,7 @@ from b4m_core.training import Hooks, TrainingCanceled, TrainingPaused, fuse, tra
 from ..common import deletions
 from ..common.charts import loss_curve_png
 from ..common.db import make_engine, session_factory
-from ..common.jobs import ClaimLost, JobResult, JobStore, NewAdapter, NotReady
+from ..common.jobs import ClaimLost, JobCanceled, JobResult, JobStore, NewAdapter, NotReady
 from ..common.lifecycle import DRAINING
 from ..common.models import Adapter as AdapterRow
 from ..common.models import Asset, Fusion, Generation, Job, new_id, utcnow
@@ -52,6 +52,7 @@ class WorkerContext:
         self.store = self.settings.object_store()
         self.generators: dict[str, Generator] = {}
         self.retry_in: dict[str, float] = {}  # job id -> seconds to wait before its next try
+        self.draining = threading.Event()  # this context is closing: hand the running job back
 
     def base(self, name: str) -> BaseModel:
         """Each base model loaded once; past `max_loaded_bases`, the least recently used goes."""
@@ -164,7 +165,7 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
             log.warning("job %s: preview at step %d not saved: %s", job.id, step, exc)
 
     def should_pause() -> bool:
-        return DRAINING.is_set()
+        return DRAINING.is_set() or ctx.draining.is_set()
 
     return Hooks(
         progress=progress,
@@ -356,7 +357,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
     except ClaimLost:
         log.warning("job %s: another attempt holds it; this one stops", job.id)
         return "lost"
-    except TrainingCanceled:
+    except (TrainingCanceled, JobCanceled):
         _drop_checkpoint(ctx, job)
         ctx.jobs.cancel(job.id, attempt.token)
         return JobStatus.CANCELED

@@ -156,3 +156,66 @@ def test_an_outage_past_the_window_fails_the_job_and_retry_runs_it_again(slow_ou
     r = client.post(f"/jobs/{job_id}/retry")
     assert r.status_code == 409 and "only a failed job" in r.json()["detail"]
     assert client.post("/jobs/nope/retry").status_code == 404
+
+
+def test_the_sweep_removes_objects_no_row_points_at_once_they_are_old(api_with_local_store):
+    """A process killed between an upload and its commit leaves an object nothing points at;
+    the reconciler removes it after the grace period (a fresh one may be an upload in flight)."""
+    import os
+
+    from services.common.reconciler import Reconciler
+
+    client, app, root = api_with_local_store
+    rt = app.state.runtime
+    r = _upload(client, 30)
+    wait_until(lambda: client.get(f"/jobs/{r.json()['job_id']}").json()["status"] == "succeeded", 120, "training")
+    kept = sorted(k for k, _ in rt.store.list("tenants/"))
+    old = rt.store.put("tenants/t1/adapters/lost/adapter.safetensors", b"half an upload").key
+    fresh = rt.store.put("tenants/t1/references/inflight/0", b"an upload in flight").key
+    hours_ago = time.time() - 2 * 3600
+    os.utime(root / old, (hours_ago, hours_ago))
+    removed = []
+    rec = Reconciler(
+        rt.sessions, rt.settings, lambda *a: None, lambda: set(), store=rt.store, on_orphans=removed.append
+    )
+    report = rec.sweep(orphans=True)
+    assert report["orphans_removed"] == [old] and removed == [1]
+    assert sorted(k for k, _ in rt.store.list("tenants/")) == sorted(kept + [fresh])
+    assert "b4m_orphaned_objects_removed_total" in client.get("/metrics").text
+
+
+def test_deleting_an_asset_in_training_cancels_it_and_frees_its_key(api_with_local_store):
+    client, app, root = api_with_local_store
+    files = [("images", ("0.png", png(40), "image/png"))]
+    data = {"class_word": "dog", "name": "d", "steps": "3000"}
+    r = client.post("/contents", files=files, data=data, headers={"Idempotency-Key": "k1"})
+    job_id, asset_id = r.json()["job_id"], r.json()["id"]
+    wait_until(lambda: client.get(f"/jobs/{job_id}").json()["progress_step"] >= 3, 120, "training under way")
+    assert client.delete(f"/contents/{asset_id}").status_code == 204
+    job = wait_until(lambda: (j := client.get(f"/jobs/{job_id}").json())["status"] != "running" and j, 60, "a stop")
+    assert job["status"] == "canceled", job  # not 3 attempts ending "NoResultFound"
+    app.state.runtime.queue.join()
+    left = [p for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in left if asset_id in str(p) or "/adapters/" in str(p)], left
+    again = client.post(
+        "/contents",
+        files=[("images", ("0.png", png(40), "image/png"))],
+        data={**data, "steps": "1"},
+        headers={"Idempotency-Key": "k1"},
+    )
+    assert again.status_code == 202 and again.json()["id"] != asset_id, again.text  # the key made a new content
+
+
+@pytest.fixture
+def api_with_local_store(tmp_path, tiny_sd_path):
+    settings = Settings(
+        data_dir=tmp_path,
+        base_model=str(tiny_sd_path),
+        device="cpu",
+        reconcile_every_s=0,
+        preview_every=0,
+        checkpoint_every=0,
+    )
+    app = create_embedded_app(settings)
+    with TestClient(app) as client:
+        yield client, app, tmp_path / "objects"

@@ -174,7 +174,9 @@ def _register(kind: AssetKind) -> None:
             s.delete(f)
         s.delete(a)
         s.flush()
-        keys += deletions.job_objects(s, tenant, [a.id] + [f.id for f in fusions])
+        targets = [a.id] + [f.id for f in fusions]
+        rt.jobs.forget_targets(s, tenant, targets)  # their jobs stop; their keys are free again
+        keys += deletions.job_objects(s, tenant, targets)
         keys = deletions.record(s, keys + delete_adapters(s, adapter_ids))
         s.commit()  # the rows and the record of their objects, together
         deletions.remove(rt.sessions, rt.store, keys)  # a store outage leaves them to the sweep

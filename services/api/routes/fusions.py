@@ -81,6 +81,7 @@ def delete_fusion(fusion_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep
     adapter_id = f.adapter_id
     s.delete(f)
     s.flush()
+    rt.jobs.forget_targets(s, tenant, [fusion_id])  # its job stops; its key is free again
     keys = deletions.record(s, deletions.job_objects(s, tenant, [fusion_id]) + delete_adapters(s, [adapter_id]))
     s.commit()  # the rows and the record of their objects, together
     deletions.remove(rt.sessions, rt.store, keys)  # a store outage leaves them to the sweep
