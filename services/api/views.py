@@ -6,31 +6,22 @@ images become the API routes that serve them."""
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 from b4m_contract.jobs import JobStatus
 from b4m_contract.schemas import AssetOut, FusionOut, GenerationOut, JobOut, WebhookOut
 
-from ..common.models import Asset, Fusion, Generation, Job
-
-
-def utc(dt: datetime | None) -> datetime | None:
-    """Every stored time is UTC; SQLite hands them back without their offset: put it back
-    (a naive time read as local time made `eta_seconds` hours off under a non-UTC TZ)."""
-    if dt is None or dt.tzinfo is not None:
-        return dt
-    return dt.replace(tzinfo=UTC)
+from ..common.models import Asset, Fusion, Generation, Job, as_utc
 
 
 def iso(dt) -> str | None:
     """ISO 8601 with the UTC offset."""
-    return utc(dt).isoformat() if dt else None
+    return as_utc(dt).isoformat() if dt else None
 
 
 def job_out(job: Job) -> JobOut:
     eta = None
     if job.status == JobStatus.RUNNING and job.started_at and 0 < job.progress_step < job.progress_total:
-        elapsed = time.time() - utc(job.started_at).timestamp()
+        elapsed = time.time() - as_utc(job.started_at).timestamp()
         eta = elapsed / job.progress_step * (job.progress_total - job.progress_step)
     outputs = dict(job.outputs or {})
     if "loss_curve" in outputs:

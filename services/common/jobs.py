@@ -12,7 +12,7 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select, update
@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from b4m_contract.jobs import JOB_QUEUES, TERMINAL, JobStatus, JobType
 
-from .models import Adapter, Asset, Fusion, Generation, Job, utcnow
+from .models import Adapter, Asset, Fusion, Generation, Job, as_utc, utcnow
 
 # short names for the conditional updates (plain strings, as the database column holds them)
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (status.value for status in JobStatus)
@@ -157,7 +157,7 @@ class JobStore:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.status in TERMINAL:
                 return None
-            if job.status == RUNNING and job.lease_expires_at and _aware(job.lease_expires_at) > now:
+            if job.status == RUNNING and job.lease_expires_at and as_utc(job.lease_expires_at) > now:
                 return None
             if job.cancel_requested:
                 job.status, job.finished_at = CANCELED, now
@@ -349,7 +349,3 @@ class JobCanceled(Exception):
 
 class ClaimLost(Exception):
     """This attempt no longer holds its job (the lease ran out and another attempt took it)."""
-
-
-def _aware(dt: datetime) -> datetime:
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)  # SQLite hands back naive datetimes

@@ -25,6 +25,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(dt: datetime | None) -> datetime | None:
+    """Every stored time is UTC; SQLite hands them back without their offset: put it back
+    (a naive time read as local time is hours off under a non-UTC TZ)."""
+    return dt if dt is None or dt.tzinfo is not None else dt.replace(tzinfo=UTC)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict: JSON, list: JSON}
 

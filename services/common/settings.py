@@ -126,7 +126,7 @@ class Settings(BaseSettings):
 def normalize_base_model(name: str) -> str:
     """One spelling per model: local paths normalised, hub ids and names as given."""
     name = name.strip()
-    if "/" in name and (name.startswith(("/", ".", "~")) or os.sep in name and os.path.exists(name)):
+    if name.startswith(("/", ".", "~")) or os.path.exists(name):
         return os.path.normpath(os.path.expanduser(name))
     return name
 

@@ -13,7 +13,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC
 
 from sqlalchemy import select
 
@@ -31,7 +30,7 @@ from ..common.db import make_engine, session_factory
 from ..common.jobs import ClaimLost, JobCanceled, JobResult, JobStore, NewAdapter, NotReady
 from ..common.lifecycle import DRAINING
 from ..common.models import Adapter as AdapterRow
-from ..common.models import Asset, Fusion, Generation, Job, new_id, utcnow
+from ..common.models import Asset, Fusion, Generation, Job, as_utc, new_id, utcnow
 from ..common.observability import current_job
 from ..common.queries import Training, describe_unready, owned, training_state
 from ..common.settings import Settings
@@ -339,7 +338,7 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
         log.info("%s succeeded in %.1f s", job.type, time.perf_counter() - started)
         return JobStatus.SUCCEEDED
     except StorageUnavailable as exc:  # an outage is not the job's fault: no attempt spent, for a while
-        waited = (utcnow() - _utc(job.outage_since)).total_seconds() if job.outage_since else 0.0
+        waited = (utcnow() - as_utc(job.outage_since)).total_seconds() if job.outage_since else 0.0
         if waited > ctx.settings.outage_retry_s:
             return ctx.jobs.fail(
                 job.id, f"the object store was unavailable for {waited:.0f} s: {exc}", retry=False, token=attempt.token
@@ -398,10 +397,6 @@ def _put_result(ctx: WorkerContext, attempt: Attempt, key: str, data: bytes, con
             delay = _backoff(ctx.settings, waited)
             log.warning("job %s: result not uploaded yet, retrying in %.1f s: %s", attempt.job.id, delay, exc)
             time.sleep(delay)
-
-
-def _utc(dt):
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _drop_checkpoint(ctx: WorkerContext, job: Job) -> None:

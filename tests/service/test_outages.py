@@ -1,7 +1,9 @@
 """A store outage during requests: uploads answer 503 with Retry-After and write nothing;
 deletes succeed and leave no orphan once the store is back (issue 15, item 6)."""
 
+import contextlib
 import time
+import uuid
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,14 +20,15 @@ from ..helpers.images import png
 from ..helpers.processes import wait_until
 
 
-@pytest.fixture
-def outage(db_url, tmp_path, tiny_sd_path, s3_endpoint):
+@contextlib.contextmanager
+def s3_app(tmp_path, tiny_sd_path, s3_endpoint, **settings):
+    """The embedded server on an S3 bucket reached through a proxy that can go down; yields
+    (client, app, proxy, a direct store to look at the bucket)."""
     proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    bucket = f"b4m-outage-{int(time.time() * 1000) % 10**9}"
+    bucket = f"b4m-outage-{uuid.uuid4().hex[:10]}"
     direct = S3Store(bucket, endpoint_url=s3_endpoint, access_key="t", secret_key="t", create_bucket=True)
-    settings = Settings(
+    base = dict(
         data_dir=tmp_path,
-        database_url=db_url,
         base_model=str(tiny_sd_path),
         device="cpu",
         storage="s3",
@@ -36,10 +39,18 @@ def outage(db_url, tmp_path, tiny_sd_path, s3_endpoint):
         reconcile_every_s=0,
         preview_every=0,
     )
-    app = create_embedded_app(settings)
-    with TestClient(app) as client:
-        yield client, app, proxy, direct
-    proxy.down()
+    app = create_embedded_app(Settings(**{**base, **settings}))
+    try:
+        with TestClient(app) as client:
+            yield client, app, proxy, direct
+    finally:
+        proxy.down()
+
+
+@pytest.fixture
+def outage(db_url, tmp_path, tiny_sd_path, s3_endpoint):
+    with s3_app(tmp_path, tiny_sd_path, s3_endpoint, database_url=db_url) as parts:
+        yield parts
 
 
 def _objects(direct: S3Store) -> list[str]:
@@ -88,29 +99,9 @@ def test_uploads_answer_503_during_an_outage_and_deletes_leave_no_orphan(outage)
 
 @pytest.fixture
 def slow_outage(tmp_path, tiny_sd_path, s3_endpoint):
-    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
-    bucket = f"b4m-wait-{int(time.time() * 1000) % 10**9}"
-    S3Store(bucket, endpoint_url=s3_endpoint, access_key="t", secret_key="t", create_bucket=True)
-    settings = Settings(
-        data_dir=tmp_path,
-        base_model=str(tiny_sd_path),
-        device="cpu",
-        storage="s3",
-        s3_endpoint_url=proxy.url,
-        s3_bucket=bucket,
-        s3_access_key="t",
-        s3_secret_key="t",
-        reconcile_every_s=0,
-        preview_every=0,
-        checkpoint_every=2,
-        outage_retry_s=30,
-        outage_backoff_s=0.2,
-        outage_backoff_max_s=0.5,
-    )
-    app = create_embedded_app(settings)
-    with TestClient(app) as client:
+    settings = dict(checkpoint_every=2, outage_retry_s=30, outage_backoff_s=0.2, outage_backoff_max_s=0.5)
+    with s3_app(tmp_path, tiny_sd_path, s3_endpoint, **settings) as (client, app, proxy, _):
         yield client, app, proxy
-    proxy.down()
 
 
 def test_a_job_waits_out_a_short_outage_without_spending_attempts(slow_outage):
