@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from b4m_contract.jobs import JOB_QUEUES, TERMINAL, JobStatus, JobType
 
+from . import deletions
 from .models import Adapter, Asset, Fusion, Generation, Job, as_utc, utcnow
 
 # short names for the conditional updates (plain strings, as the database column holds them)
@@ -235,6 +236,9 @@ class JobStore:
             if job.outage_since is not None:  # the outage it waited out is over
                 job.outage_since, job.error = None, None
             job.claim_token, job.lease_expires_at = None, None
+            if job.checkpoint_key:  # done with it: recorded for removal in this transaction, removed after
+                deletions.record(s, [job.checkpoint_key])
+                job.checkpoint_key, job.checkpoint_step = None, 0
             return outputs
 
     def cancel(self, job_id: str, token: str | None = None) -> bool:

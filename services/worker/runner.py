@@ -125,7 +125,7 @@ class Attempt:
 
 def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
     job = attempt.job
-    ckpt_key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
+    ckpt_key = _checkpoint_key(job)
 
     def checkpoint(step: int, state: bytes) -> None:
         try:
@@ -332,9 +332,9 @@ def run_job(ctx: WorkerContext, job_id: str) -> str:
             )
             extra["loss_curve"] = obj.key
         result.outputs.update(extra)
-        ctx.jobs.finish(job.id, attempt.token, result)
+        ctx.jobs.finish(job.id, attempt.token, result)  # also records the checkpoint for removal
         attempt.uploaded.clear()  # committed: they are the job's results now
-        _drop_checkpoint(ctx, job)
+        deletions.remove(ctx.sessions, ctx.store, [_checkpoint_key(job)])
         log.info("%s succeeded in %.1f s", job.type, time.perf_counter() - started)
         return JobStatus.SUCCEEDED
     except StorageUnavailable as exc:  # an outage is not the job's fault: no attempt spent, for a while
@@ -399,7 +399,10 @@ def _put_result(ctx: WorkerContext, attempt: Attempt, key: str, data: bytes, con
             time.sleep(delay)
 
 
+def _checkpoint_key(job: Job) -> str:
+    return object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
+
+
 def _drop_checkpoint(ctx: WorkerContext, job: Job) -> None:
-    key = object_key(job.tenant_id, "checkpoints", job.id, "state.safetensors")
-    deletions.remove(ctx.sessions, ctx.store, [key], recorded=False)
+    deletions.remove(ctx.sessions, ctx.store, [_checkpoint_key(job)], recorded=False)
     ctx.jobs.set_checkpoint(job.id, None)
