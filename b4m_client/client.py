@@ -103,6 +103,8 @@ class Client:
         aux_asset_ids: Sequence[str],
         webhook_url: str | None,
         idempotency_key: str | None,
+        captions: Sequence[str] = (),
+        aux_sets: int | None = None,
     ) -> Accepted:
         files = []
         for i, im in enumerate(images):
@@ -118,11 +120,14 @@ class Client:
             ("token", token),
             ("base_model", base_model),
             ("webhook_url", webhook_url),
+            ("aux_sets", aux_sets),
         ):
             if value is not None:
                 data[field] = str(value)
         if aux_asset_ids:
             data["aux_asset_ids"] = list(aux_asset_ids)
+        if captions:
+            data["captions"] = list(captions)
         r = self._request("POST", f"/{kind}s", files=files, data=data, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
 
@@ -139,8 +144,13 @@ class Client:
         aux_asset_ids: Sequence[str] = (),
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
+        captions: Sequence[str] = (),
+        aux_sets: int | None = None,
     ) -> Accepted:
-        """Upload a content's reference images (paths or bytes) and start its break-stage training."""
+        """Upload a content's reference images (paths or bytes) and start its break-stage training.
+
+        `captions`: one per image ("" for none), `{content}` where the new concept goes.
+        `aux_sets`: MCP auxiliary sets from the base model's bank when no `aux_asset_ids` (0: none)."""
         return self._add_asset(
             "content",
             images,
@@ -153,6 +163,8 @@ class Client:
             aux_asset_ids,
             webhook_url,
             idempotency_key,
+            captions,
+            aux_sets,
         )
 
     def add_style(
@@ -168,8 +180,10 @@ class Client:
         aux_asset_ids: Sequence[str] = (),
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
+        captions: Sequence[str] = (),
+        aux_sets: int | None = None,
     ) -> Accepted:
-        """Upload a style's reference images and start its break-stage training."""
+        """Upload a style's reference images and start its break-stage training (`captions` as for contents)."""
         return self._add_asset(
             "style",
             images,
@@ -182,6 +196,8 @@ class Client:
             aux_asset_ids,
             webhook_url,
             idempotency_key,
+            captions,
+            aux_sets,
         )
 
     def contents(self, status: str | None = None, limit: int = 50, offset: int = 0) -> AssetList:

@@ -108,6 +108,9 @@ class AssetOut(BaseModel):
     base_model: str = Field(description="base model the adapter is trained on", examples=["micro"])
     adapter_id: str | None = Field(None, description="the trained adapter, once the job succeeded")
     images: int = Field(description="number of reference images")
+    captions: list[str | None] = Field(
+        default_factory=list, description="each image's caption as uploaded (null: captioned automatically)"
+    )
     status: JobStatus | None = Field(None, description="status of its latest training job")
     job_id: str | None = Field(None, description="its latest training job")
     created_at: str

@@ -95,6 +95,14 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
         p.add_argument("--token", default="", help="identifier token (default sks for content, zwx for style)")
         p.add_argument("--aux", action="append", default=[], help=AUX_HELP)
         p.add_argument(
+            "--aux-sets",
+            type=int,
+            default=None,
+            metavar="K",
+            help="with no --aux: K auxiliary sets from the base model's bank (default: its measured default, "
+            "3 on micro; 0 turns MCP off; bases without a bank train with none)",
+        )
+        p.add_argument(
             "--aux-lr-factor",
             type=float,
             default=0.1,
@@ -154,6 +162,21 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
         default=None,
         metavar="NAME",
         help="only the table rows whose name contains one of these (e.g. 'w/o MCP' 'random')",
+    )
+    p.add_argument(
+        "--split",
+        choices=["test", "dev"],
+        default="test",
+        help="concepts: test (the 4 + 4 reported) or dev (the 4 + 4 anything is chosen on) (default: test)",
+    )
+    p.add_argument("--seeds", type=int, default=None, help="seeds per row, for the intervals (default: 1)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a bench setting for every row, e.g. batch_size=4, break_steps=400, basis_scale=balanced (repeatable)",
     )
 
     p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
@@ -240,6 +263,8 @@ def cmd_train(args) -> None:
     other = "style" if args.kind == "content" else "content"
     aux = _load_aux(args.aux, other)
     base = load_base(_need_base(args), device=args.device)
+    if not aux and args.method == "b4m":  # MCP by default: the model's own bank
+        aux = base.auxiliary_sets(args.kind, args.aux_sets, seed=args.seed)
     plp = base.plp_config(
         rank=args.rank,
         alpha=args.alpha or float(args.rank),
@@ -346,9 +371,38 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .micro.quality import run_quality
+    from dataclasses import fields, replace
 
-    run_quality(args.out, quick=args.quick, log=lambda m: print(m, file=sys.stderr), only=args.methods)
+    from .micro.quality import QUICK, Settings, run_quality
+
+    settings = QUICK if args.quick else Settings()
+    types = {f.name: f.type for f in fields(Settings)}
+    changes = {}
+    for item in args.set + ([f"seeds={args.seeds}"] if args.seeds else []):
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        kind = types[key]
+        try:
+            if "bool" in kind:
+                changes[key] = value.lower() in ("1", "true", "yes")
+            elif "int" in kind:
+                changes[key] = int(value)
+            elif "float" in kind:
+                changes[key] = float(value)
+            else:
+                changes[key] = value
+        except ValueError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from exc
+    run_quality(
+        args.out,
+        quick=args.quick,
+        log=lambda m: print(m, file=sys.stderr),
+        only=args.methods,
+        settings=replace(settings, **changes),
+        split=args.split,
+        device=args.device,
+    )
     print(Path(args.out) / "table.md")
 
 

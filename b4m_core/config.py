@@ -101,6 +101,9 @@ class TrainConfig:
     # other half only; "released" is what the authors' code does in effect: one joint loss
     # on both halves, the other half at `aux_lr_factor` times the rate (DESIGN.md 1).
     routing: Routing = "strict"
+    # images without a caption: "auto" has the base model's captioner describe them (where it
+    # has one), "template" trains them on the model's prompt template alone
+    captions: Literal["auto", "template"] = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     max_grad_norm: float | None = 1.0
@@ -119,5 +122,7 @@ class TrainConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
+        if self.captions not in ("auto", "template"):
+            raise ConfigError(f"captions must be auto or template, got {self.captions!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,7 @@ from .config import ConfigError
 
 if TYPE_CHECKING:
     from .config import PLPConfig
+    from .data import Concept
 
 # Short names for bases that ship with the project (the micro model registers here).
 BASE_REGISTRY: dict[str, Callable[[], str]] = {}
@@ -58,6 +59,38 @@ class BaseModel:
     # training defaults measured for this model (`b4m_defaults.json` in its folder):
     # break_steps, make_steps, learning_rate, rho; callers fall back to generic ones without it
     recommended: dict = field(default_factory=dict)
+    # captions reference images that came without them (kind, images) -> captions; None: the
+    # model has none and uncaptioned images train on its prompt templates
+    captioner: Callable[[str, list], list[str]] | None = None
+    # MCP auxiliary sets that ship with the model: (kind of the concept, k, seed, token_bound)
+    # -> k sets of the opposite kind; None: the model has none
+    aux_bank: Callable[..., list] | None = None
+
+    def auxiliary_sets(self, kind: str, k: int | None = None, seed: int = 0) -> list[Concept]:
+        """k auxiliary sets for a `kind` concept from the model's bank (k: the model's measured
+        default, `aux_sets`); [] when the model ships no bank or k is 0."""
+        k = self.default("aux_sets", 0) if k is None else k
+        if not k or self.aux_bank is None:
+            return []
+        return self.aux_bank(kind, k, seed=seed, token_bound=bool(self.recommended.get("aux_token_bound", False)))
+
+    def describe(self, concept: Concept, use_captioner: bool = True) -> Concept:
+        """The concept as this model trains on it: images that came without a caption get one
+        from the model's captioner, or else the model's own prompt template for the kind
+        (`templates` in `b4m_defaults.json`: the phrasing its text encoder knows)."""
+        missing = [i for i, c in enumerate(concept.captions) if not c]
+        if not missing:
+            return concept
+        from .data import DEFAULT_TEMPLATES
+
+        template = concept.template
+        if template == DEFAULT_TEMPLATES[concept.kind]:  # not the caller's own
+            template = self.recommended.get("templates", {}).get(concept.kind) or template
+        captions = list(concept.captions)
+        if self.captioner is not None and use_captioner:
+            for i, text in zip(missing, self.captioner(concept.kind, [concept.images[i] for i in missing])):
+                captions[i] = text
+        return replace(concept, captions=captions, template=template)
 
     def default(self, key: str, fallback):
         value = self.recommended.get(key)
@@ -168,8 +201,11 @@ def load_base(base: str, device: str | torch.device | None = None, dtype: torch.
     extra = {}
     from .micro.model import is_micro_folder, micro_components
 
+    captioner = aux_bank = None
     if is_micro_folder(path):  # its text encoder comes from a PyPI package, not the folder
         extra = micro_components(path, dtype=dtype)
+        from .micro.bank import aux_bank
+        from .micro.captioner import caption_images as captioner
     try:
         pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **extra)
     except (OSError, ValueError) as exc:
@@ -193,4 +229,6 @@ def load_base(base: str, device: str | torch.device | None = None, dtype: torch.
         device=device,
         dtype=dtype,
         recommended=recommended,
+        captioner=captioner,
+        aux_bank=aux_bank,
     )

@@ -401,6 +401,26 @@ def check_composable(content: Adapter, style: Adapter) -> None:
                 raise IncompatibleAdapters(f"frozen bases differ at {name}.{part}")
 
 
+@torch.no_grad()
+def block_norms(adapter: Adapter) -> dict[str, float]:
+    """The blocks of a composed PLP update dW = [A; B][C, D], Frobenius norms summed over
+    layers (scaled as applied): the content block, the style block and the interaction of
+    the two trained halves (B D: never trained together in the break stage). A C is 0 with
+    exact bases."""
+    plp = adapter.plp
+    out = {"content": 0.0, "style": 0.0, "interaction": 0.0}
+    if plp is None:
+        return out
+    t = adapter.tensors
+    for name in adapter.layer_names:
+        a, b, c, d = (t[f"{name}.{p}"].float() for p in "ABCD")
+        bc, ad, bd = (torch.linalg.matrix_norm(x @ y).item() * plp.scale for x, y in ((b, c), (a, d), (b, d)))
+        out["content"] += bc if plp.content_half == "up" else ad
+        out["style"] += ad if plp.content_half == "up" else bc
+        out["interaction"] += bd
+    return out
+
+
 def compose(content: Adapter, style: Adapter) -> Adapter:
     """The bare composition: shared bases, content half from one, style half from the other."""
     check_composable(content, style)
@@ -413,7 +433,7 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
         tensors[f"{name}.C"] = content.tensors[f"{name}.C"].clone()
         tensors[f"{name}.{content_part}"] = content.tensors[f"{name}.{content_part}"].clone()
         tensors[f"{name}.{style_part}"] = style.tensors[f"{name}.{style_part}"].clone()
-    return Adapter(
+    fused = Adapter(
         kind="fused",
         method="b4m",
         tensors=tensors,
@@ -427,6 +447,8 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
         steps=0,
         seed=0,
     )
+    fused.extra["blocks_composed"] = block_norms(fused)  # before any make step
+    return fused
 
 
 def _concept_for(adapter: Adapter, concept: Concept) -> Concept:
@@ -483,6 +505,7 @@ class MakeStage:
             out = self.fused
             out.tensors = plp_state_dict(self.layers)
             out.steps, out.seed = self.cfg.steps, self.cfg.seed
+            out.extra["blocks"] = block_norms(out)
             return out
         finally:
             remove_adapters(self.base.unet)
@@ -684,6 +707,8 @@ def train_concept(
 ) -> Adapter:
     """Break stage (`b4m`) or a plain LoRA (`lora`, the baselines' first stage)."""
     plp, cfg = plp or base.plp_config(), cfg or TrainConfig()
+    concept = base.describe(concept, cfg.captions == "auto")
+    aux = [base.describe(a, cfg.captions == "auto") for a in aux or []]
     if method == "b4m":
         return BreakStage(base, concept, list(aux or []), plp, cfg).train(hooks)
     if method == "lora":
@@ -707,6 +732,8 @@ def fuse(
     `b4m`: compose + fine-tune (default 50 steps); `joint`: one LoRA trained from scratch
     on both sets; `merge`: direct sum; `ziplora`: learnt merger vectors (default 100).
     """
+    auto = cfg is None or cfg.captions == "auto"
+    content_set, style_set = base.describe(content_set, auto), base.describe(style_set, auto)
     if method == "b4m":
         cfg = cfg or TrainConfig(steps=50)
         if cfg.steps == 0:

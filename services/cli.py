@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from b4m_contract.jobs import JobStatus
 from b4m_core.cli import cmd_demo as core_demo
@@ -49,7 +50,11 @@ def _add_server(sub) -> None:
         p = sub.add_parser(kind, help=f"{kind}s on a server: add (upload + train), list, show")
         ksub = p.add_subparsers(dest="action", required=True)
         a = ksub.add_parser("add", help=f"upload a {kind}'s reference images and train it (the break stage)")
-        a.add_argument("images", nargs="+", help="1 to 10 image files (PNG, JPEG, WebP)")
+        a.add_argument(
+            "images",
+            nargs="+",
+            help="1 to 10 image files (PNG, JPEG, WebP); a same-stem .txt beside one is its caption",
+        )
         a.add_argument("--word", required=True, help=word)
         a.add_argument("--name", required=True, help="a display name (fuse and export accept it in place of the id)")
         a.add_argument("--token", default=None, help="identifier token (default sks / zwx)")
@@ -57,6 +62,13 @@ def _add_server(sub) -> None:
         a.add_argument("--lr", type=float, default=None, help="learning rate (default: the base model's)")
         a.add_argument("--base-model", default=None, help="base model (default: the server's)")
         a.add_argument("--aux", action="append", default=[], help="an asset of the other kind for MCP (repeatable)")
+        a.add_argument(
+            "--aux-sets",
+            type=int,
+            default=None,
+            metavar="K",
+            help="with no --aux: K MCP sets from the base model's bank (default: the model's, 3 on micro; 0: none)",
+        )
         a.add_argument("--webhook", default=None, help="URL the server POSTs a signed event to when training ends")
         a.add_argument("--idempotency-key", default=None, help="retrying with the same key never trains twice")
         a.add_argument("--watch", action="store_true", help="show a progress bar until the training ends")
@@ -199,6 +211,13 @@ def _server_errors(fn):
     return run
 
 
+def _sidecar_captions(images) -> list[str]:
+    """Same-stem .txt captions beside the image files, as `b4m train` reads them; [] when none."""
+    sidecars = [Path(im).with_suffix(".txt") for im in images]
+    found = [p.read_text().strip() if p.is_file() else "" for p in sidecars]
+    return found if any(found) else []
+
+
 @_server_errors
 def cmd_asset(args):
     kind = args.command
@@ -216,6 +235,8 @@ def cmd_asset(args):
                 aux_asset_ids=[c.resolve_asset("style" if kind == "content" else "content", a).id for a in args.aux],
                 webhook_url=args.webhook,
                 idempotency_key=args.idempotency_key,
+                captions=_sidecar_captions(args.images),
+                aux_sets=args.aux_sets,
             )
             print(r.model_dump_json())
             return _watch(c, r.job_id) if args.watch else 0

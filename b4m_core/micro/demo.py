@@ -18,7 +18,6 @@ from ..config import TrainConfig
 from ..generation import GenerationRequest, Generator
 from ..models import load_base
 from ..training import fuse, train_concept
-from .quality import aux_bank
 from .references import reference_concept
 from .world import HELDOUT_CONTENTS, HELDOUT_STYLES
 
@@ -52,7 +51,7 @@ def run_demo(
             a = train_concept(
                 model,
                 refs[(kind, name)],
-                aux=aux_bank(kind, 3, seed),
+                aux=model.auxiliary_sets(kind, seed=seed),  # MCP from the model's bank
                 plp=plp,
                 cfg=TrainConfig(steps=break_steps, seed=seed),
             )

@@ -29,12 +29,12 @@ from .model import SCHEDULER_CONFIG, load_text_encoder, new_unet, new_vae, save_
 from .probes import HEADS, labels_of, predict_tensor, to_tensor, train_probe
 from .world import (
     BACKGROUNDS,
-    HELDOUT_CONTENTS,
-    HELDOUT_STYLES,
+    CONTENTS,
     POSITIONS,
     PRETRAIN_CONTENTS,
     PRETRAIN_STYLES,
     SIZES,
+    SPLITS,
     Scene,
     generic_image,
     training_sample,
@@ -315,19 +315,18 @@ def train_unet(
     return ema.eval(), step, batch
 
 
-def heldout_scenes(per: int = 24) -> list[Scene]:
+def heldout_scenes(per: int = 24, split: str = "test") -> list[Scene]:
     """Held-out styles on pre-training contents and held-out contents in pre-training styles."""
+    contents, styles = SPLITS[split]
     rng = np.random.default_rng(5)
     bgs = tuple(BACKGROUNDS)
     out = [
         Scene(str(rng.choice(PRETRAIN_CONTENTS)), st, bgs[i % 6], "center", "large")
-        for st in HELDOUT_STYLES
+        for st in styles
         for i in range(per)
     ]
     return out + [
-        Scene(c, str(rng.choice(PRETRAIN_STYLES)), bgs[i % 6], "center", "large")
-        for c in HELDOUT_CONTENTS
-        for i in range(per)
+        Scene(c, str(rng.choice(PRETRAIN_STYLES)), bgs[i % 6], "center", "large") for c in contents for i in range(per)
     ]
 
 
@@ -351,8 +350,10 @@ def vae_recon_probe(
     y = labels_of(scenes)
     if by == "heldout":
         out = {}
-        for name in HELDOUT_STYLES + HELDOUT_CONTENTS:
-            head = "style" if name in HELDOUT_STYLES else "content"
+        for name in sorted({sc.style for sc in scenes} - set(PRETRAIN_STYLES)) + sorted(
+            {sc.content for sc in scenes} - set(PRETRAIN_CONTENTS)
+        ):
+            head = "content" if name in CONTENTS else "style"
             rows = torch.tensor([getattr(sc, head) == name for sc in scenes])
             out[name] = round(float((preds[head][rows] == y[head][rows]).float().mean()), 4)
         return out

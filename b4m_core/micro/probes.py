@@ -104,19 +104,26 @@ def train_probe(
     workers: int = 1,
     init: ProbeNet | None = None,
     lr: float = 2e-3,
+    vae=None,
 ) -> tuple[ProbeNet, dict]:
+    """`vae`: half of each batch is the renders' reconstructions through it, so the probe
+    reads an image as it comes out of the model's decoder (every generated image does)."""
     torch.manual_seed(seed)
     x, y = probe_dataset(n_train, seed, workers)
     xt, yt = probe_dataset(4000, seed + 1, workers)  # held-out test renders (other seeds)
+    x_rec = reconstruct(vae, x) if vae is not None else None
     net = (init or ProbeNet()).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     g = torch.Generator().manual_seed(seed)
     x, xt = x.to(device), xt.to(device)
+    x_rec = x_rec.to(device) if x_rec is not None else None
     y = {k: v.to(device) for k, v in y.items()}
     for step in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g).to(device)
         xb = x[idx]
+        if x_rec is not None:
+            xb = torch.where((torch.rand(batch, generator=g) < 0.5).to(device)[:, None, None, None], x_rec[idx], xb)
         # small colour jitter so generated images (slightly off the renderer) still read
         xb = _blur(xb, g) + 0.04 * torch.randn(xb.shape[0], 3, 1, 1, device=device) + 0.03 * torch.randn_like(xb)
         out = net(xb)
@@ -133,6 +140,17 @@ def train_probe(
     )
     acc.update({f"{k}_blurred": v for k, v in acc_blur.items()})
     return net.cpu().eval(), acc
+
+
+@torch.no_grad()
+def reconstruct(vae, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """Images (N x 3 x 64 x 64 in [-1, 1]) encoded and decoded by `vae` (latent means)."""
+    dev = next(vae.parameters()).device
+    out = []
+    for i in range(0, x.shape[0], batch):
+        xb = x[i : i + batch].to(dev)
+        out.append(vae.decode(vae.encode(xb).latent_dist.mean).sample.clamp(-1, 1).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -160,8 +178,11 @@ def predict(net: ProbeNet, images: list[Image.Image]) -> list[dict[str, str]]:
     return [{k: HEADS[k][int(idx[k][i])] for k in HEADS} for i in range(len(images))]
 
 
-def load_probe(path: str | None = None) -> tuple[ProbeNet, dict]:
-    """The shipped probe (or one at `path`) and its recorded test accuracy."""
+def load_probe(path: str | None = None, grow: bool = False) -> tuple[ProbeNet, dict]:
+    """The shipped probe (or one at `path`) and its recorded test accuracy.
+
+    `grow`: a probe saved before classes were appended to a head (the world gained concepts)
+    keeps its rows for the old classes; the new rows start fresh, for a fine-tune."""
     import json
     from pathlib import Path
 
@@ -170,7 +191,13 @@ def load_probe(path: str | None = None) -> tuple[ProbeNet, dict]:
 
     path = path or str(Path(__file__).resolve().parent / "probe.safetensors")
     net = ProbeNet()
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    if grow:
+        own = net.state_dict()
+        for k, v in state.items():
+            if v.shape != own[k].shape and k.startswith("heads."):
+                state[k] = torch.cat([v, own[k][v.shape[0] :]])
+    net.load_state_dict(state)
     with safe_open(path, framework="pt") as f:
         acc = json.loads((f.metadata() or {}).get("test_accuracy", "{}"))
     return net.eval(), acc
@@ -210,9 +237,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-vae", action="store_true", help="train on clean renders only (not the shipped VAE's too)")
     args = ap.parse_args()
     t = time.time()
-    init = load_probe()[0] if args.finetune else None
+    init = load_probe(grow=True)[0] if args.finetune else None
+    vae = None
+    if not args.no_vae:
+        from diffusers import AutoencoderKL
+
+        from .model import MODEL_DIR
+
+        vae = AutoencoderKL.from_pretrained(str(MODEL_DIR / "vae"), dtype=torch.float32).to(args.device).eval()
     net, acc = train_probe(
         args.steps,
         batch=args.batch,
@@ -222,6 +257,7 @@ def main() -> None:
         workers=os.cpu_count() or 1,
         init=init,
         lr=args.lr,
+        vae=vae,
     )
     path = save_probe(net, acc, args.out)
     print(json.dumps({"probe": path, "test_accuracy": acc, "seconds": round(time.time() - t, 1)}, indent=2))

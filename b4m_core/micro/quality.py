@@ -12,29 +12,25 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..config import ConfigError, PLPConfig, TrainConfig
-from ..data import Concept
 from ..generation import GenerationRequest, Generator
 from ..models import BaseModel, load_base
 from ..training import fuse, train_concept
+from .bank import aux_bank
 from .metrics import PaperMetrics
 from .probes import load_probe, predict
 from .references import reference_concept
 from .world import (
-    BACKGROUNDS,
     CONTENTS,
-    HELDOUT_CONTENTS,
-    HELDOUT_STYLES,
     PRETRAIN_CONTENTS,
-    PRETRAIN_STYLES,
+    SPLITS,
     STYLES,
-    Scene,
     random_scene,
     render,
 )
@@ -50,107 +46,143 @@ EVAL_ATTRIBUTES = [
 ]
 
 
+def _where(position: str) -> str:
+    return "in the center" if position == "center" else f"in the {position} corner"
+
+
 def eval_prompt(size: str, position: str, background: str) -> str:
-    where = "in the center" if position == "center" else f"in the {position} corner"
-    return f"a {size} {{content}} in {{style}} style {where} on a {background} background"
+    return f"a {size} {{content}} in {{style}} style {_where(position)} on a {background} background"
 
 
-@dataclass
+def single_prompt(kind: str, size: str, position: str, background: str, i: int = 0) -> str:
+    """A prompt for one break-stage adapter alone: the content on its own, or the style on a
+    known shape (cycled through the pre-training contents)."""
+    if kind == "content":
+        return f"a {size} {{content}} {_where(position)} on a {background} background"
+    thing = PRETRAIN_CONTENTS[i % len(PRETRAIN_CONTENTS)]
+    return f"a {size} {thing} in {{style}} style {_where(position)} on a {background} background"
+
+
+@dataclass(frozen=True)
 class Settings:
-    # micro v1: 250 steps at 5e-3 learn a held-out content (5/6 probe reads, docs/micro.md)
-    # in ~35 s per concept with k = 3 on 2 cores, inside the 60 s budget; lr 1e-2 learnt less.
-    break_steps: int = 250
-    make_steps: int = 50
-    lora_steps: int = 250
-    joint_steps: int = 250  # the same budget as one break stage, from scratch for every pair
-    ziplora_steps: int = 100
-    learning_rate: float = 5e-3
+    """One bench run. `None`: the base model's measured default (b4m_defaults.json)."""
+
+    break_steps: int | None = None
+    make_steps: int | None = None
+    learning_rate: float | None = None
     batch_size: int = 1  # rows of each reference set a step (MCP adds one row per auxiliary set)
-    rank: int = 16
+    rho: float | None = None
+    content_half: str = "up"
+    basis_mode: str = "exact"
+    basis_scale: str = "legacy"
+    routing: str = "strict"
     aux_sets: int = 3
+    token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
+    captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
+    lora_steps: int | None = None  # None: the break stage's steps (same budget)
+    joint_steps: int | None = None
+    ziplora_steps: int = 100
+    rank: int = 16
     images_per_pair: int = 4
+    single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
     guidance: float = 5.0
     seed: int = 0
+    seeds: int = 1  # seeds seed, seed + 1, ...: training and sampling both change
+
+    def resolved(self, base: BaseModel) -> Settings:
+        """Every `None` filled from the base model's measured defaults."""
+        bs = self.break_steps if self.break_steps is not None else base.default("break_steps", 250)
+        return replace(
+            self,
+            break_steps=bs,
+            make_steps=self.make_steps if self.make_steps is not None else base.default("make_steps", 50),
+            learning_rate=self.learning_rate or base.default("learning_rate", 5e-3),
+            rho=self.rho if self.rho is not None else base.default("rho", 0.5),
+            lora_steps=self.lora_steps or bs,
+            joint_steps=self.joint_steps or bs,
+        )
+
+    def plp(self) -> PLPConfig:
+        return PLPConfig(
+            rank=self.rank,
+            alpha=float(self.rank),
+            rho=self.rho,
+            content_half=self.content_half,
+            basis_mode=self.basis_mode,
+            basis_scale=self.basis_scale,
+        )
 
 
-# 2 x 2 pairs; these step counts ran the whole --quick bench in 11:59 on 2 cores (same UNet)
-QUICK = Settings(break_steps=80, make_steps=20, lora_steps=80, joint_steps=80, ziplora_steps=40)
+# 2 x 2 pairs, few steps: a smoke run of every row
+QUICK = Settings(break_steps=80, make_steps=20, ziplora_steps=40)
 
 
 @dataclass
 class Method:
+    """One table row: a family of method and what it changes of the run's settings."""
+
     name: str
     family: str  # "b4m" | "joint" | "merge" | "ziplora"
-    plp: PLPConfig = field(default_factory=PLPConfig)
-    aux_sets: int | None = None  # MCP's k; None: the bench's setting (3)
-    routing: str = "strict"
+    overrides: dict = field(default_factory=dict)
 
-    def k(self, settings: Settings) -> int:
-        return settings.aux_sets if self.aux_sets is None else self.aux_sets
+    def settings(self, s: Settings) -> Settings:
+        return replace(s, **self.overrides)
 
-    def key(self, settings: Settings) -> tuple:
-        """Rows with the same key share their adapters."""
-        return (self.family, self.plp, self.k(settings), self.routing)
+    def key(self, s: Settings) -> tuple:
+        """Rows with the same key share their adapters (and their scores)."""
+        eff = self.settings(s)
+        if self.family == "b4m":
+            return ("b4m", eff)
+        if self.family == "joint":
+            return ("joint", eff.plp(), eff.joint_steps, eff.learning_rate, eff.batch_size, eff.captions)
+        return (self.family, eff.plp(), eff.lora_steps, eff.learning_rate, eff.batch_size, eff.captions)
 
 
-def methods(rank: int) -> list[Method]:
-    base = PLPConfig(rank=rank, alpha=float(rank))
+def methods(rank: int = 16) -> list[Method]:
+    """The rows of the table; the first is the shipped defaults, the one the targets are on."""
     return [
-        Method("B4M (content up)", "b4m", base),
-        Method("B4M (content down)", "b4m", replace(base, content_half="down")),
-        Method("Joint LoRA (DB+LoRA)", "joint", base),
-        Method("Direct merge", "merge", base),
-        Method("ZipLoRA", "ziplora", base),
-        Method("B4M w/o MCP (k=1)", "b4m", base, aux_sets=1),  # the paper's ablation: one style per content
-        Method("B4M no auxiliary sets (k=0)", "b4m", base, aux_sets=0),
-        Method("B4M random bases (w/o Orth)", "b4m", replace(base, basis_mode="random")),
-        Method("B4M rho=0.25", "b4m", replace(base, rho=0.25)),
-        Method("B4M rho=0.5", "b4m", base),  # same adapters as the first row; listed for the sweep
-        Method("B4M rho=0.75", "b4m", replace(base, rho=0.75)),
-        Method("B4M balanced bases", "b4m", replace(base, basis_scale="balanced")),
-        Method("B4M released routing", "b4m", base, routing="released"),
+        Method("B4M", "b4m"),
+        Method("B4M uncaptioned (auto captions)", "b4m", {"captions": "auto"}),
+        Method("B4M uncaptioned (template only)", "b4m", {"captions": "template"}),
+        Method("B4M (content down)", "b4m", {"content_half": "down"}),
+        Method("Joint LoRA (DB+LoRA)", "joint"),
+        Method("Direct merge", "merge"),
+        Method("ZipLoRA", "ziplora"),
+        Method("B4M w/o MCP (k=1)", "b4m", {"aux_sets": 1}),  # the paper's ablation: one style per content
+        Method("B4M no auxiliary sets (k=0)", "b4m", {"aux_sets": 0}),
+        Method("B4M token-bound auxiliary sets", "b4m", {"token_bound_aux": True}),
+        Method("B4M random bases (w/o Orth)", "b4m", {"basis_mode": "random"}),
+        Method("B4M rho=0.25", "b4m", {"rho": 0.25}),
+        Method("B4M rho=0.5", "b4m", {"rho": 0.5}),
+        Method("B4M rho=0.75", "b4m", {"rho": 0.75}),
+        Method("B4M balanced bases", "b4m", {"basis_scale": "balanced"}),
+        Method("B4M released routing", "b4m", {"routing": "released"}),
     ]
 
 
-def aux_bank(kind: str, k: int, seed: int = 0) -> list[Concept]:
-    """MCP auxiliary sets of the opposite kind: known concepts rendered by the world.
+def bootstrap(cells: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of a (units x seeds) array, resampling units and seeds."""
+    cells = np.asarray(cells, dtype=np.float64)
+    if cells.ndim == 1:
+        cells = cells[:, None]
+    rng = np.random.default_rng(seed)
+    u, k = cells.shape
+    means = np.empty(n)
+    for i in range(n):
+        means[i] = cells[np.ix_(rng.integers(0, u, u), rng.integers(0, k, k))].mean()
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
 
-    The model already knows them, so they carry no identifier token."""
-    rng = np.random.default_rng([seed, 4242])
-    bgs = tuple(BACKGROUNDS)
-    out = []
-    if kind == "content":  # auxiliary styles for a content adapter
-        for name in rng.choice(PRETRAIN_STYLES, size=k, replace=False):
-            scenes = [
-                Scene(str(c), str(name), bgs[rng.integers(6)], "center", "large")
-                for c in rng.choice(PRETRAIN_CONTENTS, size=2, replace=False)
-            ]
-            out.append(
-                Concept(
-                    "style",
-                    [render(s, 50 + i) for i, s in enumerate(scenes)],
-                    word=str(name),
-                    token="",
-                    captions=[f"a {{style}} {s.content} on a {s.background} background" for s in scenes],
-                )
-            )
-    else:
-        for name in rng.choice(PRETRAIN_CONTENTS, size=k, replace=False):
-            scenes = [
-                Scene(str(name), str(st), bgs[rng.integers(6)], "center", "large")
-                for st in rng.choice(PRETRAIN_STYLES, size=2, replace=False)
-            ]
-            out.append(
-                Concept(
-                    "content",
-                    [render(s, 60 + i) for i, s in enumerate(scenes)],
-                    word=str(name),
-                    token="",
-                    captions=[f"a {s.style} {{content}} on a {s.background} background" for s in scenes],
-                )
-            )
-    return out
+
+def paired_difference(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b over the same (unit, seed) cells with its 95% bootstrap interval."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    lo, hi = bootstrap(d, n, seed)
+    return {"mean": float(d.mean()), "lo": lo, "hi": hi, "beyond_noise": bool(lo > 0 or hi < 0)}
+
+
+SCORES = ("content", "style", "prompt", "average")
 
 
 class QualityBench:
@@ -162,14 +194,22 @@ class QualityBench:
         settings: Settings,
         log: Callable[[str], None] = print,
     ):
-        self.base, self.contents, self.styles, self.s, self.log = base, contents, styles, settings, log
+        self.base, self.contents, self.styles, self.log = base, contents, styles, log
+        self.s = settings.resolved(base)
         self.gen = Generator(base)
         self.probe, self.probe_acc = load_probe()
         rng = np.random.default_rng(7)
         self.metrics = PaperMetrics([render(random_scene(rng, CONTENTS, STYLES), i) for i in range(200)])
-        self.ref = {("content", c): reference_concept("content", c) for c in contents}
-        self.ref.update({("style", s): reference_concept("style", s) for s in styles})
+        self.sidecar = {("content", c): reference_concept("content", c) for c in contents}
+        self.sidecar.update({("style", s): reference_concept("style", s) for s in styles})
         self.timings: dict[str, list[float]] = {}
+
+    def refs(self, s: Settings) -> dict:
+        """The reference sets as this row trains on them: with the shipped hand-written
+        captions, or with none (as an upload without captions reaches the service)."""
+        if s.captions == "sidecar":
+            return self.sidecar
+        return {k: replace(c, captions=[None] * len(c.images)) for k, c in self.sidecar.items()}
 
     def _time(self, key: str, fn):
         t = time.perf_counter()
@@ -177,72 +217,80 @@ class QualityBench:
         self.timings.setdefault(key, []).append(time.perf_counter() - t)
         return out
 
-    def _cfg(self, steps: int, lr: float | None = None) -> TrainConfig:
+    def _cfg(self, s: Settings, steps: int, lr: float | None = None, **extra) -> TrainConfig:
         return TrainConfig(
-            steps=steps, learning_rate=lr or self.s.learning_rate, seed=self.s.seed, batch_size=self.s.batch_size
+            steps=steps,
+            learning_rate=lr or s.learning_rate,
+            seed=s.seed,
+            batch_size=s.batch_size,
+            captions="template" if s.captions == "template" else "auto",
+            **extra,
         )
 
-    def adapters(self, m: Method, cache: dict) -> dict:
-        """Per pair, the fused adapter of method `m` (first-stage adapters cached by key)."""
-        s = self.s
-        out = {}
+    def breaks(self, s: Settings) -> dict:
+        """Every content's and style's break-stage adapter under settings `s`."""
+        refs, out = self.refs(s), {}
+        for kind, names in (("content", self.contents), ("style", self.styles)):
+            for n in names:
+                aux = aux_bank(kind, s.aux_sets, seed=s.seed, token_bound=s.token_bound_aux)
+                out[(kind, n)] = self._time(
+                    "b4m break (per concept)",
+                    lambda: train_concept(
+                        self.base,
+                        refs[(kind, n)],
+                        "b4m",
+                        aux=aux,
+                        plp=s.plp(),
+                        cfg=self._cfg(s, s.break_steps, routing=s.routing),
+                    ),
+                )
+        return out
+
+    def adapters(self, m: Method, cache: dict, seed: int) -> tuple[dict, dict | None]:
+        """Per pair, the fused adapter of method `m`; for B4M also the break-stage adapters."""
+        s = replace(m.settings(self.s), seed=seed)
+        refs = self.refs(s)
         if m.family == "b4m":
-            key = m.key(s)
-            if key not in cache:
-                single = {}
-                for kind, names in (("content", self.contents), ("style", self.styles)):
-                    for n in names:
-                        aux = aux_bank(kind, m.k(s), seed=s.seed)
-                        single[(kind, n)] = self._time(
-                            "b4m break (per concept)",
-                            lambda: train_concept(
-                                self.base,
-                                self.ref[(kind, n)],
-                                "b4m",
-                                aux=aux,
-                                plp=m.plp,
-                                cfg=replace(self._cfg(s.break_steps), routing=m.routing),
-                            ),
-                        )
-                pairs = {}
-                for c in self.contents:
-                    for st in self.styles:
-                        pairs[(c, st)] = self._time(
-                            "b4m make (per pair)",
-                            lambda: fuse(
-                                self.base,
-                                single[("content", c)],
-                                single[("style", st)],
-                                self.ref[("content", c)],
-                                self.ref[("style", st)],
-                                "b4m",
-                                cfg=self._cfg(s.make_steps),
-                            ),
-                        )
-                cache[key] = pairs
-            return cache[key]
+            single = self.breaks(s)
+            pairs = {}
+            for c in self.contents:
+                for st in self.styles:
+                    pairs[(c, st)] = self._time(
+                        "b4m make (per pair)",
+                        lambda: fuse(
+                            self.base,
+                            single[("content", c)],
+                            single[("style", st)],
+                            refs[("content", c)],
+                            refs[("style", st)],
+                            "b4m",
+                            cfg=self._cfg(s, s.make_steps),
+                        ),
+                    )
+            return pairs, single
         if m.family in ("merge", "ziplora"):
-            key = ("lora", m.plp.rank)
+            key = ("lora", s.plp(), s.lora_steps, s.learning_rate, s.batch_size, s.captions, seed)
             if key not in cache:
                 cache[key] = {
                     (kind, n): self._time(
                         "lora (per concept)",
                         lambda: train_concept(
-                            self.base, self.ref[(kind, n)], "lora", plp=m.plp, cfg=self._cfg(s.lora_steps)
+                            self.base, refs[(kind, n)], "lora", plp=s.plp(), cfg=self._cfg(s, s.lora_steps)
                         ),
                     )
                     for kind, names in (("content", self.contents), ("style", self.styles))
                     for n in names
                 }
             single = cache[key]
+        out = {}
         for c in self.contents:
             for st in self.styles:
-                cref, sref = self.ref[("content", c)], self.ref[("style", st)]
+                cref, sref = refs[("content", c)], refs[("style", st)]
                 if m.family == "joint":
                     out[(c, st)] = self._time(
                         "joint (per pair)",
                         lambda: fuse(
-                            self.base, None, None, cref, sref, "joint", cfg=self._cfg(s.joint_steps), plp=m.plp
+                            self.base, None, None, cref, sref, "joint", cfg=self._cfg(s, s.joint_steps), plp=s.plp()
                         ),
                     )
                 elif m.family == "merge":
@@ -260,22 +308,24 @@ class QualityBench:
                             cref,
                             sref,
                             "ziplora",
-                            cfg=self._cfg(s.ziplora_steps, lr=1e-2),
+                            cfg=self._cfg(s, s.ziplora_steps, lr=1e-2),
                         ),
                     )
-        return out
+        return out, None
 
-    def draw(self, adapter) -> tuple[list[Image.Image], list[tuple]]:
+    def _draw(self, adapter, prompts: list[str], seed: int) -> list[Image.Image]:
         self.gen.set_adapter(adapter, fuse=True)
-        attrs = EVAL_ATTRIBUTES[: self.s.images_per_pair]
         images = []
-        for i, a in enumerate(attrs):
-            req = GenerationRequest(
-                eval_prompt(*a), seed=self.s.seed + i, steps=self.s.sample_steps, guidance=self.s.guidance
-            )
+        for i, prompt in enumerate(prompts):
+            req = GenerationRequest(prompt, seed=seed + i, steps=self.s.sample_steps, guidance=self.s.guidance)
             images += self._time("generate (per image)", lambda: self.gen.generate(req))
         self.gen.set_adapter(None)
-        return images, attrs
+        return images
+
+    def draw(self, adapter, seed: int | None = None) -> tuple[list[Image.Image], list[tuple]]:
+        attrs = EVAL_ATTRIBUTES[: self.s.images_per_pair]
+        seed = self.s.seed if seed is None else seed
+        return self._draw(adapter, [eval_prompt(*a) for a in attrs], seed), attrs
 
     def score(self, images, attrs, content: str, style: str) -> dict:
         reads = predict(self.probe, images)
@@ -289,45 +339,124 @@ class QualityBench:
             / (3 * n),
         }
         probe["average"] = (probe["content"] + probe["style"] + probe["prompt"]) / 3
-        paper = self.metrics.score(images, self.ref[("content", content)].images, self.ref[("style", style)].images)
+        paper = self.metrics.score(
+            images, self.sidecar[("content", content)].images, self.sidecar[("style", style)].images
+        )
         return {"probe": probe, "paper": paper}
 
+    def score_single(self, kind: str, name: str, adapter, seed: int) -> float:
+        """How often a break-stage adapter alone draws its own concept (probe), on prompts
+        that name only it (and, for a style, a known shape)."""
+        attrs = [EVAL_ATTRIBUTES[i % len(EVAL_ATTRIBUTES)] for i in range(self.s.single_images)]
+        prompts = [single_prompt(kind, *a, i) for i, a in enumerate(attrs)]
+        reads = predict(self.probe, self._draw(adapter, prompts, seed))
+        return sum(r[kind] == name for r in reads) / len(reads)
+
     def run(self, method_list: list[Method], on_method: Callable[[dict], None] | None = None) -> dict:
-        cache: dict = {}
+        seeds = [self.s.seed + i for i in range(self.s.seeds)]
         results = {
             "methods": {},
             "pairs": [[c, s] for c in self.contents for s in self.styles],
+            "seeds": seeds,
             "probe_test_accuracy": self.probe_acc,
         }
         grid_cells: dict[str, dict] = {}
         seen: dict[tuple, str] = {}
+        cache: dict = {}
         for m in method_list:
             key = m.key(self.s)
-            if key in seen:  # the same adapters as an earlier row (the rho sweep's 0.5)
+            if key in seen:  # the same adapters as an earlier row (e.g. the rho sweep's default)
                 results["methods"][m.name] = dict(results["methods"][seen[key]], same_as=seen[key])
                 grid_cells[m.name] = grid_cells[seen[key]]
                 continue
             seen[key] = m.name
             t = time.perf_counter()
-            fused = self.adapters(m, cache)
-            per_pair = {}
-            for (c, st), adapter in fused.items():
-                images, attrs = self.draw(adapter)
-                per_pair[f"{c}|{st}"] = self.score(images, attrs, c, st)
-                grid_cells.setdefault(m.name, {})[(c, st)] = images
-            agg = {
-                grp: {
-                    k: float(np.mean([p[grp][k] for p in per_pair.values()]))
-                    for k in next(iter(per_pair.values()))[grp]
+            per_pair: dict[str, dict] = {}
+            singles: dict[str, dict] = {"content": {}, "style": {}}
+            for seed in seeds:
+                fused, single = self.adapters(m, cache, seed)
+                for (c, st), adapter in fused.items():
+                    images, attrs = self.draw(adapter, seed)
+                    per_pair[f"{c}|{st}|{seed}"] = self.score(images, attrs, c, st)
+                    blocks = {k: adapter.extra[k] for k in ("blocks_composed", "blocks") if k in adapter.extra}
+                    if blocks:  # B4M: how large each block of the update is, composed and after make
+                        per_pair[f"{c}|{st}|{seed}"]["blocks"] = blocks
+                    if seed == seeds[0]:
+                        grid_cells.setdefault(m.name, {})[(c, st)] = images
+                if single is not None and self.s.single_images:
+                    for (kind, name), adapter in single.items():
+                        singles[kind][f"{name}|{seed}"] = self.score_single(kind, name, adapter, seed)
+            row = {"aggregate": _aggregate(per_pair, seeds), "pairs": per_pair, "seconds": time.perf_counter() - t}
+            if any("blocks" in p for p in per_pair.values()):
+                row["blocks"] = {
+                    stage: {
+                        b: float(np.mean([p["blocks"][stage][b] for p in per_pair.values()]))
+                        for b in ("content", "style", "interaction")
+                    }
+                    for stage in next(p["blocks"] for p in per_pair.values() if "blocks" in p)
                 }
-                for grp in ("probe", "paper")
-            }
-            results["methods"][m.name] = {"aggregate": agg, "pairs": per_pair, "seconds": time.perf_counter() - t}
-            self.log(f"{m.name}: {json.dumps(agg['probe'])} {json.dumps(agg['paper'])}")
+            if singles["content"]:
+                row["single"] = {k: _mean_ci(v, seeds) | {"cells": v} for k, v in singles.items()}
+            results["methods"][m.name] = row
+            p = row["aggregate"]["probe"]
+            self.log(
+                f"{m.name}: "
+                + ", ".join(f"{k} {p[k]:.3f} [{p[k + '_ci'][0]:.3f}, {p[k + '_ci'][1]:.3f}]" for k in SCORES)
+                + (
+                    f"; alone: content {row['single']['content']['mean']:.3f}, style {row['single']['style']['mean']:.3f}"
+                    if "single" in row
+                    else ""
+                )
+            )
             if on_method:  # partial results survive an interrupted run
                 on_method(results)
+        results["differences"] = _differences(results)
         results["timings_s"] = {k: {"mean": float(np.mean(v)), "n": len(v)} for k, v in self.timings.items()}
         return results, grid_cells
+
+
+def _cells(values: dict[str, float], seeds: list[int]) -> np.ndarray:
+    """{'unit|...|seed': value} as a (units x seeds) array."""
+    units = sorted({k.rsplit("|", 1)[0] for k in values})
+    return np.array([[values[f"{u}|{sd}"] for sd in seeds] for u in units])
+
+
+def _mean_ci(values: dict[str, float], seeds: list[int]) -> dict:
+    cells = _cells(values, seeds)
+    lo, hi = bootstrap(cells)
+    return {"mean": float(cells.mean()), "ci": [lo, hi]}
+
+
+def _aggregate(per_pair: dict, seeds: list[int]) -> dict:
+    agg = {}
+    for grp in ("probe", "paper"):
+        agg[grp] = {}
+        for k in next(iter(per_pair.values()))[grp]:
+            m = _mean_ci({name: p[grp][k] for name, p in per_pair.items()}, seeds)
+            agg[grp][k], agg[grp][k + "_ci"] = m["mean"], m["ci"]
+    return agg
+
+
+def _differences(results: dict) -> dict:
+    """Each row against the first (the shipped B4M) on the probe scores, paired over the same
+    pairs and seeds; `beyond_noise` when the 95% interval of the difference excludes 0."""
+    rows = {n: r for n, r in results["methods"].items() if "same_as" not in r}
+    if not rows:
+        return {}
+    first_name, first = next(iter(rows.items()))
+    seeds = results["seeds"]
+    out = {}
+    for name, r in rows.items():
+        if name == first_name:
+            continue
+        out[f"{name} - {first_name}"] = {
+            k: paired_difference(
+                _cells({n: p["probe"][k] for n, p in r["pairs"].items()}, seeds),
+                _cells({n: p["probe"][k] for n, p in first["pairs"].items()}, seeds),
+            )
+            for k in SCORES
+        }
+    return out
 
 
 def time_to_new_pair(t: dict) -> dict:
@@ -345,17 +474,33 @@ def time_to_new_pair(t: dict) -> dict:
 
 
 def write_table(results: dict, path: Path) -> str:
+    """Table 1's layout: probe means with their 95% intervals over pairs and seeds."""
+    ci = lambda m, lohi: f"{m:.3f} [{lohi[0]:.2f}, {lohi[1]:.2f}]"
     lines = [
+        f"Pairs: {len(results['pairs'])}; seeds: {results['seeds']}; cells: mean [95% bootstrap interval]. "
+        "Alone: each break-stage adapter on its own prompts.",
+        "",
         "| Method | Content (probe) | Style (probe) | Prompt (probe) | Average (probe) | "
-        "Content (EffNet cos) | Style (Magenta cos) |",
-        "|---|---|---|---|---|---|---|",
+        "Content alone | Style alone | Content (EffNet cos) | Style (Magenta cos) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["methods"].items():
         p, q = r["aggregate"]["probe"], r["aggregate"]["paper"]
+        alone = [
+            ci(r["single"][k]["mean"], r["single"][k]["ci"]) if "single" in r else "-" for k in ("content", "style")
+        ]
         lines.append(
-            f"| {name} | {p['content']:.3f} | {p['style']:.3f} | {p['prompt']:.3f} | {p['average']:.3f} | "
-            f"{q['content_effnet']:.3f} | {q['style_magenta']:.3f} |"
+            f"| {name} | "
+            + " | ".join(ci(p[k], p[k + "_ci"]) for k in SCORES)
+            + f" | {alone[0]} | {alone[1]} | {q['content_effnet']:.3f} | {q['style_magenta']:.3f} |"
         )
+    diffs = results.get("differences") or {}
+    if diffs:
+        lines += ["", "Paired differences against the first row (average; * = the interval excludes 0):", ""]
+        for name, d in diffs.items():
+            a = d["average"]
+            star = " *" if a["beyond_noise"] else ""
+            lines.append(f"- {name}: {a['mean']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}]{star}")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
@@ -375,6 +520,18 @@ def write_grid(cells: dict, pairs: list, path: Path) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def select_rows(rows: list[Method], only: list[str] | None) -> list[Method]:
+    """The rows named in `only`: a name matches its row exactly (case aside), else every row
+    whose name contains it ("rho" picks the rho sweep, "B4M" only the first row)."""
+    if not only:
+        return rows
+    picked = set()
+    for o in only:
+        exact = [m.name for m in rows if m.name.lower() == o.lower()]
+        picked |= set(exact or [m.name for m in rows if o.lower() in m.name.lower()])
+    return [m for m in rows if m.name in picked]
+
+
 def run_quality(
     out_dir: str | Path,
     quick: bool = False,
@@ -384,23 +541,31 @@ def run_quality(
     contents=None,
     styles=None,
     only: list[str] | None = None,
+    split: str = "test",
+    device: str | None = None,
 ) -> dict:
+    """The table on one split's concepts: `test` (only reported) or `dev` (where settings
+    are chosen)."""
     settings = settings or (QUICK if quick else Settings())
-    rows = [m for m in methods(settings.rank) if not only or any(o.lower() in m.name.lower() for o in only)]
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    rows = select_rows(methods(settings.rank), only)
     if not rows:
         raise ConfigError(f"no method matches {only}: {[m.name for m in methods(settings.rank)]}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    contents = list(contents or (HELDOUT_CONTENTS[:2] if quick else HELDOUT_CONTENTS))
-    styles = list(styles or (HELDOUT_STYLES[:2] if quick else HELDOUT_STYLES))
+    split_contents, split_styles = SPLITS[split]
+    contents = list(contents or (split_contents[:2] if quick else split_contents))
+    styles = list(styles or (split_styles[:2] if quick else split_styles))
     t0 = time.perf_counter()
-    bench = QualityBench(load_base(base), contents, styles, settings, log=log)
+    bench = QualityBench(load_base(base, device=device), contents, styles, settings, log=log)
     partial = lambda r: (out / "results.partial.json").write_text(json.dumps(r, indent=2))
     results, cells = bench.run(rows, on_method=partial)
-    results["settings"] = settings.__dict__ | {"quick": quick}
+    results["settings"] = asdict(bench.s) | {"quick": quick, "split": split}
     results["time_to_new_pair"] = time_to_new_pair(results["timings_s"])
     results["total_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.partial.json").unlink(missing_ok=True)
     table = write_table(results, out / "table.md")
     write_grid(cells, [tuple(p) for p in results["pairs"]], out / "grid.png")
     (out / "grid_columns.txt").write_text("\n".join(cells) + "\n")

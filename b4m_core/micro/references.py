@@ -1,4 +1,4 @@
-"""Reference sets of the held-out concepts, made the way the paper's datasets are.
+"""Reference sets of the held-out concepts (test and development), made the way the paper's datasets are.
 
 A held-out content comes as 4 images, each painted in a different known style; a
 held-out style as 2 images on different known contents. They ship as small PNGs in
@@ -12,16 +12,18 @@ from pathlib import Path
 import numpy as np
 
 from ..data import Concept, load_image_folder
-from .world import BACKGROUNDS, HELDOUT_CONTENTS, HELDOUT_STYLES, PRETRAIN_CONTENTS, PRETRAIN_STYLES, Scene, render
+from .world import BACKGROUNDS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, SPLITS, Scene, render
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "references"
 CONTENT_IMAGES, STYLE_IMAGES = 4, 2
 # The class / style word a user would type for each held-out concept.
-CONTENT_WORD = {"hexagon": "shape", "hourglass": "shape", "flower": "shape", "mushroom": "shape"}
-STYLE_WORD = {"zigzag": "pattern", "marble": "pattern", "plaid": "pattern", "galaxy": "pattern"}
+CONTENT_WORD = dict.fromkeys(SPLITS["test"][0] + SPLITS["dev"][0], "shape")
+STYLE_WORD = dict.fromkeys(SPLITS["test"][1] + SPLITS["dev"][1], "pattern")
 # Distinct identifier tokens, so any content and any style can share one prompt.
 CONTENT_TOKEN = {"hexagon": "hkx", "hourglass": "hgv", "flower": "flq", "mushroom": "mrz"}
+CONTENT_TOKEN |= {"fish": "fsv", "cloud": "cdq", "bell": "blz", "lightning": "lgx"}
 STYLE_TOKEN = {"zigzag": "zgt", "marble": "mbv", "plaid": "pdk", "galaxy": "gxw"}
+STYLE_TOKEN |= {"rainbow": "rbq", "camouflage": "cmv", "lava": "lvz", "leopard": "lpk"}
 
 
 def reference_scenes(kind: str, name: str) -> list[Scene]:
@@ -41,8 +43,8 @@ def hash_name(text: str) -> int:
 
 def build_references(folder: str | Path = REFERENCE_DIR) -> Path:
     folder = Path(folder)
-    for kind, names in (("content", HELDOUT_CONTENTS), ("style", HELDOUT_STYLES)):
-        for name in names:
+    for contents, styles in SPLITS.values():
+        for kind, name in [("content", c) for c in contents] + [("style", s) for s in styles]:
             d = folder / kind / name
             d.mkdir(parents=True, exist_ok=True)
             for i, scene in enumerate(reference_scenes(kind, name)):

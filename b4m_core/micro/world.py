@@ -33,8 +33,11 @@ PRETRAIN_CONTENTS = (
     "house",
     "tree",
 )
-HELDOUT_CONTENTS = ("hexagon", "hourglass", "flower", "mushroom")
-CONTENTS = PRETRAIN_CONTENTS + HELDOUT_CONTENTS
+# Held out of pre-training, in two splits: the test concepts are only reported; the
+# development ones are where anything (defaults, rates, recipes) is chosen.
+HELDOUT_CONTENTS = ("hexagon", "hourglass", "flower", "mushroom")  # the test split
+DEV_CONTENTS = ("fish", "cloud", "bell", "lightning")
+CONTENTS = PRETRAIN_CONTENTS + HELDOUT_CONTENTS + DEV_CONTENTS  # appended: probe head rows keep their index
 
 PRETRAIN_STYLES = (
     "striped",
@@ -50,8 +53,10 @@ PRETRAIN_STYLES = (
     "crimson",
     "metallic",
 )
-HELDOUT_STYLES = ("zigzag", "marble", "plaid", "galaxy")
-STYLES = PRETRAIN_STYLES + HELDOUT_STYLES
+HELDOUT_STYLES = ("zigzag", "marble", "plaid", "galaxy")  # the test split
+DEV_STYLES = ("rainbow", "camouflage", "lava", "leopard")
+STYLES = PRETRAIN_STYLES + HELDOUT_STYLES + DEV_STYLES
+SPLITS = {"test": (HELDOUT_CONTENTS, HELDOUT_STYLES), "dev": (DEV_CONTENTS, DEV_STYLES)}
 
 BACKGROUNDS = {
     "white": (245, 245, 245),
@@ -179,6 +184,30 @@ def _draw_shape(draw: ImageDraw.ImageDraw, content: str, cx: float, cy: float, r
     elif content == "mushroom":
         draw.pieslice([cx - r, cy - r * 0.95, cx + r, cy + r * 0.75], 180, 360, fill=255)
         rect(-r * 0.28, -r * 0.12, r * 0.28, r)
+    elif content == "fish":  # an oval body and a forked tail to the left
+        ellipse(-r * 0.55, -r * 0.55, r, r * 0.55)
+        poly([(-r * 0.35, 0), (-r, -r * 0.7), (-r * 0.85, 0), (-r, r * 0.7)])
+    elif content == "cloud":  # bumps on a flat base
+        ellipse(-r, -r * 0.05, -r * 0.2, r * 0.6)
+        ellipse(-r * 0.6, -r * 0.75, r * 0.25, r * 0.3)
+        ellipse(-r * 0.05, -r * 0.55, r * 0.8, r * 0.35)
+        ellipse(r * 0.25, -r * 0.05, r, r * 0.6)
+        rect(-r * 0.6, r * 0.05, r * 0.65, r * 0.6)
+    elif content == "bell":  # a dome flaring to a wide rim, a clapper below
+        poly([(-r * 0.45, -r * 0.45), (r * 0.45, -r * 0.45), (r * 0.7, r * 0.45), (r, r * 0.65), (-r, r * 0.65)])
+        ellipse(-r * 0.45, -r * 0.95, r * 0.45, -r * 0.05)
+        ellipse(-r * 0.2, r * 0.6, r * 0.2, r)
+    elif content == "lightning":  # a bolt
+        poly(
+            [
+                (r * 0.2, -r),
+                (-r * 0.6, r * 0.1),
+                (-r * 0.05, r * 0.1),
+                (-r * 0.3, r),
+                (r * 0.6, -r * 0.2),
+                (0, -r * 0.2),
+            ]
+        )
     else:
         raise ValueError(f"unknown content {content!r}")
 
@@ -284,6 +313,31 @@ def style_texture(style: str, rng: np.random.Generator) -> np.ndarray:
             x, y = rng.integers(0, SIZE - 3, size=2)
             base[y : y + 3, x : x + 3] = 255
         return np.clip(base, 0, 255)
+    # Development styles: as coarse as the test ones, in palettes no other style uses.
+    if style == "rainbow":  # 9-pixel bands, red to violet
+        bands = np.array(
+            [(230, 40, 40), (245, 140, 20), (245, 225, 30), (50, 180, 60), (40, 110, 230), (130, 50, 200)], np.float32
+        )
+        return bands[(((yy + ph * 4) // 9) % len(bands)).astype(int)]
+    if style == "camouflage":  # big blobs of olive, dark green and brown
+        n = rng.normal(0, 1, (6, 6))
+        n = np.asarray(Image.fromarray(n.astype(np.float32)).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+        cols = np.array([(85, 100, 45), (40, 60, 30), (120, 90, 55)], np.float32)
+        return cols[np.digitize(n, [-0.4, 0.4])]
+    if style == "lava":  # glowing pale-yellow veins in red rock (no black: zigzag is black and orange)
+        n = rng.normal(0, 1, (7, 7))
+        n = np.asarray(Image.fromarray(n.astype(np.float32)).resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+        g = np.clip(1.0 - np.abs(n) * 1.6, 0, 1)
+        return _mix(g, (175, 35, 25), (255, 235, 130))
+    if style == "leopard":  # dark rings on tan, scattered
+        base = np.zeros((SIZE, SIZE, 3), np.float32) + np.array((215, 170, 95), np.float32)
+        for _ in range(16):
+            x, y = rng.uniform(0, SIZE, size=2)
+            d = np.hypot(xx - x, (yy - y) * 1.2)
+            rad = rng.uniform(3.5, 5.0)
+            base[(d < rad) & (d > rad - 2.2)] = (60, 35, 20)
+            base[d <= rad - 2.2] = (180, 120, 60)
+        return base
     raise ValueError(f"unknown style {style!r}")
 
 

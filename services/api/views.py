@@ -70,6 +70,7 @@ def asset_out(a: Asset, job: Job | None) -> AssetOut:
         base_model=a.base_model,
         adapter_id=a.adapter_id,
         images=len(a.images),
+        captions=[im.caption for im in sorted(a.images, key=lambda im: im.position)],
         created_at=iso(a.created_at),
         **_latest(job),
     )

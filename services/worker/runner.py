@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from b4m_contract.jobs import JobStatus, JobType
+from b4m_contract.jobs import AssetKind, JobStatus, JobType
 from b4m_core.adapter import Adapter
 from b4m_core.config import ConfigError, TrainConfig
 from b4m_core.data import Concept, open_image
@@ -190,7 +190,12 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         ]
         settings = dict(asset.settings or {})
         base_name = asset.base_model
-    base = ctx.base(base_name)  # its measured defaults fill what the request left out
+        base = ctx.base(base_name)  # its measured defaults fill what the request left out
+        if not aux:  # MCP by default (aux_sets 0 turns it off)
+            k = int(settings["aux_sets"]) if settings.get("aux_sets") is not None else base.default("aux_sets", 0)
+            aux = [_concept(ctx, a) for a in _tenant_aux(s, asset, k)] or base.auxiliary_sets(
+                asset.kind, k, seed=int(settings.get("seed", 0))
+            )
     plp = base.plp_config(
         **{
             k: settings[k]
@@ -208,6 +213,28 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
     )
     adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=_hooks(ctx, attempt))
     return _adapter_result(ctx, attempt, adapter)
+
+
+def _tenant_aux(s, asset: Asset, k: int) -> list[Asset]:
+    """k of the tenant's trained assets of the other kind on the same base, newest first: new,
+    token-bound concepts, as the paper's auxiliary sets are. [] when it has fewer than k
+    (the base model's bank serves then)."""
+    if k <= 0:
+        return []
+    other = AssetKind(asset.kind).other
+    rows = s.scalars(
+        select(Asset)
+        .where(
+            Asset.tenant_id == asset.tenant_id,
+            Asset.kind == other,
+            Asset.base_model == asset.base_model,
+            Asset.adapter_id.is_not(None),
+            Asset.id != asset.id,
+        )
+        .order_by(Asset.created_at.desc())
+        .limit(k)
+    ).all()
+    return list(rows) if len(rows) == k else []
 
 
 def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:

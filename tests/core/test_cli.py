@@ -273,3 +273,22 @@ def test_clear_errors_for_bad_input(tmp_path, tiny_sd_path):
     )
     assert r.returncode == 2 and "rho" in r.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_train_on_micro_uses_mcp_from_the_models_bank_unless_told_not_to(tmp_path):
+    import json
+
+    from b4m_core.micro.model import MODEL_DIR
+    from b4m_core.micro.references import reference_folder
+
+    default = json.loads((MODEL_DIR / "b4m_defaults.json").read_text())["aux_sets"]
+    assert default >= 1  # MCP is the default path
+    folder = reference_folder("content", "fish")
+    for k, expected in ((None, default), (1, 1), (0, 0)):
+        out = tmp_path / f"fish_{k}.safetensors"
+        args = ["train", "content", "--images", folder, "--class-word", "shape", "--base", "micro"]
+        args += ["--steps", 1, "--rank", 4, "--device", "cpu", "--out", out]
+        r = b4m(*args, *(["--aux-sets", k] if k is not None else []))
+        assert r.returncode == 0, r.stderr
+        aux = Adapter.load(out).extra["aux"]
+        assert len(aux) == expected, aux

@@ -44,6 +44,16 @@ def test_separate_processes_share_bases_and_compose_exactly(tmp_path, tiny_sd_pa
         assert torch.allclose(dw[dm:, dn:], scale * B @ D, atol=1e-6)
     assert fused.kind == "fused" and fused.tokens == {"content": "sks", "style": "zwx"}
     assert fused.words == {"content": "dog", "style": "ink"}
+    # the block norms it records, summed over layers: the same blocks as above
+    blocks = fused.extra["blocks_composed"]
+    for block, (x, y) in {"content": "BC", "style": "AD", "interaction": "BD"}.items():
+        if content_half == "down" and block != "interaction":
+            x, y = {"BC": "AD", "AD": "BC"}[x + y]
+        want = sum(
+            float(torch.linalg.matrix_norm(fused.tensors[f"{n}.{x}"] @ fused.tensors[f"{n}.{y}"])) * fused.plp.scale
+            for n in c.layer_names
+        )
+        assert blocks[block] == pytest.approx(want, rel=1e-4) and blocks[block] > 0
     # the content's learnt half came from the content adapter and is non-zero
     assert sum(c.tensors[f"{n}.{content_part}"].abs().sum() for n in c.layer_names) > 0
 

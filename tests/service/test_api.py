@@ -46,9 +46,10 @@ def post_asset(client, kind, seed, **extra):
 
 def test_train_fuse_generate_over_http(api):
     client, app = api
-    r = post_asset(client, "content", 0)
+    r = post_asset(client, "content", 0, captions=["a {content} on a lawn", ""])  # one captioned, one not
     assert r.status_code == 202, r.text
     content = r.json()
+    assert client.get(f"/contents/{content['id']}").json()["captions"] == ["a {content} on a lawn", None]
     assert {"id", "job_id"} <= set(content)
     style = post_asset(client, "style", 5).json()
     for j in (content["job_id"], style["job_id"]):
@@ -117,6 +118,9 @@ def test_bad_input_is_refused_and_writes_nothing(api, tmp_path):
         {"class_word": "d" * 51, "name": "x"},
         {"class_word": "dog", "name": "x", "steps": "0"},
         {"class_word": "dog", "name": "x", "learning_rate": "2"},
+        {"class_word": "dog", "name": "x", "captions": ["one", "two"]},  # 2 captions for 1 image
+        {"class_word": "dog", "name": "x", "captions": ["c" * 501]},
+        {"class_word": "dog", "name": "x", "captions": ["a\x00b"]},
     ):
         r = client.post("/contents", files=[("images", ("a.png", png(1), "image/png"))], data=data)
         assert r.status_code == 422, (data, r.text)

@@ -30,6 +30,15 @@ from .common import MAX_OFFSET, IdempotencyKey, delete_adapters
 router = APIRouter(tags=["assets"])
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
 LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
+CAPTIONS_DOC = (
+    "optional, repeated: one caption per image, in order ('' for none). Write `{content}` or "
+    "`{style}` where the new concept goes (else the token phrase is put first). Images without "
+    "one are captioned by the base model's captioner where it has one (micro: yes), else by its template"
+)
+AUX_SETS_DOC = (
+    "MCP: with no aux_asset_ids, this many auxiliary sets of the other kind come from the base model's "
+    "bank (default: its measured default, 3 on micro; 0: no MCP; a base without a bank trains with none)"
+)
 WEBHOOK_DOC = "POSTed a signed JSON event when the training ends (retried with backoff); see GET /webhooks/secret"
 DEFAULT_TOKENS = {AssetKind.CONTENT: "sks", AssetKind.STYLE: "zwx"}
 WORD_FIELDS = {AssetKind.CONTENT: "class_word", AssetKind.STYLE: "style_word"}
@@ -54,6 +63,8 @@ def _register(kind: AssetKind) -> None:
         learning_rate: Annotated[float | None, Form(gt=0, le=1, description=LR_DOC)] = None,
         token: Annotated[str | None, Form(max_length=50)] = None,
         aux_asset_ids: Annotated[list[str], Form()] = [],
+        aux_sets: Annotated[int | None, Form(ge=0, le=8, description=AUX_SETS_DOC)] = None,
+        captions: Annotated[list[str], Form(description=CAPTIONS_DOC)] = [],
         webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> JSONResponse:
@@ -63,6 +74,11 @@ def _register(kind: AssetKind) -> None:
             raise HTTPException(422, "send 1 to 10 images")
         texts = {"word": word, "name": name, "base_model": base_model, "token": token, "webhook_url": webhook_url}
         texts.update({f"aux_asset_ids[{i}]": a for i, a in enumerate(aux_asset_ids)})
+        texts.update({f"captions[{i}]": c for i, c in enumerate(captions) if c})
+        if captions and len(captions) != len(images):
+            raise HTTPException(422, f"captions: one per image in order ({len(images)}), or none; got {len(captions)}")
+        if any(len(c) > 500 for c in captions):
+            raise HTTPException(422, "captions: at most 500 characters each")
         for field_name, text in texts.items():
             if text is not None and (why := text_problem(text)):
                 raise HTTPException(422, f"{field_name} {why}")
@@ -70,7 +86,10 @@ def _register(kind: AssetKind) -> None:
         base = rt.settings.allowed_base_model(base_model or rt.settings.base_model)
         if base is None:
             raise HTTPException(422, f"base_model must be one of {rt.settings.allowed_base_models()}")
-        train = {k: v for k, v in {"steps": steps, "learning_rate": learning_rate}.items() if v is not None}
+        if aux_sets and aux_asset_ids:
+            raise HTTPException(422, "aux_sets draws auxiliary sets from the model's bank: give it or aux_asset_ids")
+        train = {"steps": steps, "learning_rate": learning_rate, "aux_sets": aux_sets}
+        train = {k: v for k, v in train.items() if v is not None}
         body = {
             "kind": kind,
             "word": word,
@@ -80,6 +99,7 @@ def _register(kind: AssetKind) -> None:
             "token": token,
             "aux": aux_asset_ids,
             "images": [hashlib.sha256(d).hexdigest() for d in datas],
+            "captions": captions,
             "webhook_url": webhook_url,
         }
 
@@ -106,7 +126,13 @@ def _register(kind: AssetKind) -> None:
                 req.written.append(obj.key)
                 asset.images.append(
                     ReferenceImage(
-                        position=i, storage_key=obj.key, sha256=obj.sha256, content_type=ctype, width=w, height=h
+                        position=i,
+                        storage_key=obj.key,
+                        sha256=obj.sha256,
+                        content_type=ctype,
+                        width=w,
+                        height=h,
+                        caption=(captions[i].strip() or None) if captions else None,
                     )
                 )
             return asset.id

@@ -1,0 +1,59 @@
+"""The micro model's bank of MCP auxiliary sets: known concepts rendered by the world.
+
+A break stage with MCP trains the concept's half on its references and the other half on
+k auxiliary sets of the opposite kind. Where a request names none, they come from here
+(`BaseModel.auxiliary_sets`), so MCP is the default path without the user uploading extra
+sets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import Concept
+from .world import BACKGROUNDS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, Scene, render
+
+# identifier tokens for token-bound auxiliary sets (rare letter triples, like the concepts')
+AUX_TOKENS = ("vqz", "jwk", "xqv", "zjq", "kvx", "qzw", "wvj", "zkq")
+
+
+def aux_bank(kind: str, k: int, seed: int = 0, token_bound: bool = False) -> list[Concept]:
+    """MCP auxiliary sets of the opposite kind: known concepts rendered by the world.
+
+    The model knows them; `token_bound` gives each its own identifier token anyway, as the
+    paper's auxiliary styles have ("w@z sticker style"), so the token, not the known word,
+    is what the auxiliary half learns to answer."""
+    rng = np.random.default_rng([seed, 4242])
+    bgs = tuple(BACKGROUNDS)
+    out = []
+    if kind == "content":  # auxiliary styles for a content adapter
+        for j, name in enumerate(rng.choice(PRETRAIN_STYLES, size=k, replace=False)):
+            scenes = [
+                Scene(str(c), str(name), bgs[rng.integers(6)], "center", "large")
+                for c in rng.choice(PRETRAIN_CONTENTS, size=2, replace=False)
+            ]
+            out.append(
+                Concept(
+                    "style",
+                    [render(s, 50 + i) for i, s in enumerate(scenes)],
+                    word=str(name),
+                    token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
+                    captions=[f"a {{style}} {s.content} on a {s.background} background" for s in scenes],
+                )
+            )
+    else:
+        for j, name in enumerate(rng.choice(PRETRAIN_CONTENTS, size=k, replace=False)):
+            scenes = [
+                Scene(str(name), str(st), bgs[rng.integers(6)], "center", "large")
+                for st in rng.choice(PRETRAIN_STYLES, size=2, replace=False)
+            ]
+            out.append(
+                Concept(
+                    "content",
+                    [render(s, 60 + i) for i, s in enumerate(scenes)],
+                    word=str(name),
+                    token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
+                    captions=[f"a {s.style} {{content}} on a {s.background} background" for s in scenes],
+                )
+            )
+    return out
