@@ -343,8 +343,18 @@ class Client:
         return self._request("GET", f"/generations/{generation_id}/images/{index}").content
 
     # ------------------------------------------------------------------ adapters
-    def download_adapter(self, adapter_id: str, format: Literal["b4m", "diffusers", "kohya"] = "b4m") -> bytes:
-        return self._request("GET", f"/adapters/{adapter_id}/download", params={"format": format}).content
+    def download_adapter(
+        self,
+        adapter_id: str,
+        format: Literal["b4m", "diffusers", "kohya"] = "b4m",
+        dtype: Literal["fp32", "fp16", "bf16"] = "fp32",
+    ) -> bytes:
+        params = {"format": format, "dtype": dtype}
+        return self._request("GET", f"/adapters/{adapter_id}/download", params=params).content
+
+    def adapter_card(self, adapter_id: str) -> str:
+        """The adapter's model card (markdown)."""
+        return self._request("GET", f"/adapters/{adapter_id}/card").text
 
     def resolve_adapter(self, any_id: str) -> str:
         """The adapter id behind a fusion, content or style id, or a content or style name

@@ -39,6 +39,8 @@ class Adapter:
     plp: PLPConfig | None = None
     base_model: str = ""
     base_model_hash: str = ""
+    base_arch: str = ""  # sd1 | sd2 | sdxl | micro: what tools reading the exports are told
+    resolution: int = 0  # the training resolution, in pixels
     tokens: dict[str, str] = field(default_factory=dict)  # {"content": "sks", "style": "zwx"}
     words: dict[str, str] = field(default_factory=dict)  # {"content": "dog", "style": "watercolor"}
     steps: int = 0
@@ -91,6 +93,8 @@ class Adapter:
             "targets": self.targets,
             "base_model": self.base_model,
             "base_model_hash": self.base_model_hash,
+            "base_arch": self.base_arch,
+            "resolution": self.resolution,
             "tokens": self.tokens,
             "words": self.words,
             "steps": self.steps,
@@ -146,6 +150,8 @@ class Adapter:
             plp=plp,
             base_model=meta.get("base_model", ""),
             base_model_hash=meta.get("base_model_hash", ""),
+            base_arch=meta.get("base_arch", ""),
+            resolution=int(meta.get("resolution") or 0),
             tokens=meta.get("tokens") or {},
             words=meta.get("words") or {},
             steps=int(meta.get("steps", 0)),
@@ -162,11 +168,12 @@ class Adapter:
         """The kohya LoRA state dict (see `formats.to_kohya`)."""
         return st_load(self.export("kohya"))
 
-    def export(self, fmt: str) -> bytes:
-        """This adapter as a file in `fmt`: b4m (ours), diffusers or kohya."""
+    def export(self, fmt: str, dtype: str = "fp32") -> bytes:
+        """This adapter as a file in `fmt` (b4m: ours, diffusers or kohya), tensors in `dtype`
+        (fp32, fp16 or bf16)."""
         if fmt == "native":
             fmt = "b4m"
         try:
-            return formats.convert(self.to_bytes(), fmt)
+            return formats.convert(self.to_bytes(), fmt, dtype)
         except formats.FormatError as exc:
             raise ConfigError(str(exc)) from exc

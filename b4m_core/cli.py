@@ -182,7 +182,15 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write an adapter as a diffusers or kohya LoRA")
     p.add_argument("--adapter", help="adapter file")
     p.add_argument("--format", choices=["diffusers", "kohya", "b4m"], required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument(
+        "--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="tensor type of the file (default: fp32)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="a file, or a folder (no suffix): diffusers then writes pytorch_lora_weights.safetensors and a "
+        "model card README.md (trigger words, base model, settings)",
+    )
     for fn in amend:
         fn(sub.choices)
     return parser
@@ -344,13 +352,14 @@ def cmd_generate(args) -> None:
 
 def cmd_export(args) -> None:
     from .adapter import Adapter
+    from .formats import FormatError, write_export
 
     require(args, "--adapter")
-    data = Adapter.load(args.adapter).export(args.format)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    print(out)
+    try:
+        written = write_export(Adapter.load(args.adapter).to_bytes(), args.format, args.out, args.dtype)
+    except FormatError as exc:
+        raise ConfigError(str(exc)) from exc
+    print("\n".join(str(p) for p in written))
 
 
 def cmd_demo(args) -> None:

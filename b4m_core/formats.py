@@ -16,6 +16,16 @@ from safetensors.numpy import load as np_load
 from safetensors.numpy import save as np_save
 
 FORMATS = ("b4m", "diffusers", "kohya")
+DTYPES = ("fp32", "fp16", "bf16")
+# kohya's `ss_base_model_version` and the SAI model spec's architecture, per base family
+# (micro's UNet is SD 1.x-shaped: tools that read these see the layout it has)
+KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "micro": "sd_v1"}
+SAI_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1/lora",
+    "sd2": "stable-diffusion-v2-512/lora",
+    "sdxl": "stable-diffusion-xl-v1-base/lora",
+    "micro": "stable-diffusion-v1/lora",
+}
 
 
 class FormatError(ValueError):
@@ -62,12 +72,13 @@ def low_rank(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, tuple[np.n
 
 
 def to_diffusers(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray]:
-    """`unet.<layer>.lora.down.weight` / `.lora.up.weight`, the scale baked into `up`
-    (`load_lora_weights` of the SD and SDXL pipelines)."""
+    """`unet.<layer>.lora_A.weight` (down) / `.lora_B.weight` (up, the scale baked in): the
+    PEFT layout `save_lora_weights` writes and `load_lora_weights` of the SD and SDXL
+    pipelines reads (it reads the older `.lora.down/.lora.up` files b4m wrote before too)."""
     out = {}
     for name, (up, down, scale) in low_rank(tensors, meta).items():
-        out[f"unet.{name}.lora.down.weight"] = np.ascontiguousarray(down)
-        out[f"unet.{name}.lora.up.weight"] = np.ascontiguousarray(up * np.float32(scale))
+        out[f"unet.{name}.lora_A.weight"] = np.ascontiguousarray(down)
+        out[f"unet.{name}.lora_B.weight"] = np.ascontiguousarray(up * np.float32(scale))
     return out
 
 
@@ -82,22 +93,208 @@ def to_kohya(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray
     return out
 
 
-def convert(data: bytes, fmt: str) -> bytes:
-    """A b4m adapter file's bytes in `fmt` (b4m: unchanged)."""
+def base_arch(tensors: dict[str, np.ndarray], meta: dict) -> str:
+    """sd1 | sd2 | sdxl | micro: recorded at training, else read from the layers (files made
+    before it was recorded): SDXL has several transformer blocks per attention, SD 2's
+    cross-attention reads 1024-wide text features."""
+    if meta.get("base_arch"):
+        return meta["base_arch"]
+    if meta.get("base_model") == "micro":
+        return "micro"
+    names = list(tensors)
+    if any(".transformer_blocks.1." in n for n in names):
+        return "sdxl"
+    for n in names:
+        if ".attn2.to_k" in n and n.endswith(".down"):
+            width = tensors[n].shape[1]
+        elif ".attn2.to_k" in n and n.endswith(".C"):
+            width = tensors[n].shape[1] + tensors[n[:-2] + ".D"].shape[1]
+        else:
+            continue
+        return "sd2" if width == 1024 else "sd1"
+    return "sd1"
+
+
+def trigger_phrases(meta: dict) -> list[str]:
+    """What a prompt names to call the adapter's concepts: `<token> <word>` per kind."""
+    tokens, words = meta.get("tokens") or {}, meta.get("words") or {}
+    return [f"{tokens[k]} {words.get(k, '')}".strip() for k in ("content", "style") if tokens.get(k)]
+
+
+def usage_hint(meta: dict) -> str:
+    phrases = dict(zip([k for k in ("content", "style") if (meta.get("tokens") or {}).get(k)], trigger_phrases(meta)))
+    if "content" in phrases and "style" in phrases:
+        return f"a {phrases['content']} in {phrases['style']} style"
+    if "content" in phrases:
+        return f"a photo of {phrases['content']}"
+    return f"a picture in {phrases['style']} style" if "style" in phrases else ""
+
+
+def describe(tensors: dict[str, np.ndarray], meta: dict, fmt: str) -> dict[str, str]:
+    """The metadata other tools read: kohya's `ss_*` keys (LoRA managers, A1111, ComfyUI)
+    and the SAI model spec's `modelspec.*` (trigger phrase, architecture, resolution);
+    ours stays under `b4m`."""
+    arch = base_arch(tensors, meta)
+    extra = meta.get("extra") or {}
+    res = int(meta.get("resolution") or extra.get("resolution") or 0)
+    phrases = trigger_phrases(meta)
+    what = {"fused": "content x style", "content": "content", "style": "style"}.get(meta["kind"], meta["kind"])
+    title = f"b4m {what}: {', '.join(phrases)}" if phrases else f"b4m {what}"
+    info = {
+        "b4m": json.dumps(meta, sort_keys=True),
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(meta["rank"]),
+        "ss_network_alpha": str(float(meta["alpha"])),
+        "ss_base_model_version": KOHYA_VERSION[arch],
+        "ss_v2": str(arch == "sd2"),
+        "ss_sd_model_name": str(meta.get("base_model", "")),
+        "ss_max_train_steps": str(int(meta.get("steps", 0))),
+        "ss_steps": str(int(meta.get("steps", 0))),
+        "ss_seed": str(int(meta.get("seed", 0))),
+        "ss_training_comment": f"Break-for-Make {what} adapter ({meta['method']}); prompt: {usage_hint(meta)}",
+        "ss_tag_frequency": json.dumps({f"b4m_{meta['kind']}": dict.fromkeys(phrases, 1)}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": SAI_ARCHITECTURE[arch],
+        "modelspec.implementation": "diffusers"
+        if fmt == "diffusers"
+        else "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": title,
+        "modelspec.trigger_phrase": ", ".join(phrases),
+        "modelspec.usage_hint": usage_hint(meta),
+        "modelspec.prediction_type": "epsilon",
+    }
+    if extra.get("learning_rate") is not None:
+        info["ss_learning_rate"] = str(extra["learning_rate"])
+    if res:
+        info["ss_resolution"] = f"({res}, {res})"
+        info["modelspec.resolution"] = f"{res}x{res}"
+    return info
+
+
+def _bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (round to nearest even), as uint16."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _save(tensors: dict[str, np.ndarray], metadata: dict[str, str], dtype: str) -> bytes:
+    """safetensors bytes in `dtype`. numpy has no bfloat16, so bf16 files are laid out here
+    (the format is a JSON header and the raw little-endian buffers)."""
+    if dtype == "fp32":
+        return np_save(tensors, metadata=metadata)
+    if dtype == "fp16":
+        return np_save({k: v.astype(np.float16) for k, v in tensors.items()}, metadata=metadata)
+    header: dict = {"__metadata__": metadata}
+    buffers, offset = [], 0
+    for name in sorted(tensors):
+        raw = _bf16_bits(tensors[name]).astype("<u2").tobytes()
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        buffers.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the buffers start 8-byte aligned
+    return len(head).to_bytes(8, "little") + head + b"".join(buffers)
+
+
+def convert(data: bytes, fmt: str, dtype: str = "fp32") -> bytes:
+    """A b4m adapter file's bytes in `fmt` (b4m: unchanged), its tensors in `dtype`."""
     if fmt not in FORMATS:
         raise FormatError(f"export format must be b4m, diffusers or kohya, got {fmt!r}")
-    if fmt == "b4m":
+    if dtype not in DTYPES:
+        raise FormatError(f"export dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    if fmt == "b4m" and dtype == "fp32":
         return data
     tensors, meta = read(data)
-    info = {"b4m": json.dumps(meta, sort_keys=True)}
+    if fmt == "b4m":
+        return _save(tensors, {"b4m": json.dumps(meta, sort_keys=True)}, dtype)
+    info = describe(tensors, meta, fmt)
     if fmt == "diffusers":
-        return np_save(to_diffusers(tensors, meta), metadata=info)
-    info.update(
-        {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(meta["rank"]),
-            "ss_network_alpha": str(meta["alpha"]),
-            "ss_base_model_version": meta.get("base_model", ""),
-        }
-    )
-    return np_save(to_kohya(tensors, meta), metadata=info)
+        return _save(to_diffusers(tensors, meta), info, dtype)
+    return _save(to_kohya(tensors, meta), info, dtype)
+
+
+def model_card(data: bytes, weights_name: str = "pytorch_lora_weights.safetensors", samples: str | None = None) -> str:
+    """A README.md for a diffusers export (the Hugging Face model-card layout: YAML front
+    matter, then how to prompt and load it): trigger phrases, base model, method, settings."""
+    tensors, meta = read(data)
+    arch, phrases, extra = base_arch(tensors, meta), trigger_phrases(meta), meta.get("extra") or {}
+    plp = meta.get("plp") or {}
+    front = [
+        "---",
+        f"base_model: {json.dumps(str(meta.get('base_model', '')))}",
+        "library_name: diffusers",
+        "tags: [text-to-image, lora, diffusers, break-for-make]",
+        f"instance_prompt: {json.dumps(usage_hint(meta))}",
+        "---",
+    ]
+    settings = [
+        ("kind", meta["kind"]),
+        ("method", meta["method"]),
+        ("base model", f"{meta.get('base_model', '')} ({arch})"),
+        ("rank / alpha", f"{meta['rank']} / {meta['alpha']}"),
+        ("rho, bases", f"{plp['rho']}, {plp.get('basis_mode')} / {plp.get('basis_scale', 'legacy')}" if plp else None),
+        ("steps", meta.get("steps")),
+        ("learning rate", extra.get("learning_rate")),
+        ("MCP auxiliary sets", len(extra["aux"]) if "aux" in extra else None),
+        ("resolution", meta.get("resolution") or None),
+        ("seed", meta.get("seed")),
+    ]
+    lines = front + [
+        "",
+        f"# {describe(tensors, meta, 'diffusers')['modelspec.title']}",
+        "",
+        "A LoRA made with Break-for-Make (B4M): content and style learnt as separate halves of one "
+        "low-rank update, then composed.",
+        "",
+        "## Trigger words",
+        "",
+        *[f"- `{p}`" for p in phrases],
+        "",
+        f"Prompt: `{usage_hint(meta)}`",
+        "",
+        "## Use with diffusers",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        f"pipe = DiffusionPipeline.from_pretrained({json.dumps(str(meta.get('base_model', '')))})",
+        f'pipe.load_lora_weights(".", weight_name="{weights_name}")',
+        f"image = pipe({json.dumps(usage_hint(meta))}).images[0]",
+        "```",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in settings if v is not None],
+    ]
+    if samples:
+        lines += ["", "## Samples", "", f"![samples]({samples})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_export(data: bytes, fmt: str, out, dtype: str = "fp32") -> list:
+    """Write a b4m adapter file's bytes as `fmt` to `out`: a file, or a folder (a path that is
+    a folder or has no suffix), which for diffusers gets the weights as
+    `pytorch_lora_weights.safetensors` with a model card `README.md` beside them, as
+    `save_lora_weights` and the Hub lay them out. Returns the paths written."""
+    from pathlib import Path
+
+    out = Path(out)
+    converted = convert(data, fmt, dtype)
+    if not (out.is_dir() or not out.suffix):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(converted)
+        return [out]
+    out.mkdir(parents=True, exist_ok=True)
+    name = "pytorch_lora_weights.safetensors" if fmt == "diffusers" else f"adapter_{fmt}.safetensors"
+    (out / name).write_bytes(converted)
+    written = [out / name]
+    if fmt == "diffusers":
+        (out / "README.md").write_text(model_card(data, name))
+        written.append(out / "README.md")
+    return written

@@ -61,6 +61,7 @@ class BaseModel:
     recommended: dict = field(default_factory=dict)
     # captions reference images that came without them (kind, images) -> captions; None: the
     # model has none and uncaptioned images train on its prompt templates
+    arch: str = "sd1"  # sd1 | sd2 | sdxl | micro
     captioner: Callable[[str, list], list[str]] | None = None
     # MCP auxiliary sets that ship with the model: (kind of the concept, k, seed, token_bound)
     # -> k sets of the opposite kind; None: the model has none
@@ -182,6 +183,11 @@ def model_hash(pipe: DiffusionPipeline, path: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _sd_version(pipe) -> str:
+    """SD 2.x reads 1024-wide text features (OpenCLIP), SD 1.x 768."""
+    return "sd2" if int(pipe.unet.config.cross_attention_dim) == 1024 else "sd1"
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -229,6 +235,7 @@ def load_base(base: str, device: str | torch.device | None = None, dtype: torch.
         device=device,
         dtype=dtype,
         recommended=recommended,
+        arch="sdxl" if is_sdxl else "micro" if captioner else _sd_version(pipe),
         captioner=captioner,
         aux_bank=aux_bank,
     )

@@ -295,8 +295,13 @@ def _resolution(base: BaseModel, cfg: TrainConfig) -> int:
     return cfg.resolution or base.resolution
 
 
-def _meta(base: BaseModel) -> dict:
-    return {"base_model": base.model_id, "base_model_hash": base.model_hash}
+def _meta(base: BaseModel, cfg: TrainConfig | None = None) -> dict:
+    return {
+        "base_model": base.model_id,
+        "base_model_hash": base.model_hash,
+        "base_arch": base.arch,
+        "resolution": _resolution(base, cfg) if cfg is not None else base.resolution,
+    }
 
 
 # ---------------------------------------------------------------- break stage
@@ -362,7 +367,7 @@ class BreakStage:
                 "learning_rate": self.cfg.learning_rate,
                 "routing": self.cfg.routing,
             },
-            **_meta(self.base),
+            **_meta(self.base, self.cfg),
         )
 
 
@@ -442,6 +447,8 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
         plp=plp,
         base_model=content.base_model,
         base_model_hash=content.base_model_hash,
+        base_arch=content.base_arch,
+        resolution=content.resolution,
         tokens={**content.tokens, **style.tokens},
         words={**content.words, **style.words},
         steps=0,
@@ -559,7 +566,7 @@ class LoRAStage:
                 steps=self.cfg.steps,
                 seed=self.cfg.seed,
                 extra={"targets": self.targets},
-                **_meta(self.base),
+                **_meta(self.base, self.cfg),
             )
         finally:
             remove_adapters(self.base.unet)
@@ -609,6 +616,8 @@ def _fused_baseline(
         alpha=float(rank),
         base_model=content.base_model,
         base_model_hash=content.base_model_hash,
+        base_arch=content.base_arch,
+        resolution=content.resolution,
         tokens={**content.tokens, **style.tokens},
         words={**content.words, **style.words},
         steps=steps,

@@ -374,14 +374,11 @@ def cmd_export(args) -> None:
 
 @_server_errors
 def _server_export(args):
-    from pathlib import Path
+    from b4m_core.formats import write_export
 
-    with _client(args) as c:
-        data = c.download_adapter(c.resolve_adapter(args.ref), args.format)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(data)
-    print(out)
+    with _client(args) as c:  # ours, converted here: the model card reads our metadata
+        data = c.download_adapter(c.resolve_adapter(args.ref), "b4m")
+    print("\n".join(str(p) for p in write_export(data, args.format, Path(args.out), args.dtype)))
     return 0
 
 

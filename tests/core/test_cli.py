@@ -135,7 +135,7 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
     assert r.returncode == 0, r.stderr
     pngs = sorted((tmp_path / "imgs").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
-    for fmt, key in (("diffusers", ".lora.down.weight"), ("kohya", ".alpha")):
+    for fmt, key in (("diffusers", ".lora_A.weight"), ("kohya", ".alpha")):
         out = tmp_path / f"{fmt}.safetensors"
         r = b4m("export", "--adapter", tmp_path / "f.safetensors", "--format", fmt, "--out", out)
         assert r.returncode == 0, r.stderr

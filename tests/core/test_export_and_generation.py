@@ -63,6 +63,57 @@ def test_exported_lora_loads_in_diffusers_and_matches(request, tmp_path, fused_a
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_exports_carry_kohya_and_modelspec_metadata_in_every_dtype(tmp_path, fused_adapters, dtype):
+    import json
+
+    from safetensors import safe_open
+
+    from b4m_core.formats import write_export
+
+    for which, version, arch in (
+        ("sd", "sd_v1", "stable-diffusion-v1/lora"),
+        ("sdxl", "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    ):
+        adapter = fused_adapters[which]
+        for fmt in ("kohya", "diffusers"):
+            path = tmp_path / f"{which}_{fmt}_{dtype}.safetensors"
+            path.write_bytes(adapter.export(fmt, dtype))
+            with safe_open(str(path), "pt") as f:
+                meta, first = f.metadata(), f.get_tensor(next(iter(f.keys())))
+            assert first.dtype == {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+            assert meta["ss_base_model_version"] == version and meta["modelspec.architecture"] == arch
+            assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == adapter.alpha
+            assert meta["ss_network_module"] == "networks.lora" and meta["ss_v2"] == "False"
+            assert meta["ss_sd_model_name"] == adapter.base_model and meta["ss_steps"] == str(adapter.steps)
+            res = adapter.resolution
+            assert (
+                res > 0
+                and meta["ss_resolution"] == f"({res}, {res})"
+                and meta["modelspec.resolution"] == f"{res}x{res}"
+            )
+            assert meta["modelspec.trigger_phrase"] == "sks dog, zwx ink"
+            assert json.loads(meta["ss_tag_frequency"]) == {"b4m_fused": {"sks dog": 1, "zwx ink": 1}}
+            assert (
+                meta["modelspec.usage_hint"] == "a sks dog in zwx ink style"
+                and "sks dog" in meta["ss_training_comment"]
+            )
+            assert meta["modelspec.sai_model_spec"] == "1.0.0" and meta["modelspec.title"].startswith(
+                "b4m content x style"
+            )
+            assert json.loads(meta["b4m"])["tokens"] == adapter.tokens  # ours kept
+    # bf16 values are float32 rounded to 8 bits of mantissa; the b4m file itself reloads in any dtype
+    again = Adapter.from_bytes(fused_adapters["sd"].export("b4m", dtype))
+    for k, v in fused_adapters["sd"].tensors.items():
+        assert torch.allclose(again.tensors[k].float(), v.float(), rtol=1e-2, atol=1e-3)
+    # a folder: the weights and a model card beside them, as the Hub lays them out
+    written = write_export(fused_adapters["sd"].to_bytes(), "diffusers", tmp_path / f"card_{dtype}", dtype)
+    assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "README.md"]
+    card = written[1].read_text()
+    assert card.startswith("---\nbase_model:") and "`sks dog`" in card and "`zwx ink`" in card
+    assert "load_lora_weights" in card and "| method | b4m |" in card
+
+
 def test_kohya_keys_and_alpha(fused_adapters):
     sd_ = fused_adapters["sd"].to_kohya()
     keys = list(sd_)

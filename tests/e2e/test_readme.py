@@ -42,7 +42,7 @@ def test_readme_walkthrough(tmp_path):
     assert '"status":"queued"' in out.replace(" ", "")  # the 202 bodies
     assert '"images":["/generations/' in out.replace(" ", "")  # generate answered 200 within `wait`
     assert (ROOT / "out/walk_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for fmt, key in (("b4m", None), ("diffusers", "lora.down.weight"), ("kohya", "lora_down.weight")):
+    for fmt, key in (("b4m", None), ("diffusers", "lora_A.weight"), ("kohya", "lora_down.weight")):
         with safe_open(str(ROOT / f"out/walk_{fmt}.safetensors"), "pt") as f:
             keys = list(f.keys())
         assert keys and (key is None or any(k.endswith(key) for k in keys)), (fmt, keys[:3])
@@ -79,6 +79,9 @@ def test_readme_cli_walkthrough(tmp_path):
     assert len(list(walk.glob("image_*.png"))) == 2
     with safe_open(str(walk / "hexagon_zigzag_kohya.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") for k in f.keys())
+        meta = f.metadata()
+    # what a LoRA manager shows: how to prompt it, what it is for
+    assert meta["modelspec.trigger_phrase"] == "hkx shape, zgt pattern" and meta["ss_sd_model_name"] == "micro"
 
 
 def test_readme_client_example(tmp_path):

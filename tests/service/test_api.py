@@ -63,7 +63,7 @@ def test_train_fuse_generate_over_http(api):
     fusion = r.json()
     assert wait_job(client, fusion["job_id"])["status"] == "succeeded"
     adapter_id = client.get(f"/fusions/{fusion['id']}").json()["adapter_id"]
-    for fmt, key in (("b4m", ".A"), ("diffusers", ".lora.down.weight"), ("kohya", ".alpha")):
+    for fmt, key in (("b4m", ".A"), ("diffusers", ".lora_A.weight"), ("kohya", ".alpha")):
         r = client.get(f"/adapters/{adapter_id}/download", params={"format": fmt})
         assert r.status_code == 200 and r.content[:8]
         from safetensors.torch import load

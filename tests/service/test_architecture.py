@@ -61,7 +61,7 @@ with TestClient(app) as c:
     up = np.concatenate([tensors["l.A"], tensors["l.B"]])
     down = np.concatenate([tensors["l.C"], tensors["l.D"]], axis=1)
     assert np.array_equal(kohya["lora_unet_l.lora_up.weight"], up) and float(kohya["lora_unet_l.alpha"]) == 2.0
-    assert np.allclose(diffusers["unet.l.lora.up.weight"] @ diffusers["unet.l.lora.down.weight"], 0.5 * up @ down)
+    assert np.allclose(diffusers["unet.l.lora_B.weight"] @ diffusers["unet.l.lora_A.weight"], 0.5 * up @ down)
 """
     assert _loaded_after(code) == []
 
