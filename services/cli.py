@@ -33,6 +33,9 @@ def _add(sub) -> None:
     tsub = p.add_subparsers(dest="action", required=True)
     tsub.add_parser("create", help="add a tenant").add_argument("name")
     tsub.add_parser("list", help="tenants and their keys (prefixes only)")
+    tsub.add_parser(
+        "bootstrap", help="with no tenant at all: make a first one and a key, printed once (else nothing)"
+    ).add_argument("name", nargs="?", default="default")
     p = sub.add_parser("key", help="manage API keys (stored hashed; a new key is printed once)")
     ksub = p.add_subparsers(dest="action", required=True)
     ksub.add_parser("create", help="a new key for a tenant").add_argument("tenant", help="tenant name or id")
@@ -460,6 +463,14 @@ def cmd_tenant(args) -> None:
         if args.action == "create":
             t = tenants.create_tenant(_sessions(), args.name)
             print(json.dumps({"id": t.id, "name": t.name}))
+        elif args.action == "bootstrap":
+            made = tenants.bootstrap(_sessions(), args.name)
+            if made is None:
+                print(json.dumps({"bootstrap": "a tenant exists: nothing done"}))
+            else:
+                key, row = made
+                note = "the first tenant's API key, shown once: send it as 'Authorization: Bearer <key>'"
+                print(json.dumps({"tenant": args.name, "tenant_id": row.tenant_id, "key": key, "note": note}))
         else:
             print(json.dumps(tenants.list_tenants(_sessions()), indent=2))
     except ValueError as exc:

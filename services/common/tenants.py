@@ -72,3 +72,17 @@ def list_tenants(sessions) -> list[dict]:
                 }
             )
         return out
+
+
+def bootstrap(sessions, name: str = "default") -> tuple[str, ApiKey] | None:
+    """A first tenant and key when the database has no tenant at all (a fresh stack with
+    auth on is usable at once); None when there is one already, so running it on every
+    start changes nothing after the first."""
+    with sessions() as s:
+        if s.scalars(select(Tenant).limit(1)).first() is not None:
+            return None
+    try:
+        create_tenant(sessions, name)
+    except ValueError:  # another starter made it first
+        return None
+    return create_key(sessions, name)

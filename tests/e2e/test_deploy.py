@@ -61,3 +61,29 @@ def test_kustomize_builds_manifests_that_validate_against_kubernetes_schemas():
         "training",
         "generation",
     }  # the Celery queues (services/common/jobs.py JOB_QUEUES)
+
+
+def test_the_image_copies_every_package_the_project_installs():
+    """No engine here: read the Dockerfile. A package pyproject.toml installs but the image
+    lacks makes every command that imports it crash in the container."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    copied = set(re.findall(r"^COPY\s+(\S+)\s+\./", (ROOT / "Dockerfile").read_text(), re.M))
+    assert packages and all(p in copied for p in packages), (packages, copied)
+    assert "models/" in (ROOT / ".dockerignore").read_text().split()  # weights stay out of the build context
+
+
+def test_compose_services_restart_report_health_and_start_usable():
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "version" not in spec  # obsolete in the Compose spec
+    services = spec["services"]
+    for name in ("api", "worker"):
+        assert services[name]["restart"] == "unless-stopped" and services[name]["healthcheck"]["test"]
+        assert any(v.endswith(":/models") or ":/models:" in v for v in services[name]["volumes"])
+    assert "b4m tenant bootstrap" in " ".join(services["migrate"]["command"])  # a first key, printed once
+    assert "B4M_BASE_MODELS" in spec["x-b4m-env"]

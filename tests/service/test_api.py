@@ -378,6 +378,9 @@ def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
     env = dict(os.environ, B4M_DATA_DIR=str(tmp_path), HF_HUB_OFFLINE="1")
     env.pop("B4M_DATABASE_URL", None)
     cli = lambda *a: run([sys.executable, "-m", "services.cli", *a], env=env, timeout=120)
+    first = cli("tenant", "bootstrap")  # a fresh database: a first tenant and key (docker-compose runs it)
+    assert first.returncode == 0 and json.loads(first.stdout)["key"].startswith("b4m_"), first.stderr
+    assert "nothing done" in cli("tenant", "bootstrap").stdout
     assert cli("tenant", "create", "acme").returncode == 0
     dup = cli("tenant", "create", "acme")
     assert dup.returncode == 2 and "exists" in dup.stderr
@@ -388,7 +391,7 @@ def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
     settings = Settings(data_dir=tmp_path, base_model=str(tiny_sd_path), device="cpu", auth=True)
     app = create_app(settings)
     with app.state.runtime.sessions() as s:
-        stored = s.scalars(select(ApiKey)).one()
+        stored = s.scalars(select(ApiKey).where(ApiKey.prefix == key["key"][:10])).one()
         assert stored.key_hash == hashlib.sha256(key["key"].encode()).hexdigest() and key["key"] not in stored.prefix
     with TestClient(app) as client:
         auth = {"Authorization": f"Bearer {key['key']}"}
@@ -397,7 +400,7 @@ def test_tenant_and_key_commands_drive_auth(tmp_path, tiny_sd_path):
         assert cli("key", "revoke", key["id"]).returncode == 0
         assert client.get("/jobs", headers=auth).status_code == 401
     listed = json.loads(cli("tenant", "list").stdout)
-    assert [t["name"] for t in listed] == ["acme"] and listed[0]["keys"][0]["revoked"]
+    assert [t["name"] for t in listed] == ["default", "acme"] and listed[1]["keys"][0]["revoked"]
 
 
 def test_cancel_mid_training_removes_partial_state(tmp_path, tiny_sd_path):
