@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ConfigError
 
@@ -94,7 +94,8 @@ def open_image(path_or_file) -> Image.Image:
     try:
         with Image.open(path_or_file) as im:
             im.load()
-            return im.convert("RGB")
+            # a phone photo stores its pixels sideways with an EXIF orientation: train it upright
+            return ImageOps.exif_transpose(im).convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"cannot read image {getattr(path_or_file, 'name', path_or_file)}: {exc}") from exc
 

@@ -26,6 +26,8 @@ def check_image(filename: str | None, data: bytes, settings: Settings) -> tuple[
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()  # a truncated file fails here, not later in a worker
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # stored sideways: the worker trains it upright
+                w, h = h, w
     except HTTPException:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, for sizes far past ours

@@ -239,3 +239,22 @@ def test_a_paused_run_checkpoints_where_it_stopped_and_resumes_exactly(sd, conce
     resumed = train_concept(sd, content, aux=aux_styles[:2], plp=plp, cfg=cfg, hooks=Hooks(resume=saved[3]))
     for k in unbroken.tensors:
         assert torch.allclose(unbroken.tensors[k], resumed.tensors[k], atol=1e-6), k
+
+
+def test_images_are_read_upright_from_their_exif_orientation(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation tag; it trains as seen."""
+    import numpy as np
+    from PIL import Image
+
+    from b4m_core.data import open_image
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # left half white: a 40x20 landscape as stored
+    im = Image.fromarray(pixels)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    im.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    seen = open_image(tmp_path / "photo.jpg")
+    assert seen.size == (20, 40)  # upright: portrait
+    arr = np.asarray(seen, np.float32)
+    assert arr[:20].mean() > 200 and arr[20:].mean() < 50  # the white half is now on top
