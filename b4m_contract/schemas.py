@@ -253,3 +253,11 @@ class ReadyOut(BaseModel):
         description="database, storage, broker: 'ok' or the error",
         examples=[{"database": "ok", "storage": "ok", "broker": "ok"}],
     )
+
+
+class WebhookEvent(BaseModel):
+    """The body POSTed to a job's `webhook_url`."""
+
+    type: str = Field(description="job.<status>: job.succeeded, job.failed or job.canceled", examples=["job.succeeded"])
+    job_id: str = Field(examples=[ID_EXAMPLE])
+    data: JobOut = Field(description="the job as GET /jobs/{id} shows it")

@@ -26,7 +26,7 @@ from ..common.settings import Settings, get_settings
 from .deps import Runtime
 from .errors import install_error_handlers
 from .guards import RequestGuard
-from .openapi import describe_openapi
+from .openapi import describe_openapi, document_webhooks
 from .routes import ROUTERS
 from .views import job_out
 from .watch import JobWatcher
@@ -98,7 +98,9 @@ def create_app(
         lifespan=lifespan,
         description="Train content and style adapters, fuse any pair, draw images. Every POST takes an "
         "`Idempotency-Key` header.",
+        generate_unique_id_function=lambda route: route.name,  # operationIds generated clients can use
     )
+    document_webhooks(app)
     app.state.runtime = rt
     _observe(app, rt)
     for router in ROUTERS:
@@ -115,7 +117,13 @@ def create_app(
             from fastapi.openapi.utils import get_openapi
 
             app.openapi_schema = describe_openapi(
-                get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                    webhooks=app.webhooks.routes,
+                )
             )
         return app.openapi_schema
 

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -48,16 +49,25 @@ def _session(rt: Annotated[Runtime, Depends(runtime)]) -> Iterator[Session]:
         yield s
 
 
+# the OpenAPI document's bearer scheme (the docs' Authorize button); the key is checked below,
+# so a missing or malformed header reaches key_tenant and gets its own 401 message
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="an API key: `Authorization: Bearer b4m_...` (when B4M_AUTH is on)",
+)
+
+
 def _tenant(
     request: Request,
     rt: Annotated[Runtime, Depends(runtime)],
-    authorization: Annotated[str | None, Header()] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)] = None,
 ) -> str:
     """The caller's tenant: from `Authorization: Bearer <key>`, or the default tenant when auth is off.
     Its own short session: a request that then waits (a job, an event stream) holds no connection."""
     if (found := getattr(request.state, "tenant_id", None)) is not None:
         return found  # checked before the body was read (guards.RequestGuard)
-    return key_tenant(rt, authorization)
+    return key_tenant(rt, f"Bearer {credentials.credentials}" if credentials else None)
 
 
 def key_tenant(rt: Runtime, authorization: str | None) -> str:

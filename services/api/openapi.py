@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from b4m_contract.schemas import ErrorOut
+from b4m_contract.schemas import ErrorOut, WebhookEvent
 
 
 def errors(*codes: int) -> dict:
@@ -70,3 +70,14 @@ def describe_openapi(spec: dict) -> dict:
                 if not p.get("description") and p["name"] in COMMON_DOCS:
                     p["description"] = COMMON_DOCS[p["name"]]
     return spec
+
+
+def document_webhooks(app) -> None:
+    """The events a job's `webhook_url` receives, in the document's `webhooks` section."""
+    @app.webhooks.post("job-ended", operation_id="job_ended")
+    def job_ended(event: WebhookEvent) -> None:
+        """POSTed to a job's `webhook_url` when it ends (`type`: job.succeeded, job.failed or
+        job.canceled), at least once, retried with exponential backoff until the receiver answers 2xx.
+        Signed as Standard Webhooks: headers `webhook-id` (the job id: dedupe on it),
+        `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>`
+        with the tenant's secret from `GET /webhooks/secret`)."""

@@ -57,7 +57,7 @@ def download_adapter(
     response_class=PlainTextResponse,
     responses={200: {"content": {"text/markdown": {}}, "description": "a model card"}, **errors(401, 404)},
 )
-def adapter_card(adapter_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep):
+def get_adapter_card(adapter_id: str, tenant: TenantId, s: DbSession, rt: RuntimeDep):
     """The adapter's model card (README.md of a diffusers export): trigger words, base model,
     method and settings, and how to load it."""
     from b4m_core.formats import FormatError, model_card

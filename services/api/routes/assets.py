@@ -49,7 +49,11 @@ def _register(kind: AssetKind) -> None:
     plural = f"/{kind}s"
 
     @router.post(
-        plural, status_code=202, response_model=Accepted, name=f"post_{kind}", responses=errors(401, 404, 409, 413, 422)
+        plural,
+        status_code=202,
+        response_model=Accepted,
+        name=f"create_{kind}",
+        responses=errors(401, 404, 409, 413, 422),
     )
     def create(
         tenant: TenantId,

@@ -10,7 +10,13 @@ from sqlalchemy.orm import Session
 
 from ...common.models import Adapter
 
-IdempotencyKey = Annotated[str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+IDEMPOTENCY_DOC = (
+    "makes a retried POST safe: the same key with the same body answers the first request's result "
+    "(and starts nothing new); the same key with another body is a 409. Printable ASCII, 1 to 200 characters"
+)
+IdempotencyKey = Annotated[
+    str | None, Header(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$", description=IDEMPOTENCY_DOC)
+]
 MAX_OFFSET = 10**9  # beyond any table; a larger value would overflow the database integer
 
 

@@ -24,7 +24,7 @@ router = APIRouter(tags=["fusions"])
 
 
 @router.post("/fusions", status_code=202, response_model=Accepted, responses=errors(401, 404, 409, 422))
-def post_fusion(
+def create_fusion(
     body: FusionIn, tenant: TenantId, rt: RuntimeDep, s: DbSession, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Combine a trained content with a trained style and fine-tune them into one adapter.

@@ -32,7 +32,7 @@ router = APIRouter(tags=["generate"])
         **errors(401, 404, 409, 422),
     },
 )
-async def post_generate(
+async def generate(
     body: GenerateIn, tenant: TenantId, rt: RuntimeDep, watcher: Watcher, idempotency_key: IdempotencyKey = None
 ) -> JSONResponse:
     """Draw images with a fusion, a content, a style, or the bare base model. With `wait`, the
@@ -103,7 +103,7 @@ def get_generation(generation_id: str, tenant: TenantId, s: DbSession):
         **errors(401, 404),
     },
 )
-def get_image(generation_id: str, index: int, tenant: TenantId, s: DbSession, rt: RuntimeDep):
+def get_generation_image(generation_id: str, index: int, tenant: TenantId, s: DbSession, rt: RuntimeDep):
     g = owned(s, Generation, tenant, generation_id)
     if g is None or not 0 <= index < len(g.images or []):
         raise HTTPException(404, "image not found")
