@@ -74,6 +74,7 @@ def describe_openapi(spec: dict) -> dict:
 
 def document_webhooks(app) -> None:
     """The events a job's `webhook_url` receives, in the document's `webhooks` section."""
+
     @app.webhooks.post("job-ended", operation_id="job_ended")
     def job_ended(event: WebhookEvent) -> None:
         """POSTed to a job's `webhook_url` when it ends (`type`: job.succeeded, job.failed or
