@@ -254,9 +254,19 @@ class Client:
         method: Literal["b4m", "joint", "merge", "ziplora"] = "b4m",
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
+        learning_rate: float | None = None,
+        seed: int | None = None,
     ) -> Accepted:
         """Combine a content and a style into one fine-tuned adapter (the make stage)."""
-        body = _params(content_id=content_id, style_id=style_id, steps=steps, method=method, webhook_url=webhook_url)
+        body = _params(
+            content_id=content_id,
+            style_id=style_id,
+            steps=steps,
+            method=method,
+            webhook_url=webhook_url,
+            learning_rate=learning_rate,
+            seed=seed,
+        )
         r = self._request("POST", "/fusions", json=body, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
 

@@ -127,6 +127,13 @@ class FusionIn(RequestBody):
     content_id: str = Field(min_length=1, max_length=64, description="a trained content asset", examples=[ID_EXAMPLE])
     style_id: str = Field(min_length=1, max_length=64, description="a trained style asset", examples=[ID_EXAMPLE])
     steps: int = Field(50, ge=0, le=5000, description="make-stage fine-tuning steps (0: the bare composition)")
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="make-stage learning rate (default: the base model's, 5e-3 on micro; ZipLoRA 1e-4)",
+    )
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="training seed (default 0)")
     method: Literal["b4m", "joint", "merge", "ziplora"] = Field(
         "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison"
     )

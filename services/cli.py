@@ -6,6 +6,7 @@ The service commands live here, not in b4m_core, which knows nothing of HTTP or 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -193,6 +194,10 @@ def _table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+# exit codes: 0 done, 1 the job failed, 2 bad usage or input, 3 not found, 4 server unreachable
+EXIT_NOT_FOUND, EXIT_UNREACHABLE = 3, 4
+
+
 def _server_errors(fn):
     """Server answers and connection failures as one-line errors (exit 2), not tracebacks."""
 
@@ -205,9 +210,18 @@ def _server_errors(fn):
         try:
             code = fn(args)
         except B4MError as exc:
+            if exc.status == 404:  # its own exit code: a script can tell "no such thing" from a usage error
+                print(f"b4m: not found: {exc.detail}", file=sys.stderr)
+                raise SystemExit(EXIT_NOT_FOUND) from exc
             raise ConfigError(f"server said {exc.status}: {exc.detail}") from exc
         except httpx.TransportError as exc:
-            raise ConfigError(f"cannot reach the server ({exc})") from exc
+            url = getattr(args, "url", None) or os.environ.get("B4M_URL") or "http://127.0.0.1:8000"
+            print(
+                f"b4m: cannot reach the server at {url} ({exc}): start one with `b4m serve`, "
+                "or point --url (or B4M_URL) at yours",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_UNREACHABLE) from exc
         if code:
             raise SystemExit(code)
 
@@ -299,13 +313,16 @@ def _server_fuse(args):
             steps=50 if args.steps is None else args.steps,
             method=args.method,
             webhook_url=args.webhook,
+            learning_rate=args.lr,
+            seed=args.seed,
         )
         print(r.model_dump_json())
         return _watch(c, r.job_id) if args.watch else 0
 
 
 def cmd_generate(args) -> None:
-    if args.fusion or args.content_id or args.style_id or args.url:
+    server = args.fusion or args.content_id or args.style_id or args.url
+    if server or (os.environ.get("B4M_URL") and not args.adapter):  # B4M_URL names a server too
         return _server_generate(args)
     return core_generate(args)
 

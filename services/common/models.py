@@ -114,6 +114,7 @@ class Fusion(Base):
     style_id: Mapped[str] = mapped_column(ForeignKey("assets.id", ondelete="RESTRICT"), index=True)
     method: Mapped[str] = mapped_column(String(16), default="b4m")
     steps: Mapped[int] = mapped_column(Integer, default=50)
+    settings: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # learning_rate, seed when given
     adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

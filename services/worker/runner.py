@@ -251,8 +251,9 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         ca, sa = _load_adapter(ctx, s, content.adapter_id), _load_adapter(ctx, s, style.adapter_id)
         cset, sset = _concept(ctx, content), _concept(ctx, style)
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
+        given = dict(fusion.settings or {})
     base = ctx.base(base_name)
-    lr = 1e-4 if method == "ziplora" else base.default("learning_rate", 1e-3)
+    lr = given.get("learning_rate") or (1e-4 if method == "ziplora" else base.default("learning_rate", 1e-3))
     fused = fuse(
         base,
         ca,
@@ -260,7 +261,12 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         cset,
         sset,
         method=method,
-        cfg=TrainConfig(steps=steps, learning_rate=lr, checkpoint_every=ctx.settings.checkpoint_every),
+        cfg=TrainConfig(
+            steps=steps,
+            learning_rate=float(lr),
+            seed=int(given.get("seed", 0)),
+            checkpoint_every=ctx.settings.checkpoint_every,
+        ),
         hooks=_hooks(ctx, attempt),
     )
     return _adapter_result(ctx, attempt, fused)

@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from b4m_client import B4MError, Client, JobFailed, verify_webhook
+from b4m_core.adapter import Adapter
 
 from ..helpers.images import write_images
 from ..helpers.live import LiveServer, b4m_cli
@@ -113,10 +114,12 @@ def test_cli_server_commands(server, tmp_path):
     assert r.returncode == 0 and "tom" in r.stdout and "succeeded" in r.stdout
     assert [a["name"] for a in json.loads(b4m_cli(env, "style", "list", "--json").stdout)].count("chalky") == 1
 
-    r = b4m_cli(env, "fuse", "tom", "chalky", "--steps", 2, "--watch")  # names, not ids
+    r = b4m_cli(env, "fuse", "tom", "chalky", "--steps", 2, "--lr", 0.002, "--seed", 7, "--watch")  # names, not ids
     assert r.returncode == 0, r.stderr
     fused = json.loads(r.stdout.strip().splitlines()[-1])
     fusion_id = json.loads(r.stdout.strip().splitlines()[0])["id"]
+    made = Adapter.from_bytes(Client(server.url, api_key=env.get("B4M_API_KEY")).download_adapter(fused["adapter_id"]))
+    assert made.seed == 7 and made.steps == 2  # the server form passes the make stage's settings
 
     r = b4m_cli(
         env,
@@ -158,12 +161,15 @@ def test_cli_server_commands(server, tmp_path):
     assert Image.open(tmp_path / "demo" / "grid.png").size == (3 * 68, 3 * 68)
 
     # errors are one line, not a traceback, and change nothing
-    r = b4m_cli(env, "fuse", "nobody", "chalky")
-    assert r.returncode == 2 and "server said 404" in r.stderr and "Traceback" not in r.stderr
+    r = b4m_cli(env, "fuse", "nobody", "chalky")  # not found: its own exit code, apart from usage errors (2)
+    assert r.returncode == 3 and "not found" in r.stderr and "Traceback" not in r.stderr
     r = b4m_cli({**env, "B4M_API_KEY": "b4m_wrong"}, "content", "list")
     assert r.returncode == 2 and "401" in r.stderr
-    r = b4m_cli({**env, "B4M_URL": f"http://127.0.0.1:{free_port()}"}, "jobs", "list")
-    assert r.returncode == 2 and "cannot reach the server" in r.stderr
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    r = b4m_cli({**env, "B4M_URL": nowhere}, "jobs", "list")
+    assert r.returncode == 4 and f"cannot reach the server at {nowhere}" in r.stderr and "b4m serve" in r.stderr
+    r = b4m_cli(env, "--version")
+    assert r.returncode == 0 and r.stdout.startswith("b4m ")
     r = b4m_cli(env, "content", "add", imgs / "00.png", "--word", "cat", "--name", "slow", "--steps", 3000)
     job_id = json.loads(r.stdout)["job_id"]
     b4m_cli(env, "jobs", "cancel", job_id)

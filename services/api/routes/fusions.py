@@ -38,8 +38,14 @@ def create_fusion(
             state, job = training_state(s, a)
             if state == Training.FAILED:
                 raise HTTPException(409, describe_unready(a, job))
+        given = {"learning_rate": body.learning_rate, "seed": body.seed}
         f = Fusion(
-            tenant_id=tenant, content_id=body.content_id, style_id=body.style_id, steps=body.steps, method=body.method
+            tenant_id=tenant,
+            content_id=body.content_id,
+            style_id=body.style_id,
+            steps=body.steps,
+            method=body.method,
+            settings={k: v for k, v in given.items() if v is not None},
         )
         s.add(f)
         s.flush()
