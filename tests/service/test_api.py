@@ -494,15 +494,21 @@ def test_job_events_stream_progress_then_end(api):
 
     client, _ = api
     r = post_asset(client, "content", 0, steps="6").json()
-    events = []
+    events, ids, retries = [], [], set()
     with client.stream("GET", f"/jobs/{r['job_id']}/events", params={"interval": 0.1}) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
+        assert stream.headers["cache-control"] == "no-cache" and stream.headers["x-accel-buffering"] == "no"
         kind = None
         for line in stream.iter_lines():
             if line.startswith("event: "):
                 kind = line[7:]
             elif line.startswith("data: "):
                 events.append((kind, json.loads(line[6:])))
+            elif line.startswith("id: "):
+                ids.append(int(line[4:]))
+            elif line.startswith("retry: "):
+                retries.add(int(line[7:]))
+    assert ids == list(range(1, len(events) + 1)) and retries == {2000}  # what a browser's EventSource uses
     assert events[-1][0] == "end" and events[-1][1]["status"] == "succeeded"
     assert all(k == "progress" for k, _ in events[:-1])
     steps = [e["progress_step"] for _, e in events]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import logging
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from b4m_contract.jobs import TERMINAL, JobStatus, JobType
 from b4m_contract.schemas import JobList, JobOut
 
-from ...common.models import Asset, Fusion, Generation
+from ...common.models import Asset, Fusion, Generation, Job
 from ...common.queries import owned
 from ..deps import Jobs, RuntimeDep, TenantId, Watcher
 from ..openapi import errors
@@ -19,6 +20,7 @@ from ..responses import STORED_FILE, stored_file
 from ..views import job_out
 from .common import MAX_OFFSET, IdempotencyKey
 
+RECONNECT_MS = 2000  # the `retry:` of every event: how long a browser waits before it reconnects
 router = APIRouter(tags=["jobs"])
 log = logging.getLogger("b4m.api")
 
@@ -64,9 +66,17 @@ def get_loss_curve(job_id: str, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
     return stored_file(rt.store, key, "image/png")
 
 
+async def _job_to_follow(job_id: str, tenant: TenantId, jobs: Jobs) -> Job:
+    """The job an event stream follows; 404 before the stream starts (a dependency runs first)."""
+    job = await run_in_threadpool(jobs.get, tenant, job_id)
+    if job is None:
+        raise HTTPException(404, f"job {job_id} not found")
+    return job
+
+
 @router.get(
     "/jobs/{job_id}/events",
-    response_class=StreamingResponse,
+    response_class=EventSourceResponse,
     responses={
         200: {
             "content": {"text/event-stream": {}},
@@ -76,30 +86,24 @@ def get_loss_curve(job_id: str, tenant: TenantId, jobs: Jobs, rt: RuntimeDep):
     },
 )
 async def job_events(
-    job_id: str,
-    tenant: TenantId,
-    jobs: Jobs,
+    job: Annotated[Job, Depends(_job_to_follow)],
     watcher: Watcher,
     interval: float = Query(
         0.5, ge=0.1, le=10, description="ignored (kept for old clients): events come as the job changes"
     ),
 ):
     """Server-Sent Events: a `progress` event (the job as in GET /jobs/{id}) each time its status,
-    step or attempt changes, then an `end` event when it succeeded, failed or was canceled. An
-    open stream holds no thread; the server ends it at shutdown (clients reconnect)."""
-    job = await run_in_threadpool(jobs.get, tenant, job_id)
-    if job is None:
-        raise HTTPException(404, f"job {job_id} not found")
-
-    async def stream():
-        async for current in watcher.follow(job):
-            body = job_out(current)
-            event = "end" if body.status in TERMINAL else "progress"
-            yield f"event: {event}\ndata: {body.model_dump_json()}\n\n"
-
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    step or attempt changes, then an `end` event when it succeeded, failed or was canceled. Each
+    has an `id:` and a `retry:` (ms before a browser reconnects); a quiet stream (a job waiting
+    in the queue) gets keepalive comments, so proxies keep it open. An open stream holds no
+    thread; the server ends it at shutdown (clients reconnect and get the job's state at once)."""
+    n = 0
+    async for current in watcher.follow(job):
+        body = job_out(current)
+        n += 1
+        yield ServerSentEvent(
+            event="end" if body.status in TERMINAL else "progress", data=body, id=str(n), retry=RECONNECT_MS
+        )
 
 
 @router.get(
