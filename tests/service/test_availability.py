@@ -134,3 +134,21 @@ def test_waiters_and_streams_hold_no_thread_and_sigterm_ends_them(tmp_path):
     finally:
         stop(proc, grace=5)
         redis.Redis(db=REDIS_DB).flushdb()
+
+
+def test_readyz_keeps_the_api_in_rotation_when_only_the_broker_is_down(db_url, tmp_path):
+    """Jobs are queued in the database and sent when the broker returns (the reconciler), so a
+    Redis outage makes the API `degraded`, not unready; a store outage does make it unready."""
+    from fastapi.testclient import TestClient
+
+    from services.api.app import create_app
+    from services.common.settings import Settings
+
+    settings = Settings(
+        data_dir=tmp_path, database_url=db_url, broker_url=f"redis://127.0.0.1:{free_port()}/0", ready_timeout_s=2
+    )
+    with TestClient(create_app(settings)) as client:
+        r = client.get("/readyz")
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "degraded", body
+        assert body["checks"]["broker"].startswith("error") and body["checks"]["database"] == "ok"

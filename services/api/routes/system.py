@@ -27,7 +27,9 @@ async def healthz():
 
 @router.get("/readyz", tags=["ops"], response_model=ReadyOut, responses={503: {"model": ReadyOut}})
 async def readyz(rt: RuntimeDep):
-    """Readiness: database, storage and broker each answer within `B4M_READY_TIMEOUT_S`."""
+    """Readiness: database, storage and broker each answer within `B4M_READY_TIMEOUT_S`. The
+    broker alone down is `degraded`, still 200: requests are taken (jobs wait in the database
+    and are sent when it returns), so the API stays in rotation."""
     limit = rt.settings.ready_timeout_s
 
     async def check(fn) -> str:
@@ -42,8 +44,9 @@ async def readyz(rt: RuntimeDep):
     names = ("database", "storage", "broker")
     fns = (lambda: rt.engine.connect().close(), rt.store.check, rt.queue.check)
     checks = dict(zip(names, await asyncio.gather(*(check(fn) for fn in fns))))
-    ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503)
+    if checks["database"] != "ok" or checks["storage"] != "ok":
+        return JSONResponse({"status": "unavailable", "checks": checks}, 503)
+    return JSONResponse({"status": "ok" if checks["broker"] == "ok" else "degraded", "checks": checks}, 200)
 
 
 @router.get(
