@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 from .config import BASIS_MODES, BASIS_SCALES, CONTENT_HALVES, ROUTINGS, TARGET_SETS, ConfigError, TrainConfig
@@ -66,6 +65,19 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument(
         "--checkpoint-every", type=_positive_int, default=0, help="write a resumable checkpoint every N steps"
+    )
+    p.add_argument(
+        "--config", default=None, metavar="FILE", help="settings from a TOML/YAML file (b4m config example); flags win"
+    )
+    p.add_argument(
+        "--sample-prompt",
+        action="append",
+        default=[],
+        metavar="PROMPT",
+        help="draw this prompt while training ({content} / {style}: the concepts; repeatable)",
+    )
+    p.add_argument(
+        "--sample-every", type=int, default=50, metavar="N", help="with --sample-prompt: every N steps (default: 50)"
     )
     p.add_argument("--checkpoint-dir", default=None, help="folder for checkpoints (default: next to --out)")
     p.add_argument("--resume", default=None, help="a checkpoint file to continue from")
@@ -164,6 +176,10 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="folder for the PNG files")
 
+    p = sub.add_parser("config", help="training settings files")
+    csub = p.add_subparsers(dest="action", required=True)
+    csub.add_parser("example", help="print a commented settings file (TOML) for --config")
+
     p = sub.add_parser("demo", help="the whole method on the micro model with the shipped references")
     p.add_argument("--out", default="out/demo", help="folder for adapters, images and grid.png")
     p.add_argument("--quick", action="store_true", help="2 contents x 2 styles, fewer steps")
@@ -251,13 +267,31 @@ def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainCo
 
 
 def _hooks(args):
+    from tqdm import tqdm
+
     from .training import Hooks
 
-    start = time.time()
+    bar = None
 
-    def progress(step: int, total: int, loss: float) -> None:
-        if step == total or step % max(1, total // 20) == 0:
-            print(f"step {step}/{total} loss {loss:.4f} ({time.time() - start:.1f}s)", file=sys.stderr)
+    def progress(step: int, total: int, loss: float) -> None:  # a bar: step, loss, rate and ETA
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=step - 1, unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if step == total:
+            bar.close()
+
+    samples_dir = Path(args.out).with_suffix("")
+    samples_dir = samples_dir.parent / f"{samples_dir.name}_samples"
+    drawn: dict[int, int] = {}
+
+    def preview(step: int, image) -> None:
+        i = drawn[step] = drawn.get(step, -1) + 1
+        samples_dir.mkdir(parents=True, exist_ok=True)
+        path = samples_dir / f"step{step:06d}_{i:02d}.png"
+        image.save(path)
+        (bar.write if bar is not None else print)(f"sample {path}")
 
     ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(args.out).parent
     stem = Path(args.out).stem
@@ -273,7 +307,15 @@ def _hooks(args):
         if not Path(args.resume).is_file():
             raise ConfigError(f"checkpoint not found: {args.resume}")
         resume = Path(args.resume).read_bytes()
-    return Hooks(progress=progress, checkpoint=checkpoint, resume=resume)
+    prompts = list(getattr(args, "sample_prompt", []) or [])
+    return Hooks(
+        progress=progress,
+        checkpoint=checkpoint,
+        resume=resume,
+        preview=preview if prompts else None,
+        preview_every=args.sample_every if prompts else 0,
+        preview_prompts=prompts,
+    )
 
 
 def _need_base(args) -> str:
@@ -435,6 +477,12 @@ def cmd_bench(args) -> None:
     print(Path(args.out) / "table.md")
 
 
+def cmd_config(args) -> None:
+    from .jobfile import EXAMPLE
+
+    print(EXAMPLE, end="")
+
+
 COMMANDS = {
     "train": cmd_train,
     "fuse": cmd_fuse,
@@ -442,11 +490,38 @@ COMMANDS = {
     "export": cmd_export,
     "demo": cmd_demo,
     "bench": cmd_bench,
+    "config": cmd_config,
 }
 
 
+def _config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`--config FILE` in argv: its settings become the defaults of the subcommand named."""
+    from . import jobfile
+
+    path = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    path = path or next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return
+    target = parser
+    for word in argv:
+        subs = [a for a in target._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        target = subs[0].choices[word]
+    if not any(a.dest == "config" for a in target._actions):
+        raise ConfigError("--config works with b4m train content|style and b4m fuse")
+    jobfile.apply(target, jobfile.load(path), path)
+
+
 def main(argv: list[str] | None = None, extensions=(), commands: dict | None = None, amend=()) -> int:
-    args = build_parser(extensions, amend).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(extensions, amend)
+    try:
+        _config_file(parser, argv)
+    except ConfigError as exc:
+        print(f"b4m: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         {**COMMANDS, **(commands or {})}[args.command](args)
     except ConfigError as exc:

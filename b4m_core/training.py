@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,9 @@ class Hooks:
     resume: bytes | None = None  # a state given to `checkpoint` earlier
     preview: Callable[[int, Image.Image], None] | None = None  # (step, image) every `preview_every` steps
     preview_every: int = 0
+    # what previews draw ({content} / {style}: the concepts being trained); none: one picture of
+    # the concept (or "<content> in <style> style" for a pair)
+    preview_prompts: list[str] = field(default_factory=list)
     # asked between steps; when true the run checkpoints where it is and raises TrainingPaused
     # (a worker shutting down hands its job back without losing the steps since the last checkpoint)
     should_pause: Callable[[], bool] | None = None
@@ -225,12 +228,22 @@ class TrainingSession:
                     hooks.checkpoint(self.step, self.state())
                 pe = hooks.preview_every
                 if hooks.preview and pe and self.step % pe == 0 and self.step < self.cfg.steps:
-                    hooks.preview(self.step, self.sample(self.preview_prompt))
+                    for prompt in [self.expand(p) for p in hooks.preview_prompts] or [self.preview_prompt]:
+                        hooks.preview(self.step, self.sample(prompt))
         finally:
             for layer in self.route_layers:
                 layer.route = None
             if self.cfg.gradient_checkpointing:
                 unet.disable_gradient_checkpointing()
+
+    def expand(self, prompt: str) -> str:
+        """`{content}` / `{style}` as the phrases of the concepts trained here (the first of each kind)."""
+        phrases: dict[str, str] = {}
+        for g in self.groups:
+            phrases.setdefault(g.samples.concept.kind, g.samples.concept.phrase)
+        for kind, phrase in phrases.items():
+            prompt = prompt.replace("{" + kind + "}", phrase)
+        return prompt
 
     @torch.no_grad()
     def sample(self, prompt: str, seed: int = 0, steps: int = 10, guidance: float = 5.0) -> Image.Image:

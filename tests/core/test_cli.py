@@ -78,7 +78,7 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
         tmp_path / "c.safetensors",
     )
     assert r.returncode == 0, r.stderr
-    assert "step 4/4" in r.stderr
+    assert "4/4" in r.stderr and "loss=" in r.stderr  # the progress bar
     assert (tmp_path / "c.step000002.ckpt.safetensors").is_file()
     assert Adapter.load(tmp_path / "c.safetensors").extra["aux"] == ["aux0 ink", "aux1 aux_pastel"]
     r = b4m(
@@ -292,3 +292,45 @@ def test_train_on_micro_uses_mcp_from_the_models_bank_unless_told_not_to(tmp_pat
         assert r.returncode == 0, r.stderr
         aux = Adapter.load(out).extra["aux"]
         assert len(aux) == expected, aux
+
+
+def test_settings_file_with_flags_over_it_and_samples_while_training(tmp_path, tiny_sd_path):
+    import tomllib
+
+    example = b4m("config", "example")
+    assert example.returncode == 0 and {"model", "network", "train", "data", "sample"} <= set(
+        tomllib.loads(example.stdout)
+    )
+    images = write_images(tmp_path / "dog", 0, 2)
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""
+[model]
+base = "{tiny_sd_path}"
+[network]
+rank = 4
+[train]
+steps = 6
+learning_rate = 2e-3
+seed = 3
+aux_sets = 0
+[data]
+images = "{images}"
+word = "dog"
+out = "{tmp_path / "dog.safetensors"}"
+[sample]
+prompts = ["a photo of {{content}}", "{{content}} on a beach"]
+every = 1
+"""
+    )
+    r = b4m("train", "content", "--config", job, "--steps", 2)  # the flag wins over the file's 6
+    assert r.returncode == 0, r.stderr
+    made = Adapter.load(tmp_path / "dog.safetensors")
+    assert (made.steps, made.rank, made.seed, made.extra["learning_rate"]) == (2, 4, 3, 2e-3)
+    samples = sorted((tmp_path / "dog_samples").glob("*.png"))
+    assert [p.name for p in samples] == ["step000001_00.png", "step000001_01.png"]  # 2 prompts at step 1
+    (tmp_path / "bad.toml").write_text("[train]\nsteps = 2\nlearnin_rate = 1e-3\n")
+    r = b4m("train", "content", "--config", tmp_path / "bad.toml")
+    assert r.returncode == 2 and "unknown settings ['learnin_rate']" in r.stderr
+    r = b4m("train", "content", "--config", tmp_path / "missing.toml")
+    assert r.returncode == 2 and "config file not found" in r.stderr
