@@ -54,6 +54,7 @@ def test_kustomize_builds_manifests_that_validate_against_kubernetes_schemas():
     assert by_kind["Job"][0]["spec"]["template"]["spec"]["containers"][0]["command"] == ["alembic", "upgrade", "head"]
     keys = set(by_kind["ConfigMap"][0]["data"]) | set(by_kind["Secret"][0]["data"])
     assert {"B4M_DATABASE_URL", "B4M_BROKER_URL", "B4M_S3_ENDPOINT_URL", "B4M_S3_SECRET_KEY"} <= keys
+    assert "B4M_KEDA_PG_CONNECTION" in keys
     scaled = by_kind["ScaledObject"][0]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1" and scaled["spec"]["scaleTargetRef"]["name"] in deployments
     assert scaled["spec"]["maxReplicaCount"] == 4  # the overlay's patch
@@ -87,3 +88,21 @@ def test_compose_services_restart_report_health_and_start_usable():
         assert any(v.endswith(":/models") or ":/models:" in v for v in services[name]["volumes"])
     assert "b4m tenant bootstrap" in " ".join(services["migrate"]["command"])  # a first key, printed once
     assert "B4M_BASE_MODELS" in spec["x-b4m-env"]
+
+
+def test_keda_counts_queued_and_running_jobs_with_a_query_the_schema_answers(tmp_path):
+    """A running job has left the Redis list; the postgresql trigger keeps its worker. Its
+    query runs against the real migrated schema."""
+    import yaml
+    from sqlalchemy import create_engine, text
+
+    from services.common.db import migrate
+
+    scaled = yaml.safe_load((ROOT / "deploy/base/worker-scaledobject.yaml").read_text())
+    (pg,) = [t for t in scaled["spec"]["triggers"] if t["type"] == "postgresql"]
+    query = pg["metadata"]["query"]
+    assert "running" in query and pg["metadata"]["connectionFromEnv"] == "B4M_KEDA_PG_CONNECTION"
+    url = f"sqlite:///{tmp_path / 'b4m.db'}"
+    migrate(url)
+    with create_engine(url).connect() as c:
+        assert c.execute(text(query)).scalar() == 0
