@@ -25,35 +25,29 @@ def aux_bank(kind: str, k: int, seed: int = 0, token_bound: bool = False) -> lis
     is what the auxiliary half learns to answer."""
     rng = np.random.default_rng([seed, 4242])
     bgs = tuple(BACKGROUNDS)
+    # a content learns beside known styles (each shown on 2 known contents), a style beside
+    # known contents (each in 2 known styles)
+    aux_kind = "style" if kind == "content" else "content"
+    names, others = (
+        (PRETRAIN_STYLES, PRETRAIN_CONTENTS) if aux_kind == "style" else (PRETRAIN_CONTENTS, PRETRAIN_STYLES)
+    )
     out = []
-    if kind == "content":  # auxiliary styles for a content adapter
-        for j, name in enumerate(rng.choice(PRETRAIN_STYLES, size=k, replace=False)):
-            scenes = [
-                Scene(str(c), str(name), bgs[rng.integers(6)], "center", "large")
-                for c in rng.choice(PRETRAIN_CONTENTS, size=2, replace=False)
-            ]
-            out.append(
-                Concept(
-                    "style",
-                    [render(s, 50 + i) for i, s in enumerate(scenes)],
-                    word=str(name),
-                    token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
-                    captions=[f"a {{style}} {s.content} on a {s.background} background" for s in scenes],
-                )
+    for j, name in enumerate(rng.choice(names, size=k, replace=False)):
+        scenes = []
+        for other in rng.choice(others, size=2, replace=False):
+            content, style = (str(other), str(name)) if aux_kind == "style" else (str(name), str(other))
+            scenes.append(Scene(content, style, bgs[rng.integers(6)], "center", "large"))
+        if aux_kind == "style":
+            captions = [f"a {{style}} {s.content} on a {s.background} background" for s in scenes]
+        else:
+            captions = [f"a {s.style} {{content}} on a {s.background} background" for s in scenes]
+        out.append(
+            Concept(
+                aux_kind,
+                [render(s, (50 if aux_kind == "style" else 60) + i) for i, s in enumerate(scenes)],
+                word=str(name),
+                token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
+                captions=captions,
             )
-    else:
-        for j, name in enumerate(rng.choice(PRETRAIN_CONTENTS, size=k, replace=False)):
-            scenes = [
-                Scene(str(name), str(st), bgs[rng.integers(6)], "center", "large")
-                for st in rng.choice(PRETRAIN_STYLES, size=2, replace=False)
-            ]
-            out.append(
-                Concept(
-                    "content",
-                    [render(s, 60 + i) for i, s in enumerate(scenes)],
-                    word=str(name),
-                    token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
-                    captions=[f"a {s.style} {{content}} on a {s.background} background" for s in scenes],
-                )
-            )
+        )
     return out
