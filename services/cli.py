@@ -402,17 +402,8 @@ def _server_export(args):
     return 0
 
 
-def _passive_openmp() -> None:
-    """OpenMP threads that spin while they wait starve everything else on a busy machine: a
-    `b4m serve` training step took 95 s instead of 3 s beside another torch process on 2
-    cores (docs/reliability.md). Set before torch loads; an operator's own value wins."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 def cmd_serve(args) -> None:
     import uvicorn
-
-    _passive_openmp()
 
     from services.api.watch import shut_down_all
     from services.common.lifecycle import DRAINING
@@ -440,7 +431,6 @@ def cmd_serve(args) -> None:
 
 
 def cmd_worker(args) -> None:
-    _passive_openmp()
     from services.worker.celery_app import app
 
     app.worker_main(["worker", "--pool=solo", "--concurrency=1", "-Q", args.queues, "-l", "info"])

@@ -11,6 +11,10 @@ import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread in this process and every process a test starts (servers, workers): two
+# torch processes with 2 spinning OpenMP threads each on 2 cores slow each other down many
+# times over, one thread each costs about 10% (docs/reliability.md, "A busy machine").
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 from sqlalchemy import create_engine, text

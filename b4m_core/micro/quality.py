@@ -29,6 +29,7 @@ from .references import reference_concept
 from .world import (
     CONTENTS,
     PRETRAIN_CONTENTS,
+    PRETRAIN_STYLES,
     SPLITS,
     STYLES,
     random_scene,
@@ -55,10 +56,12 @@ def eval_prompt(size: str, position: str, background: str) -> str:
 
 
 def single_prompt(kind: str, size: str, position: str, background: str, i: int = 0) -> str:
-    """A prompt for one break-stage adapter alone: the content on its own, or the style on a
-    known shape (cycled through the pre-training contents)."""
+    """A prompt for one break-stage adapter alone: the content in a known style, or the style
+    on a known shape (cycled through the pre-training concepts). Every pre-training caption
+    names a style and a shape, so a prompt that names only one is one the model never saw."""
     if kind == "content":
-        return f"a {size} {{content}} {_where(position)} on a {background} background"
+        known = PRETRAIN_STYLES[i % len(PRETRAIN_STYLES)]
+        return f"a {size} {{content}} in {known} style {_where(position)} on a {background} background"
     thing = PRETRAIN_CONTENTS[i % len(PRETRAIN_CONTENTS)]
     return f"a {size} {thing} in {{style}} style {_where(position)} on a {background} background"
 
@@ -168,9 +171,9 @@ def bootstrap(cells: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, f
         cells = cells[:, None]
     rng = np.random.default_rng(seed)
     u, k = cells.shape
-    means = np.empty(n)
-    for i in range(n):
-        means[i] = cells[np.ix_(rng.integers(0, u, u), rng.integers(0, k, k))].mean()
+    # all n resamples at once: (n, u, 1) unit and (n, 1, k) seed indices pick (n, u, k) cells
+    units, seeds = rng.integers(0, u, (n, u, 1)), rng.integers(0, k, (n, 1, k))
+    means = cells[units, seeds].mean(axis=(1, 2))
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(lo), float(hi)
 

@@ -74,7 +74,7 @@ def test_readme_cli_walkthrough(tmp_path):
     script = "set -e\ntrap 'kill $SERVER 2>/dev/null' EXIT\n" + m.group(1)
     proc = run(["bash", "-c", script], cwd=ROOT, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "100/100" in proc.stderr and "20/20" in proc.stderr  # the progress bars
+    assert "20/20" in proc.stderr  # the progress bars (training and fusion)
     assert re.search(r"^hexagon|\s hexagon\s", proc.stdout, re.M)  # the content list's table
     assert len(list(walk.glob("image_*.png"))) == 2
     with safe_open(str(walk / "hexagon_zigzag_kohya.safetensors"), "pt") as f:
@@ -113,7 +113,7 @@ def test_readme_client_example(tmp_path):
     finally:
         stop(server)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "succeeded 100" in proc.stdout  # on_progress saw the job end
+    assert "succeeded 20" in proc.stdout  # on_progress saw the job end
     assert (ROOT / "out/flower_plaid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with safe_open(str(ROOT / "out/flower_plaid_kohya.safetensors"), "pt") as f:
         assert any(k.startswith("lora_unet_") for k in f.keys())

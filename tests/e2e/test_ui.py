@@ -21,12 +21,12 @@ from ..helpers.processes import scaled
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CONTENTS, STYLES = ("hexagon", "flower"), ("zigzag", "plaid")
-STEPS = int(os.environ.get("B4M_UI_STEPS", "40"))
+STEPS = int(os.environ.get("B4M_UI_STEPS", "12"))
 
 
 @pytest.fixture
 def server(tmp_path):
-    srv = LiveServer(tmp_path, "micro", tenants=("designer",), preview_every=20)
+    srv = LiveServer(tmp_path, "micro", tenants=("designer",), preview_every=5)
     yield srv
     srv.close()
 
@@ -71,7 +71,7 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
 
         # the library: reference thumbnails on both axes, every cell empty; click each to fuse it
         expect(page.locator("#matrix th img[src^='blob:']")).to_have_count(4)
-        page.fill("#fusion-steps", "20")
+        page.fill("#fusion-steps", "10")
         for c in CONTENTS:
             for s in STYLES:
                 cell = page.locator(f"td[data-content='{c}'][data-style='{s}']")

@@ -1,0 +1,113 @@
+"""Can one break-stage adapter learn its concept? A sweep of recipes on the development split.
+
+    python bench/micro_concept_sweep.py --recipe base: --recipe lr1e-2:learning_rate=1e-2 \
+        [--kinds content,style] [--images 6] [--out docs/quality/dev/concept_sweep.json]
+
+Each recipe is `name:key=value,...` over the bench's `Settings` (break_steps, learning_rate,
+rank, rho, aux_sets, batch_size, captions, basis_scale, routing, ...) plus `method=lora`
+(a plain LoRA of the same rank, no PLP). For every development content and style it trains
+one adapter and draws it alone on the bench's prompts (a content in a known style, a style on
+a known shape), read by the probe. This is the first wall of issue 12: the fused pairs cannot
+be better than the adapters they are made from. Development concepts only: nothing here is
+chosen on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields, replace
+
+import numpy as np
+import torch
+
+from b4m_core.micro.bank import aux_bank
+from b4m_core.micro.quality import QualityBench, Settings, bootstrap
+from b4m_core.micro.world import SPLITS
+from b4m_core.models import load_base
+from b4m_core.training import train_concept
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    name, _, body = text.partition(":")
+    types = {f.name: f.type for f in fields(Settings)}
+    out: dict = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        if key == "method":
+            out[key] = value
+            continue
+        if key not in types:
+            raise SystemExit(f"unknown setting {key!r}")
+        kind = str(types[key])
+        out[key] = (
+            int(value)
+            if "int" in kind
+            else float(value)
+            if "float" in kind
+            else value == "true"
+            if "bool" in kind
+            else value
+        )
+    return name, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", action="append", required=True)
+    ap.add_argument("--kinds", default="content,style")
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--split", default="dev")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    contents, styles = SPLITS[args.split]
+    base = load_base("micro")
+    bench = QualityBench(base, list(contents), list(styles), Settings(single_images=args.images), log=lambda m: None)
+    results = {}
+    for text in args.recipe:
+        name, over = parse_recipe(text)
+        method = over.pop("method", "b4m")
+        s = replace(bench.s, **over).resolved(base)
+        refs = bench.refs(s)
+        row: dict = {"settings": {**over, "method": method}, "scores": {}, "seconds": []}
+        for kind in args.kinds.split(","):
+            for n in contents if kind == "content" else styles:
+                t = time.perf_counter()
+                adapter = train_concept(
+                    base,
+                    refs[(kind, n)],
+                    method,
+                    aux=aux_bank(kind, s.aux_sets, seed=s.seed, token_bound=s.token_bound_aux)
+                    if method == "b4m"
+                    else None,
+                    plp=s.plp(),
+                    cfg=bench._cfg(s, s.break_steps, routing=s.routing),
+                )
+                row["seconds"].append(time.perf_counter() - t)
+                row["scores"][f"{kind}|{n}"] = bench.score_single(kind, n, adapter, s.seed)
+        for kind in args.kinds.split(","):
+            cells = np.array([v for k, v in row["scores"].items() if k.startswith(kind)])
+            lo, hi = bootstrap(cells)
+            row[kind] = {"mean": float(cells.mean()), "ci": [lo, hi]}
+        row["s_per_concept"] = float(np.mean(row["seconds"]))
+        results[name] = row
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{k} {row[k]['mean']:.3f} [{row[k]['ci'][0]:.2f}, {row[k]['ci'][1]:.2f}]"
+                for k in args.kinds.split(",")
+            )
+            + f"; {row['s_per_concept']:.1f} s/concept; "
+            + " ".join(f"{k.split('|')[1]}={v:.2f}" for k, v in row["scores"].items()),
+            flush=True,
+        )
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
