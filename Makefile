@@ -25,16 +25,16 @@ install: $(BIN)/python
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
 		echo "chromium not installed: the web UI test will be skipped"
 
-# Two test processes (pytest-xdist), one file each at a time: most slow tests wait on a
-# server that trains on one core, and each file owns its Redis database and its out/ files.
+# Two test processes (pytest-xdist): most slow tests wait on a server that trains on one
+# core. Files that share state across their tests stay in one process (tests/conftest.py).
 # One torch thread per process (tests/conftest.py). TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 # Everything but the slow tests (servers, long training): the quick loop while working.
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

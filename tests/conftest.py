@@ -83,8 +83,16 @@ def missing(marker: str) -> str | None:
     return _missing_cache[marker]
 
 
+# Files whose tests share state beyond one test (a Redis database they flush, a server in a
+# module fixture): under pytest-xdist (`--dist loadgroup`) each runs whole in one process;
+# every other test goes wherever a process is free.
+ONE_PROCESS = {"test_fuzz.py", "test_worker.py", "test_availability.py", "test_client_cli.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        if item.path.name in ONE_PROCESS:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
         for marker, _ in MISSING.items():
             if item.get_closest_marker(marker) and (why := missing(marker)):
                 item.add_marker(pytest.mark.skip(reason=why))

@@ -299,3 +299,26 @@ def test_quality_bench_method_filter_refuses_unknown_rows(tmp_path):
     assert len(select_rows(methods(16), ["rho"])) == 3
     names = [m.name for m in methods(16)]
     assert sum("w/o mcp" in n.lower() for n in names) == 1 and sum("rho" in n for n in names) == 3
+
+
+def test_bootstrap_resamples_units_and_seeds():
+    """Every resample draws whole units and whole seeds: one bad seed widens the interval."""
+    from b4m_core.micro.quality import bootstrap
+
+    cells = np.zeros((8, 3))
+    cells[:, 2] = 1.0  # seed 2 scores 1 on every unit, the others 0
+    lo, hi = bootstrap(cells)
+    assert lo < 1 / 3 < hi and lo <= 0.01 and hi >= 0.65  # seed resampling alone moves it from 0 to 1
+
+
+def test_single_prompts_name_a_known_other_concept():
+    """An adapter alone is drawn on a prompt like the pre-training captions: a content in a
+    known style, a style on a known shape (never the new concept bare)."""
+    from b4m_core.micro.quality import single_prompt
+    from b4m_core.micro.world import PRETRAIN_CONTENTS, PRETRAIN_STYLES
+
+    for i in range(4):
+        c = single_prompt("content", "large", "center", "white", i)
+        s = single_prompt("style", "small", "top left", "blue", i)
+        assert "{content}" in c and any(f" {k} style" in c for k in PRETRAIN_STYLES), c
+        assert "{style}" in s and any(f" {k} in " in s for k in PRETRAIN_CONTENTS), s
