@@ -25,16 +25,17 @@ install: $(BIN)/python
 		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
 		echo "chromium not installed: the web UI test will be skipped"
 
-# Two test processes (pytest-xdist): most slow tests wait on a server that trains on one
-# core. Files that share state across their tests stay in one process (tests/conftest.py).
+# Two test processes (pytest-xdist), a whole file in one process: most slow tests wait on a
+# server that trains on one core, and some files share state across their tests (a Redis
+# database they flush, a fixed database name, a module server).
 # One torch thread per process (tests/conftest.py). TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Everything but the slow tests (servers, long training): the quick loop while working.
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -84,8 +84,9 @@ def missing(marker: str) -> str | None:
 
 
 # Files whose tests share state beyond one test (a Redis database they flush, a server in a
-# module fixture): under pytest-xdist (`--dist loadgroup`) each runs whole in one process;
-# every other test goes wherever a process is free.
+# module fixture). `make test` runs `--dist loadfile`, which keeps every file whole; these
+# marks are for `--dist loadgroup` (not yet verified: a loadgroup run failed when two
+# processes shared test_fuzz's database, so the mark may be applied after xdist reads it).
 ONE_PROCESS = {"test_fuzz.py", "test_worker.py", "test_availability.py", "test_client_cli.py"}
 
 
