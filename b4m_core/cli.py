@@ -442,29 +442,12 @@ def cmd_demo(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from dataclasses import fields, replace
+    from dataclasses import replace
 
-    from .micro.quality import QUICK, Settings, run_quality
+    from .micro.quality import QUICK, Settings, run_quality, setting_changes
 
     settings = QUICK if args.quick else Settings()
-    types = {f.name: f.type for f in fields(Settings)}
-    changes = {}
-    for item in args.set + ([f"seeds={args.seeds}"] if args.seeds else []):
-        key, _, value = item.partition("=")
-        if key not in types or not value:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
-        kind = types[key]
-        try:
-            if "bool" in kind:
-                changes[key] = value.lower() in ("1", "true", "yes")
-            elif "int" in kind:
-                changes[key] = int(value)
-            elif "float" in kind:
-                changes[key] = float(value)
-            else:
-                changes[key] = value
-        except ValueError as exc:
-            raise ConfigError(f"--set {item!r}: {exc}") from exc
+    changes = setting_changes(args.set + ([f"seeds={args.seeds}"] if args.seeds else []))
     run_quality(
         args.out,
         quick=args.quick,

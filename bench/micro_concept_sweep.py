@@ -17,40 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from b4m_core.micro.bank import aux_bank
-from b4m_core.micro.quality import QualityBench, Settings, bootstrap
+from b4m_core.micro.quality import QualityBench, Settings, bootstrap, setting_changes
 from b4m_core.micro.world import SPLITS
 from b4m_core.models import load_base
 from b4m_core.training import train_concept
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
+    """`name:key=value,...` as the recipe's name and its typed changes (`method` kept apart)."""
     name, _, body = text.partition(":")
-    types = {f.name: f.type for f in fields(Settings)}
-    out: dict = {}
-    for item in filter(None, body.split(",")):
-        key, _, value = item.partition("=")
-        if key == "method":
-            out[key] = value
-            continue
-        if key not in types:
-            raise SystemExit(f"unknown setting {key!r}")
-        kind = str(types[key])
-        out[key] = (
-            int(value)
-            if "int" in kind
-            else float(value)
-            if "float" in kind
-            else value == "true"
-            if "bool" in kind
-            else value
-        )
-    return name, out
+    items = [i for i in body.split(",") if i]
+    method = [i.partition("=")[2] for i in items if i.startswith("method=")]
+    out = setting_changes([i for i in items if not i.startswith("method=")])
+    return name, out | ({"method": method[0]} if method else {})
 
 
 def main() -> None:

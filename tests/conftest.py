@@ -83,17 +83,8 @@ def missing(marker: str) -> str | None:
     return _missing_cache[marker]
 
 
-# Files whose tests share state beyond one test (a Redis database they flush, a server in a
-# module fixture). `make test` runs `--dist loadfile`, which keeps every file whole; these
-# marks are for `--dist loadgroup` (not yet verified: a loadgroup run failed when two
-# processes shared test_fuzz's database, so the mark may be applied after xdist reads it).
-ONE_PROCESS = {"test_fuzz.py", "test_worker.py", "test_availability.py", "test_client_cli.py"}
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in ONE_PROCESS:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
         for marker, _ in MISSING.items():
             if item.get_closest_marker(marker) and (why := missing(marker)):
                 item.add_marker(pytest.mark.skip(reason=why))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +115,29 @@ class Settings:
             basis_mode=self.basis_mode,
             basis_scale=self.basis_scale,
         )
+
+
+def setting_changes(items: list[str]) -> dict:
+    """`KEY=VALUE` strings as typed changes to `Settings` (`--set` of `b4m bench quality`)."""
+    types = {f.name: f.type for f in fields(Settings)}
+    changes: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(types)}")
+        kind = types[key]
+        try:
+            if "bool" in kind:
+                changes[key] = value.lower() in ("1", "true", "yes")
+            elif "int" in kind:
+                changes[key] = int(value)
+            elif "float" in kind:
+                changes[key] = float(value)
+            else:
+                changes[key] = value
+        except ValueError as exc:
+            raise ConfigError(f"--set {item!r}: {exc}") from exc
+    return changes
 
 
 # 2 x 2 pairs, few steps: a smoke run of every row
