@@ -657,3 +657,18 @@ def test_the_worker_keeps_a_bounded_number_of_base_models(tmp_path, tiny_sd_path
     assert ctx.base(str(tiny_sd_path)) is first  # loaded once
     ctx.base(str(tiny_sdxl_path))
     assert list(ctx.bases) == [str(tiny_sdxl_path)]  # the older one went
+
+
+def test_first_requests_on_a_fresh_database_race_to_one_default_tenant(api):
+    """Auth off: the default tenant is made by the first request; concurrent first requests
+    (once one 500 in 20) all answer, and there is one tenant."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, app = api
+    with app.state.runtime.sessions() as s:
+        assert s.scalar(select(func.count(Tenant.id))) == 0  # nothing has asked yet
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: client.get("/jobs"), range(40)))
+    assert [r.status_code for r in answers] == [200] * 40
+    with app.state.runtime.sessions() as s:
+        assert s.scalar(select(func.count(Tenant.id))) == 1
