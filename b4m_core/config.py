@@ -12,14 +12,14 @@ from typing import Literal
 BasisMode = Literal["exact", "paper", "random"]
 BasisScale = Literal["legacy", "balanced"]
 ContentHalf = Literal["up", "down"]
-TargetSet = Literal["attn", "cross"]
+TargetSet = Literal["attn", "cross", "transformer"]
 Routing = Literal["strict", "released"]
 Kind = Literal["content", "style", "fused"]
 
 BASIS_MODES = ("exact", "paper", "random")
 BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
-TARGET_SETS = ("attn", "cross")
+TARGET_SETS = ("attn", "cross", "transformer")
 ROUTINGS = ("strict", "released")
 
 

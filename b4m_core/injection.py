@@ -1,7 +1,7 @@
 """Putting adapter layers into a diffusers UNet, taking them out, merging them in.
 
 Works on any `UNet2DConditionModel` (SD 1.x/2.x and SDXL): targets are found by
-walking diffusers' `Attention` modules, not by hard-coded names.
+walking diffusers' `Attention` (and `FeedForward`) modules, not by hard-coded names.
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
+from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .config import ConfigError, PLPConfig
+from .config import TARGET_SETS, ConfigError, PLPConfig
 from .layers import LowRankLinear, PLPLinear
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -22,12 +23,17 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
     """Names of the linear layers an adapter of this target set covers.
 
     `attn`: every attention's q, k, v and output projection (the released code);
-    `cross`: cross-attention only (the paper's text).
+    `cross`: cross-attention only (the paper's text);
+    `transformer`: `attn` and the transformer blocks' feed-forward layers (twice the
+    parameters of the attention projections in each block).
     """
-    if targets not in ("attn", "cross"):
-        raise ConfigError(f"targets must be 'attn' or 'cross', got {targets!r}")
+    if targets not in TARGET_SETS:
+        raise ConfigError(f"targets must be one of {TARGET_SETS}, got {targets!r}")
     names = []
     for name, module in unet.named_modules():
+        if targets == "transformer" and isinstance(module, FeedForward):
+            names += [f"{name}.{n}" for n in _linear_names(module)]
+            continue
         if not isinstance(module, Attention):
             continue
         if targets == "cross" and not getattr(module, "is_cross_attention", False):
@@ -39,6 +45,17 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
     if not names:
         raise ConfigError("the model has no attention layers to adapt")
     return names
+
+
+def _linear_names(module: nn.Module) -> list[str]:
+    """Linear layers inside a module, an injected adapter counting as its layer (not its base)."""
+    found: list[str] = []
+    for name, m in module.named_modules():
+        if any(name.startswith(f + ".") for f in found):
+            continue
+        if isinstance(m, (nn.Linear, LowRankLinear)):
+            found.append(name)
+    return found
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:

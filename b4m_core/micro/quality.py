@@ -86,6 +86,7 @@ class Settings:
     joint_steps: int | None = None
     ziplora_steps: int = 100
     rank: int = 16
+    targets: str = "attn"  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -114,6 +115,7 @@ class Settings:
             content_half=self.content_half,
             basis_mode=self.basis_mode,
             basis_scale=self.basis_scale,
+            targets=self.targets,
         )
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,32 @@ def test_cross_targets_cover_only_cross_attention(sd, concepts, clean):
     assert a.layer_names and all(".attn2." in n for n in a.layer_names)
     b = train_concept(sd, content, plp=PLPConfig(rank=4, targets="attn"), cfg=TrainConfig(steps=1))
     assert any(".attn1." in n for n in b.layer_names) and len(b.layer_names) == 2 * len(a.layer_names)
+
+
+def test_transformer_targets_add_the_feed_forward_layers_and_compose(sd, concepts, clean):
+    """`transformer`: attention plus the feed-forward layers of every transformer block; the
+    halves compose, fuse and generate like attention-only ones."""
+    from b4m_core.generation import GenerationRequest, Generator
+    from b4m_core.training import compose, fuse
+
+    content, style, *_ = concepts
+    plp = PLPConfig(rank=4, targets="transformer")
+    c = train_concept(sd, content, plp=plp, cfg=TrainConfig(steps=1))
+    s = train_concept(sd, style, plp=plp, cfg=TrainConfig(steps=1))
+    ff = [n for n in c.layer_names if ".ff." in n]
+    attn = [n for n in c.layer_names if ".ff." not in n]
+    assert {n.rsplit(".ff.", 1)[1] for n in ff} == {"net.0.proj", "net.2"}
+    assert len(ff) == len(attn) // 4  # two feed-forward layers per block, eight attention projections
+    assert not any(n.endswith(".base") for n in c.layer_names)
+    assert compose(c, s).layer_names == c.layer_names
+    fused = fuse(sd, c, s, content, style, cfg=TrainConfig(steps=1))
+    assert set(fused.layer_names) == set(c.layer_names)
+    gen = Generator(sd)
+    bare = np.asarray(gen.generate(GenerationRequest(prompt="a photo", steps=2))[0], dtype=float)
+    for fuse_weights in (True, False):
+        gen.set_adapter(fused, fuse=fuse_weights)
+        drawn = np.asarray(gen.generate(GenerationRequest(prompt="a photo", steps=2))[0], dtype=float)
+        assert np.abs(drawn - bare).max() > 0  # the feed-forward updates reach the picture
 
 
 def test_aux_must_be_the_opposite_kind(sd, concepts, clean):
