@@ -27,15 +27,16 @@ install: $(BIN)/python
 
 # Two test processes (pytest-xdist), a whole file in one process: most slow tests wait on a
 # server that trains on one core, and some files share state across their tests (a Redis
-# database they flush, a fixed database name, a module server).
+# database they flush, a fixed database name, a module server). The longest files start
+# first (tests/conftest.py FILE_SECONDS).
 # One torch thread per process (tests/conftest.py). TEST_WORKERS=0 runs in this process.
 TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Everything but the slow tests (servers, long training): the quick loop while working.
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 lint: install
 	$(BIN)/ruff check .

@@ -83,7 +83,31 @@ def missing(marker: str) -> str | None:
     return _missing_cache[marker]
 
 
+# Seconds a file's tests took on idle 2 cores (a CI run's --durations, 2026-11-28). `make test`
+# runs two processes that take whole files in collection order (--dist loadfile
+# --no-loadscope-reorder): the longest go first, so the short ones fill in at the end instead
+# of one long file running alone.
+FILE_SECONDS = {
+    "service/test_faults.py": 250,
+    "e2e/test_readme.py": 175,
+    "core/test_micro.py": 130,
+    "e2e/test_ui.py": 120,
+    "service/test_api.py": 90,
+    "core/test_make_stage.py": 70,
+    "e2e/test_client_cli.py": 60,
+    "service/test_fuzz.py": 55,
+    "core/test_training.py": 50,
+    "service/test_availability.py": 25,
+}
+
+
+def _file_seconds(item) -> int:
+    path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+    return FILE_SECONDS.get(path, 0)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -_file_seconds(item))  # stable: a file's own order is kept
     for item in items:
         for marker, _ in MISSING.items():
             if item.get_closest_marker(marker) and (why := missing(marker)):
