@@ -196,6 +196,9 @@ class GenerateIn(RequestBody):
     seed: int = Field(0, ge=0, le=2**31 - 1, description="image i uses seed + i")
     steps: int = Field(20, ge=1, le=200, description="sampling steps")
     guidance: float = Field(5.0, ge=0.0, le=30.0, description="classifier-free guidance scale")
+    strength: float = Field(
+        1.0, ge=0.0, le=2.0, description="scale of the adapter's update (a LoRA weight): 0 = the base model alone"
+    )
     width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     num_images: int = Field(1, ge=1, le=8)
@@ -229,6 +232,7 @@ class GenerationOut(BaseModel):
     seed: int
     steps: int
     guidance: float
+    strength: float = 1.0
     width: int | None
     height: int | None
     num_images: int

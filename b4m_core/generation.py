@@ -68,8 +68,11 @@ class Generator:
         self.adapter: Adapter | None = None
         self.fused = False
 
-    def set_adapter(self, adapter: Adapter | None, fuse: bool = True) -> None:
-        """Apply `adapter` (None: the bare base model), replacing the current one."""
+    def set_adapter(self, adapter: Adapter | None, fuse: bool = True, strength: float = 1.0) -> None:
+        """Apply `adapter` (None: the bare base model), replacing the current one; `strength`
+        scales its update (A1111's LoRA weight: 0 draws the base model, 1 the adapter as trained)."""
+        if not 0.0 <= strength <= 2.0:
+            raise ConfigError(f"strength must be between 0 and 2, got {strength}")
         if adapter is not None and adapter.base_model_hash and adapter.base_model_hash != self.base.model_hash:
             raise ConfigError(
                 f"adapter was trained on {adapter.base_model!r} "
@@ -80,7 +83,7 @@ class Generator:
         if adapter is None:
             remove_adapters(unet)
         else:
-            updates = adapter.low_rank()
+            updates = {n: (up, down, scale * strength) for n, (up, down, scale) in adapter.low_rank().items()}
             missing = [n for n in updates if not _has_linear(unet, n)]
             if missing:
                 raise ConfigError(f"adapter targets layers this model lacks: {missing[:3]}")

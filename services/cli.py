@@ -341,6 +341,7 @@ def _server_generate(args):
             seed=args.seed,
             steps=args.steps,
             guidance=args.guidance,
+            strength=args.strength,
             width=args.width,
             height=args.height,
             num_images=args.num_images,

@@ -100,6 +100,7 @@ def generation_out(g: Generation, job: Job | None) -> GenerationOut:
         seed=g.seed,
         steps=g.steps,
         guidance=g.guidance,
+        strength=g.strength,
         width=g.width,
         height=g.height,
         num_images=g.num_images,

@@ -131,6 +131,7 @@ class Generation(Base):
     seed: Mapped[int] = mapped_column(Integer, default=0)
     steps: Mapped[int] = mapped_column(Integer, default=20)
     guidance: Mapped[float] = mapped_column(Float, default=5.0)
+    strength: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     num_images: Mapped[int] = mapped_column(Integer, default=1)

@@ -294,8 +294,9 @@ def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
             height=g.height,
             num_images=g.num_images,
         )
+        strength = g.strength
     gen = ctx.generator(base_name)
-    gen.set_adapter(adapter, fuse=True)
+    gen.set_adapter(adapter, fuse=True, strength=strength)
     images = gen.generate(req)
     out = []
     for i, im in enumerate(images):

@@ -148,6 +148,33 @@ def test_fused_and_unfused_draw_the_same_and_switching_restores_base(request, fu
     assert list(again[0].getdata()) == list(bare[0].getdata())
 
 
+def test_strength_scales_the_update_zero_is_the_base_model(fused_adapters, sd):
+    from b4m_core.config import ConfigError
+
+    adapter = fused_adapters["sd"]
+    gen = Generator(sd)
+    weights = lambda: {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    bare = weights()
+    req = GenerationRequest(prompt="a dog", steps=2, seed=1)
+    gen.set_adapter(None)
+    bare_img = list(gen.generate(req)[0].getdata())
+    merged = {}
+    for strength in (0.0, 0.5, 1.0):
+        gen.set_adapter(adapter, fuse=True, strength=strength)
+        merged[strength] = weights()
+    for k in bare:  # the merged update is linear in the strength
+        assert torch.allclose(merged[0.0][k], bare[k])
+        half, full = merged[0.5][k] - bare[k], merged[1.0][k] - bare[k]
+        assert torch.allclose(2 * half, full, atol=1e-5), k
+    assert any(not torch.equal(merged[1.0][k], bare[k]) for k in bare)
+    for fuse in (True, False):
+        gen.set_adapter(adapter, fuse=fuse, strength=0.0)
+        assert list(gen.generate(req)[0].getdata()) == bare_img
+    with pytest.raises(ConfigError, match="strength"):
+        gen.set_adapter(adapter, strength=2.5)
+    gen.set_adapter(None)
+
+
 def test_prompt_expansion_and_errors(fused_adapters, sd):
     a = fused_adapters["sd"]
     assert expand_prompt("a {content} in {style} style", a) == "a sks dog in zwx ink style"

@@ -1,6 +1,8 @@
 """The web UI end to end in headless Chromium (Debian's, driven by Playwright), against a real
 `b4m serve` with auth on and the shipped micro model: upload 2 contents and 2 styles, watch
-them train, fuse every cell of the matrix by clicking it, open a cell's samples, generate.
+them train, fuse every cell of the matrix by clicking it, open a cell's samples, generate
+(negative prompt, guidance, strength), download adapters in every format, cancel a job,
+delete a fusion, delete-and-retry a canceled one, delete an asset.
 
 `B4M_UI_SCREENSHOT=docs/ui.png` also writes the final page there (`B4M_UI_STEPS` sets the
 break steps: more make a better picture; the test's default keeps it short)."""
@@ -11,7 +13,9 @@ import os
 import re
 import shutil
 
+import httpx
 import pytest
+from safetensors import safe_open
 
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD, reference_folder
 
@@ -112,4 +116,54 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         if os.environ.get("B4M_UI_SCREENSHOT"):
             shutil.copy(shot, os.environ["B4M_UI_SCREENSHOT"])
+        page.locator("#form-error").evaluate("el => el.textContent = ''")
+
+        # generate with every option of the form; the API records what was asked
+        form = page.locator("#generate-form")
+        form.locator("input[name=negative_prompt]").fill("a red background")
+        form.locator("input[name=guidance]").fill("3")
+        form.locator("input[name=strength]").fill("0.5")
+        form.locator("input[name=num_images]").fill("1")
+        form.locator("button").click()
+        expect(page.locator("#generated img[src^='blob:']")).to_have_count(1, timeout=scaled(120_000))
+        api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.keys['designer']}"})
+        latest = api.get("/generations", params={"limit": 1}).json()["items"][0]
+        assert (latest["negative_prompt"], latest["guidance"], latest["strength"]) == ("a red background", 3.0, 0.5)
+
+        # the open fusion's adapter in every format, and a content's from its header
+        for fmt, key in (("b4m", ".A"), ("diffusers", ".lora_A.weight"), ("kohya", ".lora_down.weight")):
+            with page.expect_download() as dl:
+                page.locator(f"#fusion-actions button.download-{fmt}").click()
+            with safe_open(dl.value.path(), "np") as f:
+                assert any(k.endswith(key) for k in f.keys()), (fmt, list(f.keys())[:3])
+            assert dl.value.suggested_filename.endswith(".safetensors")
+        header = page.locator(f"#matrix th[data-asset-id]", has_text=CONTENTS[0])
+        with page.expect_download() as dl:
+            header.locator("button.download-kohya").click()
+        with safe_open(dl.value.path(), "np") as f:
+            assert f.metadata()["ss_network_module"]
+
+        # delete a fusion (its cell empties), fuse it again with many steps and cancel that job
+        # from the list; the canceled cell offers to delete it and fuse again
+        page.on("dialog", lambda d: d.accept())  # the confirm() of every delete
+        page.locator("#fusion-actions button.delete").click()
+        expect(page.locator("#samples")).to_be_hidden()
+        cell = page.locator(f"td[data-content='{CONTENTS[0]}'][data-style='{STYLES[1]}']")
+        expect(cell).to_have_class(re.compile("empty"))
+        page.fill("#fusion-steps", "5000")
+        cell.click()
+        running = page.locator("#jobs li:not([data-status=succeeded]) .job-actions:visible button.cancel")
+        expect(running).to_have_count(1, timeout=scaled(60_000))
+        running.click()
+        expect(cell).to_contain_text("canceled", timeout=scaled(120_000))
+        page.fill("#fusion-steps", "5")
+        cell.click()  # confirm: delete and fuse again
+        expect(cell.locator("img[src^='blob:']")).to_have_count(1, timeout=scaled(300_000))
+
+        # delete a style: its column goes, with its fusions
+        page.locator(f"#matrix th[data-asset-id]", has_text=STYLES[1]).locator("button.delete").click()
+        expect(page.locator("#matrix td.cell")).to_have_count(2)
+        assert api.get("/styles").json()["total"] == 1
+        assert api.get("/fusions").json()["total"] == 2
+        assert not errors, errors
         browser.close()

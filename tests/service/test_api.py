@@ -672,3 +672,13 @@ def test_first_requests_on_a_fresh_database_race_to_one_default_tenant(api):
     assert [r.status_code for r in answers] == [200] * 40
     with app.state.runtime.sessions() as s:
         assert s.scalar(select(func.count(Tenant.id))) == 1
+
+
+def test_generate_takes_a_strength_and_records_it(api):
+    client, app = api
+    assert client.post("/generate", json={"prompt": "x", "strength": 2.5}).status_code == 422
+    r = client.post("/generate", json={"prompt": "x", "strength": 0.5, "guidance": 3, "wait": 60})
+    assert r.status_code == 200, r.text
+    g = client.get(f"/generations/{r.json()['id']}").json()
+    assert (g["strength"], g["guidance"]) == (0.5, 3.0) and len(g["images"]) == 1
+    assert client.get("/generations").json()["total"] == 1  # the refused request made nothing

@@ -47,6 +47,46 @@ function image(path, alt = "") {
 
 function showError(err) { $("#form-error").textContent = err ? String(err.message || err) : ""; }
 
+// A small link-styled button that runs `onclick` and shows its error.
+function action(label, onclick, cls = "") {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = `link ${cls}`;
+  b.textContent = label;
+  b.addEventListener("click", async (e) => {
+    e.stopPropagation();
+    showError(null);
+    try { await onclick(); } catch (err) { showError(err); }
+  });
+  return b;
+}
+
+// Downloads carry the key header too: fetch the file, hand it to the browser as a blob.
+async function download(path, fallbackName) {
+  const r = await fetch(path, { headers: authHeaders() });
+  if (!r.ok) throw new Error(`${r.status}: download failed`);
+  const m = /filename="([^"]+)"/.exec(r.headers.get("Content-Disposition") || "");
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(await r.blob());
+  a.download = m ? m[1] : fallbackName;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 60000);
+}
+
+// b4m (ours, reloadable), diffusers (load_lora_weights) and kohya (A1111, ComfyUI) files
+function downloadLinks(adapterId) {
+  const span = document.createElement("span");
+  span.className = "downloads";
+  span.append("download ");
+  for (const fmt of ["b4m", "diffusers", "kohya"]) {
+    span.append(action(fmt, () => download(`/adapters/${adapterId}/download?format=${fmt}`,
+                                           `${adapterId}_${fmt}.safetensors`), `download-${fmt}`));
+  }
+  return span;
+}
+
 // ------------------------------------------------------------------ data
 async function all(path) {
   const out = [];
@@ -97,7 +137,10 @@ function jobRow(job) {
     li = document.createElement("li");
     li.dataset.jobId = job.id;
     li.innerHTML = `<span class="what"></span><span class="status"></span><progress max="1" value="0"></progress>
-                    <span class="previews"></span>`;
+                    <span class="previews"></span><span class="job-actions"></span>`;
+    li.querySelector(".job-actions").append(action("cancel", async () => {
+      updateJob(await api("POST", `/jobs/${job.id}/cancel`));
+    }, "cancel"));
     $("#jobs").prepend(li);
   }
   return li;
@@ -118,6 +161,7 @@ function updateJob(job) {
   const bar = li.querySelector("progress");
   bar.max = job.progress_total || 1;
   bar.value = job.status === "succeeded" ? bar.max : job.progress_step;
+  li.querySelector(".job-actions").hidden = TERMINAL.includes(job.status);
   const previews = li.querySelector(".previews");
   const shown = previews.querySelectorAll("img").length;
   for (const url of job.previews.slice(shown)) previews.append(image(url, "preview"));
@@ -216,6 +260,11 @@ function assetHeader(a) {
   st.className = `state status-${a.status}`;
   st.textContent = a.status === "succeeded" ? "" : a.status || "";
   th.append(name, st);
+  const acts = document.createElement("div");
+  acts.className = "actions";
+  if (a.adapter_id) acts.append(downloadLinks(a.adapter_id), " ");
+  acts.append(action("delete", () => deleteAsset(a), "delete"));
+  th.append(acts);
   return th;
 }
 
@@ -266,21 +315,36 @@ function renderMatrix() {
   }
 }
 
+async function deleteAsset(a) {
+  const used = state.fusions.filter((f) => f[`${a.kind}_id`] === a.id).length;
+  const also = used ? ` and its ${used} fusion(s)` : "";
+  if (!confirm(`Delete ${a.kind} "${a.name}"${also}? Its pictures and adapters go too.`)) return;
+  await api("DELETE", `/${a.kind}s/${a.id}${used ? "?force=true" : ""}`);
+  await refresh();
+}
+
+async function fuse(content, style) {
+  const steps = parseInt($("#fusion-steps").value || "50", 10);
+  const r = await api("POST", "/fusions", { content_id: content.id, style_id: style.id, steps });
+  sampleWhenFused.add(r.id);
+  await refresh();
+  watch(r.job_id);
+}
+
 async function cellClicked(content, style, fusion, sample) {
   showError(null);
   try {
     if (!fusion) {
-      const steps = parseInt($("#fusion-steps").value || "50", 10);
-      const r = await api("POST", "/fusions", { content_id: content.id, style_id: style.id, steps });
-      sampleWhenFused.add(r.id);
-      await refresh();
-      watch(r.job_id);
+      await fuse(content, style);
     } else if (sample) {
       await showSamples(fusion);
     } else if (fusion.status === "succeeded") {
       await drawSamples(fusion.id);
     } else if (fusion.status === "failed" || fusion.status === "canceled") {
-      showError(new Error(`fusion ${pairLabel(fusion)} ${fusion.status}: delete it through the API to try again`));
+      if (confirm(`Fusion ${pairLabel(fusion)} ${fusion.status}. Delete it and fuse the pair again?`)) {
+        await api("DELETE", `/fusions/${fusion.id}`);
+        await fuse(content, style);
+      }
     }
   } catch (err) {
     showError(err);
@@ -299,6 +363,15 @@ async function showSamples(fusion) {
   const gens = await all(`/generations?fusion_id=${fusion.id}&status=succeeded`);
   $("#samples").hidden = false;
   $("#samples-title").textContent = pairLabel(fusion);
+  const acts = $("#fusion-actions");
+  acts.replaceChildren();
+  if (fusion.adapter_id) acts.append(downloadLinks(fusion.adapter_id), " ");
+  acts.append(action("delete fusion", async () => {
+    if (!confirm(`Delete fusion ${pairLabel(fusion)}? Its adapter goes; its pictures stay.`)) return;
+    await api("DELETE", `/fusions/${fusion.id}`);
+    $("#samples").hidden = true;
+    await refresh();
+  }, "delete"));
   const box = $("#sample-images");
   box.replaceChildren();
   for (const g of gens) for (const url of g.images) box.append(image(url, g.prompt));
@@ -320,7 +393,9 @@ $("#generate-form").addEventListener("submit", async (e) => {
   showError(null);
   const form = e.target;
   const body = { prompt: form.prompt.value, seed: parseInt(form.seed.value, 10), steps: parseInt(form.steps.value, 10),
+                 guidance: parseFloat(form.guidance.value), strength: parseFloat(form.strength.value),
                  num_images: parseInt(form.num_images.value, 10), wait: 60 };
+  if (form.negative_prompt.value.trim()) body.negative_prompt = form.negative_prompt.value.trim();
   if (form.fusion.value) body.fusion_id = form.fusion.value;
   const out = $("#generated");
   const button = form.querySelector("button");
