@@ -167,8 +167,8 @@ def test_strength_scales_the_update_zero_is_the_base_model(fused_adapters, sd):
         half, full = merged[0.5][k] - bare[k], merged[1.0][k] - bare[k]
         assert torch.allclose(2 * half, full, atol=1e-5), k
     assert any(not torch.equal(merged[1.0][k], bare[k]) for k in bare)
-    for fuse in (True, False):
-        gen.set_adapter(adapter, fuse=fuse, strength=0.0)
+    for merge in (True, False):
+        gen.set_adapter(adapter, fuse=merge, strength=0.0)
         assert list(gen.generate(req)[0].getdata()) == bare_img
     with pytest.raises(ConfigError, match="strength"):
         gen.set_adapter(adapter, strength=2.5)

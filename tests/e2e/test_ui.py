@@ -137,7 +137,7 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
             with safe_open(dl.value.path(), "np") as f:
                 assert any(k.endswith(key) for k in f.keys()), (fmt, list(f.keys())[:3])
             assert dl.value.suggested_filename.endswith(".safetensors")
-        header = page.locator(f"#matrix th[data-asset-id]", has_text=CONTENTS[0])
+        header = page.locator("#matrix th[data-asset-id]", has_text=CONTENTS[0])
         with page.expect_download() as dl:
             header.locator("button.download-kohya").click()
         with safe_open(dl.value.path(), "np") as f:
@@ -161,7 +161,7 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         expect(cell.locator("img[src^='blob:']")).to_have_count(1, timeout=scaled(300_000))
 
         # delete a style: its column goes, with its fusions
-        page.locator(f"#matrix th[data-asset-id]", has_text=STYLES[1]).locator("button.delete").click()
+        page.locator("#matrix th[data-asset-id]", has_text=STYLES[1]).locator("button.delete").click()
         expect(page.locator("#matrix td.cell")).to_have_count(2)
         assert api.get("/styles").json()["total"] == 1
         assert api.get("/fusions").json()["total"] == 2
