@@ -1,7 +1,7 @@
 """Can one break-stage adapter learn its concept? A sweep of recipes on the development split.
 
     python bench/micro_concept_sweep.py --recipe base: --recipe lr1e-2:learning_rate=1e-2 \
-        [--kinds content,style] [--images 6] [--out docs/quality/dev/concept_sweep.json]
+        [--kinds content,style] [--images 6] [--out docs/quality/dev/concept_sweep.json] [--strips DIR]
 
 Each recipe is `name:key=value,...` over the bench's `Settings` (break_steps, learning_rate,
 rank, rho, aux_sets, batch_size, captions, basis_scale, routing, ...) plus `method=lora`
@@ -18,6 +18,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +39,19 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     return name, out | ({"method": method[0]} if method else {})
 
 
+def save_strips(rows: list[list], path: Path) -> None:
+    """Each concept's drawings as one row of a grid (concepts in the order trained)."""
+    from PIL import Image
+
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im, (x * w, y * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipe", action="append", required=True)
@@ -46,6 +60,7 @@ def main() -> None:
     ap.add_argument("--split", default="dev")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--strips", default=None, help="folder for one PNG per recipe: a row of drawings per concept")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     contents, styles = SPLITS[args.split]
@@ -58,6 +73,7 @@ def main() -> None:
         s = replace(bench.s, **over).resolved(base)
         refs = bench.refs(s)
         row: dict = {"settings": {**over, "method": method}, "scores": {}, "seconds": []}
+        drawn: list[list] = []
         for kind in args.kinds.split(","):
             for n in contents if kind == "content" else styles:
                 t = time.perf_counter()
@@ -72,7 +88,8 @@ def main() -> None:
                     cfg=bench._cfg(s, s.break_steps, routing=s.routing),
                 )
                 row["seconds"].append(time.perf_counter() - t)
-                row["scores"][f"{kind}|{n}"] = bench.score_single(kind, n, adapter, s.seed)
+                drawn.append([])
+                row["scores"][f"{kind}|{n}"] = bench.score_single(kind, n, adapter, s.seed, keep=drawn[-1])
         for kind in args.kinds.split(","):
             cells = np.array([v for k, v in row["scores"].items() if k.startswith(kind)])
             lo, hi = bootstrap(cells)
@@ -89,6 +106,8 @@ def main() -> None:
             + " ".join(f"{k.split('|')[1]}={v:.2f}" for k, v in row["scores"].items()),
             flush=True,
         )
+        if args.strips:
+            save_strips(drawn, Path(args.strips) / f"{name}.png")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)

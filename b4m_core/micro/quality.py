@@ -372,12 +372,15 @@ class QualityBench:
         )
         return {"probe": probe, "paper": paper}
 
-    def score_single(self, kind: str, name: str, adapter, seed: int) -> float:
+    def score_single(self, kind: str, name: str, adapter, seed: int, keep: list | None = None) -> float:
         """How often a break-stage adapter alone draws its own concept (probe), on prompts
-        that name only it (and, for a style, a known shape)."""
+        that name only it (and, for a style, a known shape). `keep` receives the images."""
         attrs = [EVAL_ATTRIBUTES[i % len(EVAL_ATTRIBUTES)] for i in range(self.s.single_images)]
         prompts = [single_prompt(kind, *a, i) for i, a in enumerate(attrs)]
-        reads = predict(self.probe, self._draw(adapter, prompts, seed))
+        images = self._draw(adapter, prompts, seed)
+        if keep is not None:
+            keep += images
+        reads = predict(self.probe, images)
         return sum(r[kind] == name for r in reads) / len(reads)
 
     def run(self, method_list: list[Method], on_method: Callable[[dict], None] | None = None) -> dict:
