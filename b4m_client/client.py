@@ -105,6 +105,7 @@ class Client:
         idempotency_key: str | None,
         captions: Sequence[str] = (),
         aux_sets: int | None = None,
+        preview_prompts: Sequence[str] = (),
     ) -> Accepted:
         files = []
         for i, im in enumerate(images):
@@ -128,6 +129,8 @@ class Client:
             data["aux_asset_ids"] = list(aux_asset_ids)
         if captions:
             data["captions"] = list(captions)
+        if preview_prompts:
+            data["preview_prompts"] = list(preview_prompts)
         r = self._request("POST", f"/{kind}s", files=files, data=data, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
 
@@ -146,11 +149,13 @@ class Client:
         idempotency_key: str | None = None,
         captions: Sequence[str] = (),
         aux_sets: int | None = None,
+        preview_prompts: Sequence[str] = (),
     ) -> Accepted:
         """Upload a content's reference images (paths or bytes) and start its break-stage training.
 
         `captions`: one per image ("" for none), `{content}` where the new concept goes.
-        `aux_sets`: MCP auxiliary sets from the base model's bank when no `aux_asset_ids` (0: none)."""
+        `aux_sets`: MCP auxiliary sets from the base model's bank when no `aux_asset_ids` (0: none).
+        `preview_prompts`: what the training previews draw (`{content}` for the concept)."""
         return self._add_asset(
             "content",
             images,
@@ -165,6 +170,7 @@ class Client:
             idempotency_key,
             captions,
             aux_sets,
+            preview_prompts,
         )
 
     def add_style(
@@ -182,6 +188,7 @@ class Client:
         idempotency_key: str | None = None,
         captions: Sequence[str] = (),
         aux_sets: int | None = None,
+        preview_prompts: Sequence[str] = (),
     ) -> Accepted:
         """Upload a style's reference images and start its break-stage training (`captions` as for contents)."""
         return self._add_asset(
@@ -198,6 +205,7 @@ class Client:
             idempotency_key,
             captions,
             aux_sets,
+            preview_prompts,
         )
 
     def contents(self, status: str | None = None, limit: int = 50, offset: int = 0) -> AssetList:
@@ -256,8 +264,10 @@ class Client:
         idempotency_key: str | None = None,
         learning_rate: float | None = None,
         seed: int | None = None,
+        preview_prompts: Sequence[str] = (),
     ) -> Accepted:
-        """Combine a content and a style into one fine-tuned adapter (the make stage)."""
+        """Combine a content and a style into one fine-tuned adapter (the make stage);
+        `preview_prompts`: what its previews draw (`{content}`, `{style}`)."""
         body = _params(
             content_id=content_id,
             style_id=style_id,
@@ -266,6 +276,7 @@ class Client:
             webhook_url=webhook_url,
             learning_rate=learning_rate,
             seed=seed,
+            preview_prompts=list(preview_prompts) or None,
         )
         r = self._request("POST", "/fusions", json=body, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())

@@ -4,9 +4,9 @@ server answers with these models and the client parses them."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from .jobs import AssetKind, JobStatus, JobType
 
@@ -34,8 +34,10 @@ class RequestBody(BaseModel):
     def _storable_text(cls, data):
         if isinstance(data, dict):
             for name, value in data.items():
-                if isinstance(value, str) and (why := text_problem(value)):
-                    raise ValueError(f"{name} {why}")
+                texts = value if isinstance(value, list) else [value]
+                for text in texts:
+                    if isinstance(text, str) and (why := text_problem(text)):
+                        raise ValueError(f"{name} {why}")
         return data
 
 
@@ -134,6 +136,11 @@ class FusionIn(RequestBody):
         description="make-stage learning rate (default: the base model's, 5e-3 on micro; ZipLoRA 1e-4)",
     )
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="training seed (default 0)")
+    preview_prompts: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] = Field(
+        [],
+        max_length=4,
+        description="what the training previews draw, `{content}` / `{style}` for the pair (default: one prompt)",
+    )
     method: Literal["b4m", "joint", "merge", "ziplora"] = Field(
         "b4m", description="b4m (compose the two PLP halves, fine-tune); the paper's baselines for comparison"
     )

@@ -73,6 +73,13 @@ def _add_server(sub) -> None:
             metavar="K",
             help="with no --aux: K MCP sets from the base model's bank (default: the model's, 3 on micro; 0: none)",
         )
+        a.add_argument(
+            "--sample-prompt",
+            action="append",
+            default=[],
+            metavar="PROMPT",
+            help="what the server's training previews draw ({content} / {style}: the concept; repeatable, at most 4)",
+        )
         a.add_argument("--webhook", default=None, help="URL the server POSTs a signed event to when training ends")
         a.add_argument("--idempotency-key", default=None, help="retrying with the same key never trains twice")
         a.add_argument("--watch", action="store_true", help="show a progress bar until the training ends")
@@ -254,6 +261,7 @@ def cmd_asset(args):
                 idempotency_key=args.idempotency_key,
                 captions=_sidecar_captions(args.images),
                 aux_sets=args.aux_sets,
+                preview_prompts=args.sample_prompt,
             )
             print(r.model_dump_json())
             return _watch(c, r.job_id) if args.watch else 0
@@ -315,6 +323,7 @@ def _server_fuse(args):
             webhook_url=args.webhook,
             learning_rate=args.lr,
             seed=args.seed,
+            preview_prompts=getattr(args, "sample_prompt", []),
         )
         print(r.model_dump_json())
         return _watch(c, r.job_id) if args.watch else 0

@@ -123,7 +123,7 @@ class Attempt:
         return self.job.claim_token
 
 
-def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
+def _hooks(ctx: WorkerContext, attempt: Attempt, preview_prompts: list[str] | None = None) -> Hooks:
     job = attempt.job
     ckpt_key = _checkpoint_key(job)
 
@@ -173,6 +173,7 @@ def _hooks(ctx: WorkerContext, attempt: Attempt) -> Hooks:
         resume=resume,
         preview=preview,
         preview_every=ctx.settings.preview_every,
+        preview_prompts=list(preview_prompts or []),
         should_pause=should_pause,
     )
 
@@ -211,7 +212,8 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         seed=int(settings.get("seed", 0)),
         checkpoint_every=ctx.settings.checkpoint_every,
     )
-    adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=_hooks(ctx, attempt))
+    hooks = _hooks(ctx, attempt, settings.get("preview_prompts"))
+    adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=hooks)
     return _adapter_result(ctx, attempt, adapter)
 
 
@@ -267,7 +269,7 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
             seed=int(given.get("seed", 0)),
             checkpoint_every=ctx.settings.checkpoint_every,
         ),
-        hooks=_hooks(ctx, attempt),
+        hooks=_hooks(ctx, attempt, given.get("preview_prompts")),
     )
     return _adapter_result(ctx, attempt, fused)
 

@@ -52,7 +52,14 @@ def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
             sorted(imgs.glob("*.png")), class_word="dog", name="rex", steps=6, idempotency_key="client-rex"
         )
         assert again.id == content.id  # the same request retried trains once
-        style = alice.add_style([(imgs / "00.png").read_bytes()], style_word="ink", name="inky", steps=4)
+        # the previews draw the prompts given, each at every preview step
+        style = alice.add_style(
+            [(imgs / "00.png").read_bytes()],
+            style_word="ink",
+            name="inky",
+            steps=4,
+            preview_prompts=["a dog in {style} style", "a {style} cat"],
+        )
         seen = []
         job = alice.wait(content.job_id, on_progress=seen.append, timeout=scaled(300))
         assert job.status == "succeeded" and job.outputs["adapter_id"]
@@ -61,12 +68,17 @@ def test_client_end_to_end_and_tenant_isolation(server, tmp_path):
         # previews every 2 steps (not at the last: the result itself is the last picture)
         assert job.previews == [f"/jobs/{job.id}/previews/0", f"/jobs/{job.id}/previews/1"]
         assert is_png(alice.preview(job.id, 1)) and is_png(alice.loss_curve(job.id))
-        alice.wait(style.job_id, timeout=scaled(300))
+        styled = alice.wait(style.job_id, timeout=scaled(300))
+        assert len(styled.previews) == 2  # step 2, two prompts
+        with pytest.raises(B4MError) as err:
+            alice.add_style([(imgs / "00.png").read_bytes()], style_word="ink", name="x", preview_prompts=["p"] * 5)
+        assert err.value.status == 422 and "preview_prompts" in str(err.value)
 
         # names work where ids do; a fusion and a generation
         assert alice.resolve_asset("content", "rex").id == content.id
-        fusion = alice.fuse(content.id, style.id, steps=2)
-        assert alice.wait(fusion.job_id, timeout=scaled(300)).status == "succeeded"
+        fusion = alice.fuse(content.id, style.id, steps=4, preview_prompts=["a {content} in {style} style", "x"])
+        fused = alice.wait(fusion.job_id, timeout=scaled(300))
+        assert fused.status == "succeeded" and len(fused.previews) == 2
         done = alice.generate("a {content} in {style} style", fusion_id=fusion.id, steps=2, num_images=2, wait=120)
         assert done.images == [f"/generations/{done.id}/images/0", f"/generations/{done.id}/images/1"]
         assert is_png(alice.image(done.id, 1))

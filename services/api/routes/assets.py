@@ -30,6 +30,11 @@ from .common import MAX_OFFSET, IdempotencyKey, delete_adapters
 router = APIRouter(tags=["assets"])
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
 LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
+PREVIEW_PROMPTS_DOC = (
+    "optional, repeated (at most 4): what the training previews draw, `{content}` / `{style}` for the "
+    "concept (default: one prompt naming it)"
+)
+MAX_PREVIEW_PROMPTS = 4
 CAPTIONS_DOC = (
     "optional, repeated: one caption per image, in order ('' for none). Write `{content}` or "
     "`{style}` where the new concept goes (else the token phrase is put first). Images without "
@@ -69,6 +74,7 @@ def _register(kind: AssetKind) -> None:
         aux_asset_ids: Annotated[list[str], Form()] = [],
         aux_sets: Annotated[int | None, Form(ge=0, le=8, description=AUX_SETS_DOC)] = None,
         captions: Annotated[list[str], Form(description=CAPTIONS_DOC)] = [],
+        preview_prompts: Annotated[list[str], Form(description=PREVIEW_PROMPTS_DOC)] = [],
         webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
         idempotency_key: IdempotencyKey = None,
     ) -> JSONResponse:
@@ -79,6 +85,9 @@ def _register(kind: AssetKind) -> None:
         texts = {"word": word, "name": name, "base_model": base_model, "token": token, "webhook_url": webhook_url}
         texts.update({f"aux_asset_ids[{i}]": a for i, a in enumerate(aux_asset_ids)})
         texts.update({f"captions[{i}]": c for i, c in enumerate(captions) if c})
+        texts.update({f"preview_prompts[{i}]": p for i, p in enumerate(preview_prompts)})
+        if len(preview_prompts) > MAX_PREVIEW_PROMPTS or any(not 1 <= len(p) <= 500 for p in preview_prompts):
+            raise HTTPException(422, f"preview_prompts: at most {MAX_PREVIEW_PROMPTS}, each 1 to 500 characters")
         if captions and len(captions) != len(images):
             raise HTTPException(422, f"captions: one per image in order ({len(images)}), or none; got {len(captions)}")
         if any(len(c) > 500 for c in captions):
@@ -94,6 +103,8 @@ def _register(kind: AssetKind) -> None:
             raise HTTPException(422, "aux_sets draws auxiliary sets from the model's bank: give it or aux_asset_ids")
         train = {"steps": steps, "learning_rate": learning_rate, "aux_sets": aux_sets}
         train = {k: v for k, v in train.items() if v is not None}
+        if preview_prompts:
+            train["preview_prompts"] = list(preview_prompts)
         body = {
             "kind": kind,
             "word": word,

@@ -38,7 +38,11 @@ def create_fusion(
             state, job = training_state(s, a)
             if state == Training.FAILED:
                 raise HTTPException(409, describe_unready(a, job))
-        given = {"learning_rate": body.learning_rate, "seed": body.seed}
+        given = {
+            "learning_rate": body.learning_rate,
+            "seed": body.seed,
+            "preview_prompts": body.preview_prompts or None,
+        }
         f = Fusion(
             tenant_id=tenant,
             content_id=body.content_id,
