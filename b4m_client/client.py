@@ -106,6 +106,7 @@ class Client:
         captions: Sequence[str] = (),
         aux_sets: int | None = None,
         preview_prompts: Sequence[str] = (),
+        webhook_events: Sequence[str] = (),
     ) -> Accepted:
         files = []
         for i, im in enumerate(images):
@@ -131,6 +132,8 @@ class Client:
             data["captions"] = list(captions)
         if preview_prompts:
             data["preview_prompts"] = list(preview_prompts)
+        if webhook_events:
+            data["webhook_events"] = list(webhook_events)
         r = self._request("POST", f"/{kind}s", files=files, data=data, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
 
@@ -150,6 +153,7 @@ class Client:
         captions: Sequence[str] = (),
         aux_sets: int | None = None,
         preview_prompts: Sequence[str] = (),
+        webhook_events: Sequence[str] = (),
     ) -> Accepted:
         """Upload a content's reference images (paths or bytes) and start its break-stage training.
 
@@ -171,6 +175,7 @@ class Client:
             captions,
             aux_sets,
             preview_prompts,
+            webhook_events,
         )
 
     def add_style(
@@ -189,6 +194,7 @@ class Client:
         captions: Sequence[str] = (),
         aux_sets: int | None = None,
         preview_prompts: Sequence[str] = (),
+        webhook_events: Sequence[str] = (),
     ) -> Accepted:
         """Upload a style's reference images and start its break-stage training (`captions` as for contents)."""
         return self._add_asset(
@@ -206,6 +212,7 @@ class Client:
             captions,
             aux_sets,
             preview_prompts,
+            webhook_events,
         )
 
     def contents(self, status: str | None = None, limit: int = 50, offset: int = 0) -> AssetList:
@@ -265,6 +272,7 @@ class Client:
         learning_rate: float | None = None,
         seed: int | None = None,
         preview_prompts: Sequence[str] = (),
+        webhook_events: Sequence[str] = (),
     ) -> Accepted:
         """Combine a content and a style into one fine-tuned adapter (the make stage);
         `preview_prompts`: what its previews draw (`{content}`, `{style}`)."""
@@ -277,6 +285,7 @@ class Client:
             learning_rate=learning_rate,
             seed=seed,
             preview_prompts=list(preview_prompts) or None,
+            webhook_events=list(webhook_events) or None,
         )
         r = self._request("POST", "/fusions", json=body, headers=self._idem(idempotency_key))
         return Accepted.model_validate(r.json())
@@ -322,6 +331,7 @@ class Client:
         wait: float = 0.0,
         webhook_url: str | None = None,
         idempotency_key: str | None = None,
+        webhook_events: Sequence[str] = (),
     ) -> GenerateDone | Accepted:
         """Draw images; with `wait` the answer carries the image URLs if the job ends in time."""
         body = _params(
@@ -339,6 +349,7 @@ class Client:
             num_images=num_images,
             wait=wait,
             webhook_url=webhook_url,
+            webhook_events=list(webhook_events) or None,
         )
         r = self._request(
             "POST",

@@ -17,6 +17,9 @@ class JobStatus(StrEnum):
 
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+# what a webhook can ask for (`webhook_events`); the end events when it names none
+WEBHOOK_EVENTS = ("started", "succeeded", "failed", "canceled")
+DEFAULT_WEBHOOK_EVENTS = ("succeeded", "failed", "canceled")
 
 
 class JobType(StrEnum):

@@ -24,6 +24,9 @@ def text_problem(value: str) -> str | None:
     return None
 
 
+WebhookEventName = Literal["started", "succeeded", "failed", "canceled"]
+
+
 class RequestBody(BaseModel):
     """A request body: finite numbers and storable text only (422 otherwise)."""
 
@@ -150,6 +153,9 @@ class FusionIn(RequestBody):
         max_length=2000,
         description="POSTed a signed JSON event when the job ends (retried with backoff)",
     )
+    webhook_events: list[WebhookEventName] | None = Field(
+        None, description="which events to POST (default: succeeded, failed, canceled); `started` adds job.started"
+    )
 
 
 class FusionOut(BaseModel):
@@ -221,6 +227,9 @@ class GenerateIn(RequestBody):
         max_length=2000,
         description="POSTed a signed JSON event when the job ends (retried with backoff)",
     )
+    webhook_events: list[WebhookEventName] | None = Field(
+        None, description="which events to POST (default: succeeded, failed, canceled); `started` adds job.started"
+    )
 
 
 class GenerateDone(Accepted):
@@ -276,6 +285,9 @@ class ReadyOut(BaseModel):
 class WebhookEvent(BaseModel):
     """The body POSTed to a job's `webhook_url`."""
 
-    type: str = Field(description="job.<status>: job.succeeded, job.failed or job.canceled", examples=["job.succeeded"])
+    type: str = Field(
+        description="job.started, job.succeeded, job.failed or job.canceled (see `webhook_events`)",
+        examples=["job.succeeded"],
+    )
     job_id: str = Field(examples=[ID_EXAMPLE])
     data: JobOut = Field(description="the job as GET /jobs/{id} shows it")

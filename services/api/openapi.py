@@ -78,7 +78,8 @@ def document_webhooks(app) -> None:
     @app.webhooks.post("job-ended", operation_id="job_ended")
     def job_ended(event: WebhookEvent) -> None:
         """POSTed to a job's `webhook_url` when it ends (`type`: job.succeeded, job.failed or
-        job.canceled), at least once, retried with exponential backoff until the receiver answers 2xx.
-        Signed as Standard Webhooks: headers `webhook-id` (the job id: dedupe on it),
+        job.canceled) and, when its `webhook_events` name `started`, when it starts (job.started);
+        at least once, retried with exponential backoff and jitter until the receiver answers 2xx.
+        Signed as Standard Webhooks: headers `webhook-id` (one per event: dedupe on it),
         `webhook-timestamp` and `webhook-signature` (`v1,<base64 HMAC-SHA256 of id.timestamp.body>`
         with the tenant's secret from `GET /webhooks/secret`)."""

@@ -17,7 +17,7 @@ from fastapi import HTTPException
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from b4m_contract.jobs import JobType
+from b4m_contract.jobs import WEBHOOK_EVENTS, JobType
 
 from ..common import deletions
 from ..common.jobs import IdempotencyConflict, request_hash
@@ -43,6 +43,7 @@ class JobRequest:
     idempotency_key: str | None
     body: Any
     webhook_url: str | None = None
+    webhook_events: list[str] | None = None
     written: list[str] = field(default_factory=list)  # object keys to remove if the request does not commit
 
     @property
@@ -50,7 +51,11 @@ class JobRequest:
         return request_hash(self.body)
 
 
-def check_webhook(rt: Runtime, url: str | None) -> None:
+def check_webhook(rt: Runtime, url: str | None, events: list[str] | None = None) -> None:
+    if events and url is None:
+        raise HTTPException(422, "webhook_events needs a webhook_url")
+    if unknown := sorted(set(events or ()) - set(WEBHOOK_EVENTS)):
+        raise HTTPException(422, f"webhook_events: unknown {unknown}; choose from {list(WEBHOOK_EVENTS)}")
     if url is not None:
         try:
             check_url(url, rt.settings.webhook_allow_private)
@@ -72,7 +77,7 @@ def start_job(
 ) -> Started:
     """Run `create` (validate, add the target rows, return the target id) and add its job,
     committed together; then send the job. `create` raises HTTPException for bad input."""
-    check_webhook(rt, req.webhook_url)
+    check_webhook(rt, req.webhook_url, req.webhook_events)
     if found := earlier(rt, req):
         return found
     try:
@@ -86,6 +91,7 @@ def start_job(
             body_hash=req.body_hash,
             max_attempts=rt.settings.job_max_attempts,
             webhook_url=req.webhook_url,
+            webhook_events=req.webhook_events or None,
         )
         s.commit()
     except BaseException as exc:

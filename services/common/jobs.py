@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from b4m_contract.jobs import JOB_QUEUES, TERMINAL, JobStatus, JobType
 
 from . import deletions
-from .models import Adapter, Asset, Fusion, Generation, Job, as_utc, utcnow
+from .models import Adapter, Asset, Fusion, Generation, Job, WebhookDelivery, as_utc, utcnow
 
 # short names for the conditional updates (plain strings, as the database column holds them)
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELED = (status.value for status in JobStatus)
@@ -83,6 +83,7 @@ class JobStore:
         body_hash: str | None = None,
         max_attempts: int = 3,
         webhook_url: str | None = None,
+        webhook_events: list[str] | None = None,
     ) -> Job:
         """Add a queued job to `session` (committed with the resource it belongs to)."""
         job = Job(
@@ -95,6 +96,7 @@ class JobStore:
             max_attempts=max_attempts,
             enqueued_at=utcnow(),
             webhook_url=webhook_url,
+            webhook_events=webhook_events if webhook_url else None,
             webhook_status="pending" if webhook_url else None,
         )
         session.add(job)
@@ -295,12 +297,13 @@ class JobStore:
                     enqueued_at=utcnow(),
                     webhook_status=case((Job.webhook_url.is_not(None), "pending"), else_=None),
                     webhook_attempts=0,
-                    webhook_next_at=None,
                     webhook_error=None,
+                    started_at=None,  # a new run: its events are sent again
                 )
             )
             if res.rowcount != 1:
                 return None
+            s.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
         return self.get(tenant_id, job_id)
 
     def _end(self, job_id: str, status: str, token: str | None = None) -> bool:

@@ -151,6 +151,25 @@ class ObjectDeletion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class WebhookDelivery(Base):
+    """One event of a job to POST to its webhook URL: retried with backoff until delivered or
+    out of attempts. Its id is the message's `webhook-id` (the same on every retry)."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    event: Mapped[str] = mapped_column(String(32))  # job.started | job.succeeded | job.failed | job.canceled
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|delivered|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    __table_args__ = (
+        UniqueConstraint("job_id", "event", name="uq_webhook_deliveries_job_event"),
+        Index("ix_webhook_deliveries_due", "status", "next_at"),
+    )
+
+
 class Job(Base):
     """One unit of queued work. The queue carries only `id`; this row is the truth."""
 
@@ -182,12 +201,14 @@ class Job(Base):
     outputs: Mapped[dict] = mapped_column(JSON, default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    # webhook on job end: the job row is its own outbox (no transition can forget it); the
-    # dispatcher claims a due delivery by moving `webhook_next_at`, retries with backoff
+    # webhooks: the dispatcher derives each wanted event from the job's state (started_at,
+    # a terminal status) into `webhook_deliveries`, so no transition can forget one.
+    # `webhook_status` is pending while events remain, then the end event's outcome
+    # (delivered|failed|skipped: its event not wanted); attempts and error mirror that delivery.
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
-    webhook_status: Mapped[str | None] = mapped_column(String(16), nullable=True)  # pending|delivered|failed
+    webhook_events: Mapped[list | None] = mapped_column(JSON, nullable=True)  # None: the end events
+    webhook_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     webhook_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    webhook_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     webhook_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -197,5 +218,5 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency"),
         Index("ix_jobs_tenant_status", "tenant_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-        Index("ix_jobs_webhook_due", "webhook_status", "webhook_next_at"),
+        Index("ix_jobs_webhook_status", "webhook_status"),
     )

@@ -149,13 +149,16 @@ def _hooks(ctx: WorkerContext, attempt: Attempt, preview_prompts: list[str] | No
         attempt.losses.append((step, loss))
         ctx.jobs.progress(job.id, step, total, loss)
 
+    drawn_at: dict[int, int] = {}  # previews made at each step (one per preview prompt)
+
     def preview(step: int, image) -> None:
-        # keyed by step, not attempt: a resumed attempt keeps the earlier previews valid
+        # keyed by step and prompt, not attempt: a resumed attempt keeps the earlier previews valid
+        n = drawn_at[step] = drawn_at.get(step, -1) + 1
         try:
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             obj = ctx.store.put(
-                object_key(job.tenant_id, "jobs", job.id, f"preview-{step:06d}.png"),
+                object_key(job.tenant_id, "jobs", job.id, f"preview-{step:06d}-{n}.png"),
                 buf.getvalue(),
                 content_type="image/png",
             )

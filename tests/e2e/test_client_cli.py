@@ -210,7 +210,7 @@ def test_webhook_signed_retried_with_backoff(server, tmp_path):
             for _, headers, body in rx.calls:
                 event = verify_webhook(secret, headers, body)
                 assert event["type"] == "job.succeeded" and event["data"]["outputs"]["adapter_id"]
-                assert headers["webhook-id"] == r.job_id  # the same on every retry: receivers dedupe on it
+                assert headers["webhook-id"] == rx.calls[0][1]["webhook-id"]  # the same on every retry: dedupe on it
                 with pytest.raises(ValueError):  # another tenant's key does not verify: no forging
                     verify_webhook(bob.webhook_secret(), headers, body)
             with pytest.raises(ValueError):  # a tampered body does not verify

@@ -30,6 +30,10 @@ from .common import MAX_OFFSET, IdempotencyKey, delete_adapters
 router = APIRouter(tags=["assets"])
 STEPS_DOC = "break-stage training steps (default: the base model's measured default, 250 on micro; else 300)"
 LR_DOC = "learning rate (default: the base model's measured default, 5e-3 on micro; else 1e-3)"
+WEBHOOK_EVENTS_DOC = (
+    "optional, repeated: started, succeeded, failed, canceled (default: the three end events); "
+    "`started` also POSTs job.started"
+)
 PREVIEW_PROMPTS_DOC = (
     "optional, repeated (at most 4): what the training previews draw, `{content}` / `{style}` for the "
     "concept (default: one prompt naming it)"
@@ -76,6 +80,7 @@ def _register(kind: AssetKind) -> None:
         captions: Annotated[list[str], Form(description=CAPTIONS_DOC)] = [],
         preview_prompts: Annotated[list[str], Form(description=PREVIEW_PROMPTS_DOC)] = [],
         webhook_url: Annotated[str | None, Form(min_length=1, max_length=2000, description=WEBHOOK_DOC)] = None,
+        webhook_events: Annotated[list[str], Form(description=WEBHOOK_EVENTS_DOC)] = [],
         idempotency_key: IdempotencyKey = None,
     ) -> JSONResponse:
         # a sync route: FastAPI runs it on a worker thread, so reading and storing the
@@ -116,6 +121,7 @@ def _register(kind: AssetKind) -> None:
             "images": [hashlib.sha256(d).hexdigest() for d in datas],
             "captions": captions,
             "webhook_url": webhook_url,
+            "webhook_events": webhook_events,
         }
 
         def add_asset(s: Session, req: JobRequest) -> str:
@@ -152,7 +158,7 @@ def _register(kind: AssetKind) -> None:
                 )
             return asset.id
 
-        req = JobRequest(tenant, idempotency_key, body, webhook_url)
+        req = JobRequest(tenant, idempotency_key, body, webhook_url, webhook_events)
         done = start_job(rt, s, req, kind.training_job, add_asset)
         return accepted(done.target_id, done.job_id, done.status)
 

@@ -55,7 +55,7 @@ def create_fusion(
         s.flush()
         return f.id
 
-    req = JobRequest(tenant, idempotency_key, body.model_dump(), body.webhook_url)
+    req = JobRequest(tenant, idempotency_key, body.model_dump(), body.webhook_url, body.webhook_events)
     done = start_job(rt, s, req, JobType.FUSE, add_fusion)
     return accepted(done.target_id, done.job_id, done.status)
 

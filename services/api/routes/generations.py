@@ -48,13 +48,15 @@ async def generate(
                 a = owned_or_404(s, Asset, tenant, aid, kind)
                 if a.kind != kind:
                     raise HTTPException(422, f"{aid} is a {a.kind}, not a {kind}")
-        g = Generation(tenant_id=tenant, **body.model_dump(exclude={"wait", "webhook_url"}))
+        g = Generation(tenant_id=tenant, **body.model_dump(exclude={"wait", "webhook_url", "webhook_events"}))
         s.add(g)
         s.flush()
         return g.id
 
     def create():  # the database and the queue: on a worker thread, briefly
-        req = JobRequest(tenant, idempotency_key, body.model_dump(exclude={"wait"}), body.webhook_url)
+        req = JobRequest(
+            tenant, idempotency_key, body.model_dump(exclude={"wait"}), body.webhook_url, body.webhook_events
+        )
         with rt.sessions() as s:
             done = start_job(rt, s, req, JobType.GENERATE, add_generation)
         return done, rt.jobs.get(tenant, done.job_id)

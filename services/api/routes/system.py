@@ -69,8 +69,9 @@ def metrics(request: Request, rt: RuntimeDep):
 
 @router.get("/webhooks/secret", tags=["webhooks"], response_model=WebhookSecretOut, responses=errors(401))
 def get_webhook_secret(tenant: TenantId, rt: RuntimeDep):
-    """The key that signs this tenant's webhooks. Each event is a POST of `{"type": "job.succeeded" |
-    "job.failed" | "job.canceled", "job_id", "data": <the job>}` with headers `webhook-id` (the job id:
-    the same on every retry, so dedupe on it), `webhook-timestamp` and `webhook-signature`.
-    A receiver that does not answer 2xx is retried with exponential backoff."""
+    """The key that signs this tenant's webhooks. Each event is a POST of `{"type": "job.started" |
+    "job.succeeded" | "job.failed" | "job.canceled", "job_id", "data": <the job>}` (the job's
+    `webhook_events` choose which; the end events by default) with headers `webhook-id` (one per
+    event, the same on every retry, so dedupe on it), `webhook-timestamp` and `webhook-signature`.
+    A receiver that does not answer 2xx is retried with exponential backoff and jitter."""
     return {"secret": tenant_secret(rt.sessions, tenant)}
