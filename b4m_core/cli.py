@@ -117,8 +117,14 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     tsub = train.add_subparsers(dest="kind", required=True)
     for kind, word_flag in (("content", "--class-word"), ("style", "--style-word")):
         p = tsub.add_parser(kind, help=f"learn a {kind} adapter")
-        p.add_argument("--images", required=True, help=f"folder of {kind} reference images")
         p.add_argument(
+            "--images",
+            required=True,
+            nargs="+",
+            help=f"{kind} reference images: files or folders (a same-stem .txt beside an image is its caption)",
+        )
+        p.add_argument(
+            "--word",
             word_flag,
             dest="word",
             required=True,

@@ -14,8 +14,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import ConfigError
+from .files import image_files
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 DEFAULT_TOKENS = {"content": "sks", "style": "zwx"}
 # {content} / {style} expand to "<token> <word>"; a sidecar caption may use them too.
 DEFAULT_TEMPLATES = {"content": "a photo of {content}", "style": "a picture in {style} style"}
@@ -66,27 +66,17 @@ class Concept:
         return out
 
 
-def load_image_folder(folder: str | Path, max_images: int = 100) -> tuple[list[Image.Image], list[str | None]]:
-    """Images of a folder (sorted by name) with optional same-stem `.txt` captions."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise ConfigError(f"image folder not found: {folder}")
-    if not folder.is_dir():
-        raise ConfigError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def load_image_folder(paths: str | Path | list, max_images: int = 100) -> tuple[list[Image.Image], list[str | None]]:
+    """Images of a folder (sorted by name), or of image files and folders, with optional
+    same-stem `.txt` captions."""
+    files = image_files(paths)
     images, captions = [], []
     for p in files:
-        if p.suffix.lower() == ".txt":
-            continue
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ConfigError(f"not an image file: {p} (PNG, JPEG, WebP or BMP expected)")
         images.append(open_image(p))
         cap = p.with_suffix(".txt")
         captions.append(cap.read_text().strip() if cap.is_file() else None)
-    if not images:
-        raise ConfigError(f"no images in {folder}")
     if len(images) > max_images:
-        raise ConfigError(f"{len(images)} images in {folder}; at most {max_images}")
+        raise ConfigError(f"{len(images)} images in {paths}; at most {max_images}")
     return images, captions
 
 
@@ -100,7 +90,9 @@ def open_image(path_or_file) -> Image.Image:
         raise ConfigError(f"cannot read image {getattr(path_or_file, 'name', path_or_file)}: {exc}") from exc
 
 
-def load_concept(kind: str, folder: str | Path, word: str, token: str | None = None, template: str = "") -> Concept:
+def load_concept(
+    kind: str, folder: str | Path | list, word: str, token: str | None = None, template: str = ""
+) -> Concept:
     images, captions = load_image_folder(folder)
     return Concept(kind=kind, images=images, word=word, token=token, captions=captions, template=template)
 

@@ -56,10 +56,15 @@ def _add_server(sub) -> None:
         a = ksub.add_parser("add", help=f"upload a {kind}'s reference images and train it (the break stage)")
         a.add_argument(
             "images",
-            nargs="+",
-            help="1 to 10 image files (PNG, JPEG, WebP); a same-stem .txt beside one is its caption",
+            nargs="*",
+            help="1 to 10 images: files or folders (PNG, JPEG, WebP); a same-stem .txt beside one is its caption",
         )
-        a.add_argument("--word", required=True, help=word)
+        a.add_argument(
+            "--images", dest="image_flags", nargs="+", default=[], help="the images, as `b4m train` takes them"
+        )
+        a.add_argument(
+            "--word", "--class-word" if kind == "content" else "--style-word", dest="word", required=True, help=word
+        )
         a.add_argument("--name", required=True, help="a display name (fuse and export accept it in place of the id)")
         a.add_argument("--token", default=None, help="identifier token (default sks / zwx)")
         a.add_argument("--steps", type=int, default=None, help="training steps (default: the base model's)")
@@ -247,9 +252,15 @@ def cmd_asset(args):
     kind = args.command
     with _client(args) as c:
         if args.action == "add":
+            from b4m_core.config import ConfigError
+            from b4m_core.files import image_files
+
+            if not (args.images or args.image_flags):
+                raise ConfigError(f"b4m {kind} add: give the images (files or folders)")
+            images = image_files(args.images + args.image_flags)
             add = c.add_content if kind == "content" else c.add_style
             r = add(
-                args.images,
+                images,
                 args.word,
                 args.name,
                 steps=args.steps,
@@ -259,7 +270,7 @@ def cmd_asset(args):
                 aux_asset_ids=[c.resolve_asset("style" if kind == "content" else "content", a).id for a in args.aux],
                 webhook_url=args.webhook,
                 idempotency_key=args.idempotency_key,
-                captions=_sidecar_captions(args.images),
+                captions=_sidecar_captions(images),
                 aux_sets=args.aux_sets,
                 preview_prompts=args.sample_prompt,
             )

@@ -190,6 +190,17 @@ def test_resume_from_a_checkpoint_file(tmp_path, tiny_sd_path):
     assert all(torch.allclose(a.tensors[k], b.tensors[k], atol=1e-6) for k in a.tensors)
 
 
+def test_train_takes_image_files_and_folders_with_the_server_forms_flag_names(tmp_path, tiny_sd_path):
+    a, b = write_images(tmp_path / "a", 0, 2), write_images(tmp_path / "b", 1, 1)
+    out = tmp_path / "s.safetensors"
+    common = ["--base", tiny_sd_path, "--steps", 1, "--rank", 4, "--out", out]
+    r = b4m("train", "style", "--images", a / "00.png", b, "--word", "ink", *common)  # a file and a folder
+    assert r.returncode == 0, r.stderr
+    assert Adapter.load(out).words["style"] == "ink"
+    r = b4m("train", "style", "--images", a / "00.png", tmp_path / "nothing.png", "--word", "ink", *common)
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
 def test_clear_errors_for_bad_input(tmp_path, tiny_sd_path):
     empty = tmp_path / "empty"
     empty.mkdir()

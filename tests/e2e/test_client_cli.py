@@ -121,6 +121,14 @@ def test_cli_server_commands(server, tmp_path):
     assert "4/4" in r.stderr and "loss=" in r.stderr  # the progress bar, fed by the job's events
     r = b4m_cli(env, "style", "add", imgs / "00.png", "--word", "chalk", "--name", "chalky", "--steps", 2, "--watch")
     assert r.returncode == 0, r.stderr
+    # the flags `b4m train` takes: a folder through --images, --style-word for --word
+    r = b4m_cli(env, "style", "add", "--images", imgs, "--style-word", "chalk", "--name", "folder", "--steps", 1)
+    assert r.returncode == 0, r.stderr
+    folder_style = json.loads(r.stdout.strip().splitlines()[-1])
+    shown = json.loads(b4m_cli(env, "style", "show", folder_style["id"]).stdout)
+    assert shown["images"] == 2 and shown["word"] == "chalk", shown
+    r = b4m_cli(env, "style", "add", "--word", "chalk", "--name", "none")
+    assert r.returncode == 2 and "give the images" in r.stderr
 
     r = b4m_cli(env, "content", "list")
     assert r.returncode == 0 and "tom" in r.stdout and "succeeded" in r.stdout
