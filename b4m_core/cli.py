@@ -232,7 +232,13 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
         "--out",
         required=True,
         help="a file, or a folder (no suffix): diffusers then writes pytorch_lora_weights.safetensors and a "
-        "model card README.md (trigger words, base model, settings)",
+        "model card README.md (trigger words, base model, settings, sample grid)",
+    )
+    p.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=4,
+        help="images drawn with the adapter for a diffusers folder's model card (default: 4; 0: none)",
     )
     for fn in amend:
         fn(sub.choices)
@@ -419,13 +425,29 @@ def cmd_generate(args) -> None:
         print(path)
 
 
+def _draw_samples(adapter, n: int) -> bytes:
+    """`n` images the adapter draws on its base model with its usage prompt, as one PNG."""
+    from .formats import read, sample_grid, usage_hint
+    from .generation import GenerationRequest, Generator
+    from .models import load_base
+
+    gen = Generator(load_base(adapter.base_model))
+    gen.set_adapter(adapter)
+    prompt = usage_hint(read(adapter.to_bytes())[1])
+    return sample_grid(gen.generate(GenerationRequest(prompt=prompt, num_images=n, seed=0)))
+
+
 def cmd_export(args) -> None:
     from .adapter import Adapter
     from .formats import FormatError, write_export
 
     require(args, "--adapter")
+    adapter = Adapter.load(args.adapter)
+    samples = None
+    if args.format == "diffusers" and not Path(args.out).suffix and args.samples:
+        samples = _draw_samples(adapter, args.samples)
     try:
-        written = write_export(Adapter.load(args.adapter).to_bytes(), args.format, args.out, args.dtype)
+        written = write_export(adapter.to_bytes(), args.format, args.out, args.dtype, samples=samples)
     except FormatError as exc:
         raise ConfigError(str(exc)) from exc
     print("\n".join(str(p) for p in written))

@@ -277,11 +277,28 @@ def model_card(data: bytes, weights_name: str = "pytorch_lora_weights.safetensor
     return "\n".join(lines) + "\n"
 
 
-def write_export(data: bytes, fmt: str, out, dtype: str = "fp32") -> list:
+def sample_grid(images: list) -> bytes:
+    """PIL images (or PNG bytes) side by side, as one PNG: the model card's sample grid."""
+    import io
+
+    from PIL import Image
+
+    ims = [Image.open(io.BytesIO(im)).convert("RGB") if isinstance(im, bytes) else im.convert("RGB") for im in images]
+    w, h = ims[0].size
+    grid = Image.new("RGB", (w * len(ims), h), "white")
+    for i, im in enumerate(ims):
+        grid.paste(im.resize((w, h)), (i * w, 0))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_export(data: bytes, fmt: str, out, dtype: str = "fp32", samples: bytes | None = None) -> list:
     """Write a b4m adapter file's bytes as `fmt` to `out`: a file, or a folder (a path that is
     a folder or has no suffix), which for diffusers gets the weights as
     `pytorch_lora_weights.safetensors` with a model card `README.md` beside them, as
-    `save_lora_weights` and the Hub lay them out. Returns the paths written."""
+    `save_lora_weights` and the Hub lay them out (and `samples`, a PNG grid, as
+    `samples.png`, shown in the card). Returns the paths written."""
     from pathlib import Path
 
     out = Path(out)
@@ -295,6 +312,9 @@ def write_export(data: bytes, fmt: str, out, dtype: str = "fp32") -> list:
     (out / name).write_bytes(converted)
     written = [out / name]
     if fmt == "diffusers":
-        (out / "README.md").write_text(model_card(data, name))
+        if samples:
+            (out / "samples.png").write_bytes(samples)
+            written.append(out / "samples.png")
+        (out / "README.md").write_text(model_card(data, name, samples="samples.png" if samples else None))
         written.append(out / "README.md")
     return written

@@ -419,8 +419,34 @@ def _server_export(args):
 
     with _client(args) as c:  # ours, converted here: the model card reads our metadata
         data = c.download_adapter(c.resolve_adapter(args.ref), "b4m")
-    print("\n".join(str(p) for p in write_export(data, args.format, Path(args.out), args.dtype)))
+        samples = None
+        if args.format == "diffusers" and not Path(args.out).suffix and args.samples:
+            samples = _server_samples(c, args.ref, data, args.samples)
+    print("\n".join(str(p) for p in write_export(data, args.format, Path(args.out), args.dtype, samples=samples)))
     return 0
+
+
+def _server_samples(c, ref: str, adapter: bytes, n: int) -> bytes | None:
+    """`n` images the server draws with the fusion, content or style `ref` names, with the
+    adapter's usage prompt, as one PNG (None when `ref` is a bare adapter id)."""
+    from b4m_client import B4MError
+    from b4m_core.formats import read, sample_grid, usage_hint
+
+    for field, lookup in (
+        ("fusion_id", c.fusion),
+        ("content_id", lambda r: c.resolve_asset("content", r)),
+        ("style_id", lambda r: c.resolve_asset("style", r)),
+    ):
+        try:
+            target = lookup(ref).id
+        except B4MError as exc:
+            if exc.status != 404:
+                raise
+            continue
+        r = c.generate(usage_hint(read(adapter)[1]), num_images=n, wait=300, **{field: target})
+        c.wait(r.job_id)
+        return sample_grid([c.image(r.id, i) for i in range(n)])
+    return None
 
 
 def cmd_serve(args) -> None:

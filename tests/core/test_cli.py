@@ -140,6 +140,11 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
         r = b4m("export", "--adapter", tmp_path / "f.safetensors", "--format", fmt, "--out", out)
         assert r.returncode == 0, r.stderr
         assert any(k.endswith(key) for k in load_file(out))
+    # a folder: weights, a sample grid drawn with the adapter, and a model card showing it
+    r = b4m("export", "--adapter", tmp_path / "f.safetensors", "--format", "diffusers", "--out", tmp_path / "hub")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "hub" / "samples.png").size == (4 * 32, 32)
+    assert "![samples](samples.png)" in (tmp_path / "hub" / "README.md").read_text()
     # a baseline through the same command
     r = b4m(
         "train",

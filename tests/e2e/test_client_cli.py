@@ -164,6 +164,13 @@ def test_cli_server_commands(server, tmp_path):
         assert r.returncode == 0, r.stderr
         keys = list(load_file(out))
         assert keys and all(k.startswith("lora_unet_" if fmt == "kohya" else "unet.") for k in keys)
+    # a diffusers folder: the server draws the model card's samples with the fusion
+    r = b4m_cli(env, "export", fusion_id, "--format", "diffusers", "--samples", 2, "--out", tmp_path / "hub")
+    assert r.returncode == 0, r.stderr
+    assert (
+        Image.open(tmp_path / "hub" / "samples.png").size[0] == 2 * Image.open(tmp_path / "hub" / "samples.png").size[1]
+    )
+    assert "![samples](samples.png)" in (tmp_path / "hub" / "README.md").read_text()
     r = b4m_cli(env, "export", fused["adapter_id"], "--format", "b4m", "--out", tmp_path / "x.safetensors")
     assert r.returncode == 0, r.stderr
     r = b4m_cli(env, "export", "tom", "--format", "b4m", "--out", tmp_path / "tom.safetensors")  # by name
