@@ -248,7 +248,7 @@ class GenerationOut(BaseModel):
     seed: int
     steps: int
     guidance: float
-    strength: float = 1.0
+    strength: float = Field(1.0, description="scale of the adapter's update it was drawn with")
     width: int | None
     height: int | None
     num_images: int

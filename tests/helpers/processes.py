@@ -19,10 +19,29 @@ def scaled(seconds: float) -> float:
     return seconds * SLOWDOWN
 
 
+def _port_range() -> tuple[int, int]:
+    """Ports for this test process's servers: below the kernel's ephemeral range (where any
+    outgoing connection may take a port between our check and the server's bind), one
+    slice per xdist process (so two processes never pick the same port)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + (index % 8) * 1500
+    return low, low + 1500
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    import random
+
+    low, high = _port_range()
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: try another
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
