@@ -5,6 +5,7 @@ it ends, fails or times out. Waits scale with B4M_TEST_SLOWDOWN on a slow or bus
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,8 +31,6 @@ def _port_range() -> tuple[int, int]:
 
 
 def free_port() -> int:
-    import random
-
     low, high = _port_range()
     for _ in range(200):
         port = random.randrange(low, high)
