@@ -83,21 +83,21 @@ def missing(marker: str) -> str | None:
     return _missing_cache[marker]
 
 
-# Seconds a file's tests took on idle 2 cores (a CI run's --durations, 2026-11-28). `make test`
+# Seconds a file's tests took on idle 2 cores (a run's --durations, 2026-11-28, third session). `make test`
 # runs two processes that take whole files in collection order (--dist loadfile
 # --no-loadscope-reorder): the longest go first, so the short ones fill in at the end instead
 # of one long file running alone.
 FILE_SECONDS = {
-    "service/test_faults.py": 250,
-    "e2e/test_readme.py": 175,
-    "core/test_micro.py": 130,
-    "e2e/test_ui.py": 120,
-    "service/test_api.py": 90,
-    "core/test_make_stage.py": 70,
-    "e2e/test_client_cli.py": 60,
-    "service/test_fuzz.py": 55,
-    "core/test_training.py": 50,
-    "service/test_availability.py": 25,
+    "service/test_faults.py": 150,
+    "e2e/test_readme.py": 95,
+    "core/test_micro.py": 93,
+    "service/test_api.py": 76,
+    "e2e/test_ui.py": 64,
+    "e2e/test_client_cli.py": 45,
+    "service/test_fuzz.py": 42,
+    "core/test_make_stage.py": 37,
+    "service/test_availability.py": 23,
+    "core/test_cli.py": 18,
 }
 
 
@@ -150,7 +150,10 @@ def sd(tiny_sd_path):
 
     from b4m_core.models import load_base
 
-    torch.set_num_threads(2)
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        # alone on the machine (TEST_WORKERS=0): both cores. Under xdist a second spinning
+        # OpenMP thread beside the other test process made in-process tests 10-70x slower.
+        torch.set_num_threads(2)
     return load_base(str(tiny_sd_path), device="cpu")
 
 

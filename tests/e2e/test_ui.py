@@ -25,7 +25,7 @@ from ..helpers.processes import scaled
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 CONTENTS, STYLES = ("hexagon", "flower"), ("zigzag", "plaid")
-STEPS = int(os.environ.get("B4M_UI_STEPS", "12"))
+STEPS = int(os.environ.get("B4M_UI_STEPS", "6"))
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
 
         # the library: reference thumbnails on both axes, every cell empty; click each to fuse it
         expect(page.locator("#matrix th img[src^='blob:']")).to_have_count(4)
-        page.fill("#fusion-steps", "10")
+        page.fill("#fusion-steps", "4")
         for c in CONTENTS:
             for s in STYLES:
                 cell = page.locator(f"td[data-content='{c}'][data-style='{s}']")
