@@ -105,6 +105,15 @@ class TrainConfig:
     # has one), "template" trains them on the model's prompt template alone
     captions: Literal["auto", "template"] = "auto"
     gradient_checkpointing: bool = False
+    # Which noise levels a step trains on, as diffusers' training scripts name it: "none"
+    # (uniform), "later" (the noisiest `portion` of timesteps, where layout and shape are
+    # decided, weighted `multiplier` times), "earlier" (the least noisy: texture and detail),
+    # "range" (only timesteps begin..end).
+    timestep_bias_strategy: Literal["none", "earlier", "later", "range"] = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     max_grad_norm: float | None = 1.0
     center_crop: bool = True
@@ -126,3 +135,13 @@ class TrainConfig:
             raise ConfigError(f"captions must be auto or template, got {self.captions!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.timestep_bias_strategy not in ("none", "earlier", "later", "range"):
+            raise ConfigError(
+                f"timestep_bias_strategy must be none, earlier, later or range, got {self.timestep_bias_strategy!r}"
+            )
+        if self.timestep_bias_multiplier <= 0:
+            raise ConfigError("timestep_bias_multiplier must be > 0")
+        if not 0 < self.timestep_bias_portion <= 1:
+            raise ConfigError("timestep_bias_portion must be in (0, 1]")
+        if not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+            raise ConfigError("timestep_bias_begin must be >= 0 and below timestep_bias_end")

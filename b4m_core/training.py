@@ -100,6 +100,25 @@ def _cat(parts: list[dict]) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | None:
+    """Sampling weights over the training timesteps for `cfg`'s timestep bias; None: uniform."""
+    strategy = cfg.timestep_bias_strategy
+    if strategy == "none" or (strategy != "range" and cfg.timestep_bias_multiplier == 1.0):
+        return None
+    weights = torch.ones(num_timesteps)
+    if strategy == "range":
+        end = min(cfg.timestep_bias_end, num_timesteps)
+        if cfg.timestep_bias_begin >= end:
+            raise ConfigError(f"timestep_bias_begin must be below the model's {num_timesteps} timesteps")
+        weights.zero_()
+        weights[cfg.timestep_bias_begin : end] = 1.0
+        return weights
+    n = max(1, int(num_timesteps * cfg.timestep_bias_portion))
+    part = slice(num_timesteps - n, None) if strategy == "later" else slice(0, n)
+    weights[part] *= cfg.timestep_bias_multiplier
+    return weights
+
+
 # ---------------------------------------------------------------- the loop
 @dataclass
 class RowGroup:
@@ -131,6 +150,7 @@ class TrainingSession:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.t_weights = timestep_weights(cfg, self.scheduler.config.num_train_timesteps)
         self.step = 0
         # what a preview draws: the first concept, or "<content> in <style> style" for a pair
         phrases = [g.samples.concept.phrase for g in groups]
@@ -156,7 +176,10 @@ class TrainingSession:
     def row_losses(self, batch: dict, route: torch.Tensor) -> torch.Tensor:
         latents = batch["latents"]
         noise = torch.randn(latents.shape, generator=self.gen).to(latents.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen)
+        if self.t_weights is None:
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.gen)
+        else:
+            t = torch.multinomial(self.t_weights, latents.shape[0], replacement=True, generator=self.gen)
         t = t.to(latents.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         if self.target_fn is not None:

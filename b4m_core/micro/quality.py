@@ -87,6 +87,12 @@ class Settings:
     ziplora_steps: int = 100
     rank: int = 16
     targets: str = "attn"  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
+    # every training run's timestep bias (TrainConfig): none | later | earlier | range
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -252,6 +258,11 @@ class QualityBench:
             seed=s.seed,
             batch_size=s.batch_size,
             captions="template" if s.captions == "template" else "auto",
+            timestep_bias_strategy=s.timestep_bias_strategy,
+            timestep_bias_multiplier=s.timestep_bias_multiplier,
+            timestep_bias_portion=s.timestep_bias_portion,
+            timestep_bias_begin=s.timestep_bias_begin,
+            timestep_bias_end=s.timestep_bias_end,
             **extra,
         )
 

@@ -285,3 +285,42 @@ def test_images_are_read_upright_from_their_exif_orientation(tmp_path):
     assert seen.size == (20, 40)  # upright: portrait
     arr = np.asarray(seen, np.float32)
     assert arr[:20].mean() > 200 and arr[20:].mean() < 50  # the white half is now on top
+
+
+def test_timestep_bias_follows_diffusers_strategies():
+    from b4m_core.config import ConfigError
+    from b4m_core.training import timestep_weights
+
+    assert timestep_weights(TrainConfig(), 1000) is None  # uniform
+    w = timestep_weights(TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3.0), 1000)
+    assert w[:750].eq(1).all() and w[750:].eq(3).all()  # the noisiest quarter weighted 3x
+    w = timestep_weights(
+        TrainConfig(timestep_bias_strategy="earlier", timestep_bias_multiplier=2.0, timestep_bias_portion=0.5), 1000
+    )
+    assert w[:500].eq(2).all() and w[500:].eq(1).all()
+    w = timestep_weights(
+        TrainConfig(timestep_bias_strategy="range", timestep_bias_begin=600, timestep_bias_end=900), 1000
+    )
+    assert w.nonzero().flatten().tolist() == list(range(600, 900))
+    for bad in (
+        {"timestep_bias_strategy": "sooner"},
+        {"timestep_bias_multiplier": 0.0},
+        {"timestep_bias_portion": 1.5},
+        {"timestep_bias_begin": 900, "timestep_bias_end": 600},
+    ):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+
+
+def test_a_range_bias_trains_only_on_its_timesteps(sd, concepts, clean):
+    """The steps draw their timesteps from the range, and the run stays repeatable."""
+    from b4m_core.training import BreakStage
+
+    content, _, _, _ = concepts
+    cfg = TrainConfig(steps=3, timestep_bias_strategy="range", timestep_bias_begin=700, timestep_bias_end=710)
+    stage = BreakStage(sd, content, [], PLPConfig(rank=4), cfg)
+    seen = []
+    add_noise = stage.session.scheduler.add_noise
+    stage.session.scheduler.add_noise = lambda x, n, t: seen.extend(t.tolist()) or add_noise(x, n, t)
+    stage.session.run()
+    assert len(seen) == 3 and all(700 <= t < 710 for t in seen), seen
