@@ -21,6 +21,7 @@ BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
 TARGET_SETS = ("attn", "cross", "transformer")
 ROUTINGS = ("strict", "released")
+TIMESTEP_BIASES = ("none", "earlier", "later", "range")  # diffusers' training scripts' names
 
 
 class ConfigError(ValueError):
@@ -135,9 +136,9 @@ class TrainConfig:
             raise ConfigError(f"captions must be auto or template, got {self.captions!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.timestep_bias_strategy not in ("none", "earlier", "later", "range"):
+        if self.timestep_bias_strategy not in TIMESTEP_BIASES:
             raise ConfigError(
-                f"timestep_bias_strategy must be none, earlier, later or range, got {self.timestep_bias_strategy!r}"
+                f"timestep_bias_strategy must be one of {TIMESTEP_BIASES}, got {self.timestep_bias_strategy!r}"
             )
         if self.timestep_bias_multiplier <= 0:
             raise ConfigError("timestep_bias_multiplier must be > 0")

@@ -105,14 +105,13 @@ def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | Non
     strategy = cfg.timestep_bias_strategy
     if strategy == "none" or (strategy != "range" and cfg.timestep_bias_multiplier == 1.0):
         return None
-    weights = torch.ones(num_timesteps)
     if strategy == "range":
-        end = min(cfg.timestep_bias_end, num_timesteps)
-        if cfg.timestep_bias_begin >= end:
+        if cfg.timestep_bias_begin >= num_timesteps:
             raise ConfigError(f"timestep_bias_begin must be below the model's {num_timesteps} timesteps")
-        weights.zero_()
-        weights[cfg.timestep_bias_begin : end] = 1.0
+        weights = torch.zeros(num_timesteps)
+        weights[cfg.timestep_bias_begin : cfg.timestep_bias_end] = 1.0  # a slice stops at the end
         return weights
+    weights = torch.ones(num_timesteps)
     n = max(1, int(num_timesteps * cfg.timestep_bias_portion))
     part = slice(num_timesteps - n, None) if strategy == "later" else slice(0, n)
     weights[part] *= cfg.timestep_bias_multiplier
