@@ -115,6 +115,10 @@ class TrainConfig:
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
+    # Pivotal tuning: the concept's identifier token gets its own input embedding, learnt
+    # with the adapter (b4m_core/tokens.py) at `token_learning_rate` (None: learning_rate).
+    train_token_embedding: bool = False
+    token_learning_rate: float | None = None
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     max_grad_norm: float | None = 1.0
     center_crop: bool = True
@@ -140,6 +144,8 @@ class TrainConfig:
             raise ConfigError(
                 f"timestep_bias_strategy must be one of {TIMESTEP_BIASES}, got {self.timestep_bias_strategy!r}"
             )
+        if self.token_learning_rate is not None and self.token_learning_rate <= 0:
+            raise ConfigError("token_learning_rate must be > 0")
         if self.timestep_bias_multiplier <= 0:
             raise ConfigError("timestep_bias_multiplier must be > 0")
         if not 0 < self.timestep_bias_portion <= 1:

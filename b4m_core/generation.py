@@ -18,6 +18,7 @@ from .data import concept_phrase
 from .injection import MergedWeights, adapter_layers, inject, remove_adapters
 from .layers import LoRALinear
 from .models import BaseModel
+from .tokens import IdentifierEmbeddings, adapter_vectors
 
 _PLACEHOLDER = re.compile(r"\{(content|style)\}")
 
@@ -67,6 +68,7 @@ class Generator:
         self.merged = MergedWeights(base.unet)
         self.adapter: Adapter | None = None
         self.fused = False
+        self.token_hooks = IdentifierEmbeddings(base.pipe, {})
 
     def set_adapter(self, adapter: Adapter | None, fuse: bool = True, strength: float = 1.0) -> None:
         """Apply `adapter` (None: the bare base model), replacing the current one; `strength`
@@ -80,6 +82,9 @@ class Generator:
             )
         unet = self.base.unet
         self.merged.unmerge()
+        self.token_hooks.remove()
+        if adapter is not None:  # identifiers with learnt embeddings (pivotal tuning)
+            self.token_hooks = IdentifierEmbeddings(self.base.pipe, adapter_vectors(adapter.tensors, adapter.tokens))
         if adapter is None:
             remove_adapters(unet)
         else:

@@ -117,6 +117,11 @@ class BaseModel:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text conditioning exactly as the pipeline computes it at inference."""
+        return self.encode_prompts_differentiable(prompts)
+
+    def encode_prompts_differentiable(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`encode_prompts` keeping the graph (the encoders stay frozen; a learnt identifier
+        embedding hooked into them receives gradients)."""
         if self.is_sdxl:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
                 prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False

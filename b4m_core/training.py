@@ -18,6 +18,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch import nn
 
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig
@@ -25,6 +26,9 @@ from .data import Concept, preprocess
 from .injection import inject, inject_plp, load_plp_state_dict, plp_state_dict, remove_adapters, target_layer_names
 from .layers import LoRALinear, PLPLinear, ZipLoRALinear
 from .models import BaseModel
+from .tokens import PREFIX as TOKEN_PREFIX
+from .tokens import IdentifierEmbeddings, adapter_vectors, initial_vectors
+from .tokens import tensor_key as token_key
 
 
 class TrainingCanceled(Exception):
@@ -66,7 +70,10 @@ class SampleSet:
     """One concept's images as cached latent distributions and text conditioning."""
 
     def __init__(self, base: BaseModel, concept: Concept, resolution: int, center_crop: bool):
-        self.concept = concept
+        self.concept, self.base = concept, base
+        self.prompts = concept.prompts()
+        # live: each draw encodes its prompts anew, with gradients (a learnt identifier embedding)
+        self.live = False
         prepared = [preprocess(im, resolution, center_crop) for im in concept.images]
         pixels = torch.stack([p.pixels for p in prepared]).to(base.device, base.dtype)
         vae = base.pipe.vae
@@ -75,7 +82,7 @@ class SampleSet:
         self.mean, self.std = dist.mean.float(), dist.std.float()
         self.scaling = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-        self.embeds, self.pooled = base.encode_prompts(concept.prompts())
+        self.embeds, self.pooled = base.encode_prompts(self.prompts)
         self.time_ids = None
         if base.is_sdxl:
             self.time_ids = torch.tensor(
@@ -90,9 +97,12 @@ class SampleSet:
     def draw(self, idx: torch.Tensor, gen: torch.Generator) -> dict:
         eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean.device)
         latents = (self.mean[idx] + self.std[idx] * eps - self.shift) * self.scaling
-        out = {"latents": latents, "embeds": self.embeds[idx]}
-        if self.pooled is not None:
-            out["pooled"], out["time_ids"] = self.pooled[idx], self.time_ids[idx]
+        embeds, pooled = self.embeds[idx], self.pooled[idx] if self.pooled is not None else None
+        if self.live:
+            embeds, pooled = self.base.encode_prompts_differentiable([self.prompts[i] for i in idx.tolist()])
+        out = {"latents": latents, "embeds": embeds}
+        if pooled is not None:
+            out["pooled"], out["time_ids"] = pooled, self.time_ids[idx]
         return out
 
 
@@ -371,6 +381,14 @@ class BreakStage:
         params = [{"params": primary, "lr": cfg.learning_rate}]
         if train_other:
             params.append({"params": other, "lr": cfg.learning_rate * cfg.aux_lr_factor})
+        # pivotal tuning: the identifier's own embedding, learnt from the concept's rows
+        self.token_vectors: list[nn.Parameter] = []
+        self.token_hooks: IdentifierEmbeddings | None = None
+        if cfg.train_token_embedding and concept.token:
+            self.token_vectors = [nn.Parameter(v) for v in initial_vectors(base.pipe, concept.token)]
+            self.token_hooks = IdentifierEmbeddings(base.pipe, {concept.token: self.token_vectors})
+            groups[0].samples.live = True
+            params.append({"params": self.token_vectors, "lr": cfg.token_learning_rate or cfg.learning_rate})
         # strict: each row's gradient reaches only its own half; released: both halves
         # see the joint loss (each at its own rate)
         routed = list(self.layers.values()) if cfg.routing == "strict" else []
@@ -382,13 +400,18 @@ class BreakStage:
             return self.adapter()
         finally:
             remove_adapters(self.base.unet)
+            if self.token_hooks:
+                self.token_hooks.remove()
 
     def adapter(self) -> Adapter:
         c = self.concept
+        tensors = plp_state_dict(self.layers)
+        for i, v in enumerate(self.token_vectors):
+            tensors[token_key(c.kind, i)] = v.detach().float().cpu().contiguous()
         return Adapter(
             kind=c.kind,
             method="b4m",
-            tensors=plp_state_dict(self.layers),
+            tensors=tensors,
             rank=self.plp.rank,
             alpha=self.plp.alpha,
             plp=self.plp,
@@ -473,6 +496,8 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
         tensors[f"{name}.C"] = content.tensors[f"{name}.C"].clone()
         tensors[f"{name}.{content_part}"] = content.tensors[f"{name}.{content_part}"].clone()
         tensors[f"{name}.{style_part}"] = style.tensors[f"{name}.{style_part}"].clone()
+    for source in (content, style):  # learnt identifier embeddings travel with their half
+        tensors |= {k: v.clone() for k, v in source.tensors.items() if k.startswith(f"{TOKEN_PREFIX}{source.kind}.")}
     fused = Adapter(
         kind="fused",
         method="b4m",
@@ -529,6 +554,8 @@ class MakeStage:
         self.fused = compose(content, style)
         _check_base(base, content, style)
         self.base, self.cfg = base, cfg
+        # the references are encoded with the identifiers' learnt embeddings (kept as learnt)
+        self.token_hooks = IdentifierEmbeddings(base.pipe, adapter_vectors(self.fused.tensors, self.fused.tokens))
         self.layers = inject_plp(base.unet, self.fused.plp)
         load_plp_state_dict(self.layers, self.fused.tensors, parts=("A", "B", "C", "D"))
         res = _resolution(base, cfg)
@@ -545,12 +572,14 @@ class MakeStage:
         try:
             self.session.run(hooks)
             out = self.fused
-            out.tensors = plp_state_dict(self.layers)
+            learnt_tokens = {k: v for k, v in out.tensors.items() if k.startswith(TOKEN_PREFIX)}
+            out.tensors = plp_state_dict(self.layers) | learnt_tokens
             out.steps, out.seed = self.cfg.steps, self.cfg.seed
             out.extra["blocks"] = block_norms(out)
             return out
         finally:
             remove_adapters(self.base.unet)
+            self.token_hooks.remove()
 
 
 # ---------------------------------------------------------------- baselines

@@ -5,7 +5,7 @@
 
 Each recipe is `name:key=value,...` over the bench's `Settings` (break_steps, learning_rate,
 rank, rho, aux_sets, batch_size, captions, basis_scale, routing, ...) plus `method=lora`
-(a plain LoRA of the same rank, no PLP). For every development content and style it trains
+(a plain LoRA of the same rank, no PLP) or `method=lora_fa` (its down projection frozen). For every development content and style it trains
 one adapter and draws it alone on the bench's prompts (a content in a known style, a style on
 a known shape), read by the probe. This is the first wall of issue 12: the fused pairs cannot
 be better than the adapters they are made from. Development concepts only: nothing here is
@@ -23,11 +23,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from b4m_core import training
+from b4m_core.layers import LoRALinear
 from b4m_core.micro.bank import aux_bank
 from b4m_core.micro.quality import QualityBench, Settings, bootstrap, setting_changes
 from b4m_core.micro.world import SPLITS
 from b4m_core.models import load_base
 from b4m_core.training import train_concept
+
+
+class _FrozenDownLoRA(LoRALinear):
+    """LoRA-FA: only `up` trains, `down` keeps its random init, as PLP's frozen C does for a
+    content half. A diagnostic row (`method=lora_fa`): is it the frozen read that costs?"""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.down.requires_grad_(False)
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -70,6 +81,10 @@ def main() -> None:
     for text in args.recipe:
         name, over = parse_recipe(text)
         method = over.pop("method", "b4m")
+        frozen_down = method == "lora_fa"  # diagnostic: a LoRA whose down projection stays at its init
+        if frozen_down:
+            method = "lora"
+        training.LoRALinear = _FrozenDownLoRA if frozen_down else LoRALinear
         s = replace(bench.s, **over).resolved(base)
         refs = bench.refs(s)
         row: dict = {"settings": {**over, "method": method}, "scores": {}, "seconds": []}
@@ -90,6 +105,9 @@ def main() -> None:
                 row["seconds"].append(time.perf_counter() - t)
                 drawn.append([])
                 row["scores"][f"{kind}|{n}"] = bench.score_single(kind, n, adapter, s.seed, keep=drawn[-1])
+                print(
+                    f"  {name} {kind} {n}: {row['scores'][f'{kind}|{n}']:.2f} ({row['seconds'][-1]:.0f} s)", flush=True
+                )
         for kind in args.kinds.split(","):
             cells = np.array([v for k, v in row["scores"].items() if k.startswith(kind)])
             lo, hi = bootstrap(cells)

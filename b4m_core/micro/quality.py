@@ -93,6 +93,9 @@ class Settings:
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
+    # pivotal tuning: every break stage also learns its identifier's embedding
+    train_token_embedding: bool = False
+    token_learning_rate: float = 0.0  # 0: the break stage's learning rate
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -263,6 +266,8 @@ class QualityBench:
             timestep_bias_portion=s.timestep_bias_portion,
             timestep_bias_begin=s.timestep_bias_begin,
             timestep_bias_end=s.timestep_bias_end,
+            train_token_embedding=s.train_token_embedding,
+            token_learning_rate=s.token_learning_rate or None,
             **extra,
         )
 

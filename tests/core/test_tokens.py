@@ -1,0 +1,75 @@
+"""Pivotal tuning: identifier embeddings learnt with an adapter, carried into fusions and
+drawn with, without touching the base model's tokenizer or embedding tables."""
+
+import pytest
+import torch
+
+from b4m_core.config import ConfigError, PLPConfig, TrainConfig
+from b4m_core.generation import Generator
+from b4m_core.injection import remove_adapters
+from b4m_core.tokens import IdentifierEmbeddings, _replace, piece_ids
+from b4m_core.training import fuse, train_concept
+
+
+@pytest.fixture
+def clean(sd, sdxl):
+    yield
+    remove_adapters(sd.unet)
+    remove_adapters(sdxl.unet)
+
+
+def test_only_whole_runs_of_the_pieces_are_replaced():
+    ids = torch.tensor([[1, 5, 6, 2, 5, 7, 5, 6]])
+    embeds = torch.zeros(1, 8, 2)
+    vecs = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    out = _replace(ids, embeds, torch.tensor([5, 6]), vecs)
+    assert out[0, :, 0].tolist() == [0, 1, 2, 0, 0, 0, 1, 2]  # "5 7" is not the identifier
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_the_identifier_embedding_is_learnt_and_drawn_with(request, concepts, clean, which):
+    base = request.getfixturevalue(which)
+    content, style, _, _ = concepts
+    table = base.pipe.text_encoder.get_input_embeddings().weight.clone()
+    before = base.encode_prompts(["a photo of sks dog", "a photo of a dog"])[0]
+    cfg = TrainConfig(steps=3, learning_rate=1e-2, train_token_embedding=True, token_learning_rate=0.5)
+    adapter = train_concept(base, content, plp=PLPConfig(rank=4), cfg=cfg)
+
+    n_encoders = 2 if which == "sdxl" else 1
+    for i in range(n_encoders):
+        vec = adapter.tensors[f"token.content.{i}"]
+        tok = base.pipe.tokenizer if i == 0 else base.pipe.tokenizer_2
+        assert vec.shape[0] == len(piece_ids(tok, "sks"))
+    # trained, while the base model's own table and encoding stay as they were
+    assert torch.equal(base.pipe.text_encoder.get_input_embeddings().weight, table)
+    assert torch.equal(base.encode_prompts(["a photo of sks dog", "a photo of a dog"])[0], before)
+
+    gen = Generator(base)
+    gen.set_adapter(adapter)
+    with_adapter = base.encode_prompts(["a photo of sks dog", "a photo of a dog"])[0]
+    assert not torch.allclose(with_adapter[0], before[0])  # the identifier reads the learnt vector
+    assert torch.equal(with_adapter[1], before[1])  # a prompt without it is untouched
+    gen.set_adapter(None)
+    assert torch.equal(base.encode_prompts(["a photo of sks dog"])[0], before[:1])
+
+
+def test_learnt_identifiers_travel_into_the_fusion(sd, concepts, clean):
+    content, style, _, _ = concepts
+    plp = PLPConfig(rank=4)
+    cfg = TrainConfig(steps=2, train_token_embedding=True, token_learning_rate=0.5)
+    ca = train_concept(sd, content, plp=plp, cfg=cfg)
+    sa = train_concept(sd, style, plp=plp, cfg=TrainConfig(steps=2))  # a style without one
+    fused = fuse(sd, ca, sa, content, style, cfg=TrainConfig(steps=1))
+    assert torch.equal(fused.tensors["token.content.0"], ca.tensors["token.content.0"])
+    assert not any(k.startswith("token.style") for k in fused.tensors)
+    assert fused.layer_names == ca.layer_names  # the token tensors are not layers
+    # and the file round-trips them
+    from b4m_core.adapter import Adapter
+
+    again = Adapter.from_bytes(fused.to_bytes())
+    assert torch.equal(again.tensors["token.content.0"], fused.tensors["token.content.0"])
+
+
+def test_an_embedding_of_the_wrong_width_is_refused(sd):
+    with pytest.raises(ConfigError, match="does not fit"):
+        IdentifierEmbeddings(sd.pipe, {"sks": [torch.zeros(len(piece_ids(sd.pipe.tokenizer, "sks")), 3)]})
