@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-BasisMode = Literal["exact", "paper", "random"]
+BasisMode = Literal["exact", "paper", "random", "principal"]
 BasisScale = Literal["legacy", "balanced"]
 ContentHalf = Literal["up", "down"]
 TargetSet = Literal["attn", "cross", "transformer"]
 Routing = Literal["strict", "released"]
 Kind = Literal["content", "style", "fused"]
 
-BASIS_MODES = ("exact", "paper", "random")
+BASIS_MODES = ("exact", "paper", "random", "principal")
 BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
 TARGET_SETS = ("attn", "cross", "transformer")
@@ -48,8 +48,8 @@ class PLPConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"rank must be >= 1, got {self.rank}")
-        if self.basis_mode == "exact" and self.rank < 2:
-            raise ConfigError("basis_mode 'exact' needs rank >= 2 (two orthogonal halves)")
+        if self.basis_mode in ("exact", "principal") and self.rank < 2:
+            raise ConfigError(f"basis_mode {self.basis_mode!r} needs rank >= 2 (two orthogonal halves)")
         if not 0.0 <= self.rho < 1.0:
             raise ConfigError(f"rho must be in [0, 1), got {self.rho}")
         if self.alpha <= 0:

@@ -35,6 +35,27 @@ def test_paper_bases_are_small_not_zero_and_random_are_not_small():
     assert off.abs().max() < 0.05 * torch.diag(gram).abs().min()
 
 
+@pytest.mark.parametrize("m,n", [(64, 64), (64, 48), (40, 384)])
+def test_principal_bases_read_and_write_along_the_weights_top_directions(m, n):
+    w = torch.randn(m, n, generator=torch.Generator().manual_seed(0))
+    cfg = PLPConfig(rank=8, basis_mode="principal")
+    a, c = make_bases(cfg, "x", m, n, w)
+    assert a.shape == (m // 2, 8) and c.shape == (8, n // 2)
+    assert (a @ c).abs().max().item() < 1e-6  # exact: A C = 0
+    assert torch.linalg.matrix_norm(a) == pytest.approx(torch.linalg.matrix_norm(c).item(), rel=1e-4)
+    # C's rows span the top right singular vectors of W0's first n/2 columns: projecting
+    # onto them keeps more of W0 than a random basis of the same rank (exact's) does
+    _, _, vh = torch.linalg.svd(w[:, : n // 2].double(), full_matrices=False)
+    basis = torch.linalg.qr(c.double().T)[0][:, :4]
+    assert torch.allclose(basis @ basis.T @ vh[:4].T, vh[:4].T, atol=1e-5)
+    kept = lambda cc: torch.linalg.matrix_norm(w[:, : n // 2] @ torch.linalg.pinv(cc) @ cc).item()
+    assert kept(c) > 1.3 * kept(make_bases(PLPConfig(rank=8), "x", m, n)[1])
+    # the same weight gives the same bits (the sign of every singular vector is fixed)
+    assert torch.equal(a, make_bases(cfg, "x", m, n, w.clone())[0])
+    with pytest.raises(ConfigError, match="needs the base layer's weight"):
+        make_bases(cfg, "x", m, n)
+
+
 def test_bases_depend_on_seed_name_and_shape_only():
     cfg = PLPConfig(rank=8, basis_seed=3)
     a1, c1 = make_bases(cfg, "layer.a", 32, 32)
