@@ -154,6 +154,14 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
             "as the authors' code does in effect)",
         )
         p.add_argument(
+            "--train-token-embedding",
+            action="store_true",
+            help="pivotal tuning: learn the identifier token's embedding with the adapter (kept in the adapter file)",
+        )
+        p.add_argument(
+            "--token-lr", type=float, default=None, help="learning rate of the token embedding (default: --lr)"
+        )
+        p.add_argument(
             "--method", choices=["b4m", "lora"], default="b4m", help="b4m (PLP + MCP) or a plain LoRA for the baselines"
         )
         _train_args(p)
@@ -276,6 +284,8 @@ def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainCo
         checkpoint_every=args.checkpoint_every,
         aux_lr_factor=getattr(args, "aux_lr_factor", 0.1),
         routing=getattr(args, "routing", "strict"),
+        train_token_embedding=getattr(args, "train_token_embedding", False),
+        token_learning_rate=getattr(args, "token_lr", None),
     )
 
 
