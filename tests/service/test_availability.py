@@ -116,9 +116,11 @@ def test_waiters_and_streams_hold_no_thread_and_sigterm_ends_them(tmp_path):
         for t in readers:
             t.start()
         time.sleep(1)  # everyone is waiting now
-        seconds, code = timed_get(f"{url}/jobs?limit=5")  # a sync route: needs a pool thread
-        assert code == 200 and seconds < scaled(2.0), seconds
-        assert timed_get(f"{url}/healthz")[0] < scaled(1.0)
+        # a sync route needs a pool thread; the failure this guards against was a 30 s stall,
+        # so the bound sits far from it and from a busy machine's ordinary latency (2.06 s seen)
+        seconds, code = timed_get(f"{url}/jobs?limit=5")
+        assert code == 200 and seconds < scaled(10.0), seconds
+        assert timed_get(f"{url}/healthz")[0] < scaled(5.0)
         for t in threads:
             t.join(timeout=scaled(60))
         assert len(answers) == 60 and all(code == 202 for code, _ in answers), answers[:3]
