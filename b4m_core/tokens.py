@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 PREFIX = "token."
 
 
@@ -92,8 +94,6 @@ class IdentifierEmbeddings:
             ]
             for pieces, vecs in runs:
                 if vecs.shape != (pieces.numel(), table.weight.shape[1]):
-                    from .config import ConfigError
-
                     raise ConfigError(
                         f"token embedding of shape {tuple(vecs.shape)} does not fit text encoder {index} "
                         f"({pieces.numel()} pieces x {table.weight.shape[1]})"
