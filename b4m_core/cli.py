@@ -57,7 +57,9 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
         help="learning rate (default: the base model's measured one: micro 5e-3; others 1e-3; ZipLoRA 1e-4)",
     )
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    p.add_argument("--batch-size", type=int, default=1, help="reference images a step (default: 1)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="reference images a step (default: the base model's; else 1)"
+    )
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     p.add_argument(
         "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on CUDA; ignored on CPU"
@@ -84,7 +86,7 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
     if with_plp:
-        p.add_argument("--rank", type=int, default=16, help="adapter rank (default: 16)")
+        p.add_argument("--rank", type=int, default=None, help="adapter rank (default: the base model's; else 16)")
         p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
         p.add_argument(
             "--rho",
@@ -92,16 +94,22 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
             default=None,
             help="PLP split ratio (default: the base model's measured one, 0.75 on micro; else 0.5)",
         )
-        p.add_argument("--basis-mode", choices=BASIS_MODES, default="exact")
+        p.add_argument(
+            "--basis-mode",
+            choices=BASIS_MODES,
+            default=None,
+            help="frozen bases: exact (random, A C = 0), principal (along the base weights' top singular "
+            "directions), paper, random (default: the base model's; else exact)",
+        )
         p.add_argument(
             "--basis-scale",
             choices=BASIS_SCALES,
-            default="legacy",
-            help="exact bases: legacy (A 3-6x larger than C) or balanced (equal norms; not yet measured)",
+            default=None,
+            help="exact bases: legacy (A 3-6x larger than C) or balanced (equal norms) (default: the base model's)",
         )
         p.add_argument("--basis-seed", type=int, default=0)
-        p.add_argument("--content-half", choices=CONTENT_HALVES, default="up")
-        p.add_argument("--targets", choices=TARGET_SETS, default="attn")
+        p.add_argument("--content-half", choices=CONTENT_HALVES, default=None)
+        p.add_argument("--targets", choices=TARGET_SETS, default=None)
 
 
 def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
@@ -155,8 +163,10 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
         )
         p.add_argument(
             "--train-token-embedding",
-            action="store_true",
-            help="pivotal tuning: learn the identifier token's embedding with the adapter (kept in the adapter file)",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="pivotal tuning: learn the identifier token's embedding with the adapter (kept in the adapter "
+            "file; default: the base model's)",
         )
         p.add_argument(
             "--token-lr", type=float, default=None, help="learning rate of the token embedding (default: --lr)"
@@ -272,21 +282,27 @@ def _load_aux(folders: list[str], kind: str):
     return out
 
 
-def _train_config(args, default_steps: int, default_lr: float = 1e-3) -> TrainConfig:
-    return TrainConfig(
-        steps=default_steps if args.steps is None else args.steps,
-        learning_rate=args.lr or default_lr,
+def _train_config(args, base, stage: str, **fallback) -> TrainConfig:
+    """The run's settings: flags, else `fallback` (a method's own, e.g. ZipLoRA's rate), else
+    the base model's measured defaults for `stage` (BaseModel.train_config)."""
+    given = dict(
+        steps=args.steps,
+        learning_rate=args.lr,
         seed=args.seed,
         batch_size=args.batch_size,
         resolution=args.resolution,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,
-        aux_lr_factor=getattr(args, "aux_lr_factor", 0.1),
-        routing=getattr(args, "routing", "strict"),
-        train_token_embedding=getattr(args, "train_token_embedding", False),
+        aux_lr_factor=getattr(args, "aux_lr_factor", None),
+        routing=getattr(args, "routing", None),
+        train_token_embedding=getattr(args, "train_token_embedding", None),
         token_learning_rate=getattr(args, "token_lr", None),
     )
+    for key, value in fallback.items():
+        if given.get(key) is None:
+            given[key] = value
+    return base.train_config(stage, **given)
 
 
 def _hooks(args):
@@ -360,7 +376,7 @@ def cmd_train(args) -> None:
         aux = base.auxiliary_sets(args.kind, args.aux_sets, seed=args.seed)
     plp = base.plp_config(
         rank=args.rank,
-        alpha=args.alpha or float(args.rank),
+        alpha=args.alpha,
         rho=args.rho,
         basis_mode=args.basis_mode,
         basis_scale=args.basis_scale,
@@ -368,9 +384,7 @@ def cmd_train(args) -> None:
         content_half=args.content_half,
         targets=args.targets,
     )
-    cfg = _train_config(
-        args, default_steps=base.default("break_steps", 300), default_lr=base.default("learning_rate", 1e-3)
-    )
+    cfg = _train_config(args, base, "break")
     adapter = train_concept(base, concept, method=args.method, aux=aux, plp=plp, cfg=cfg, hooks=_hooks(args))
     adapter.save(args.out)
     print(args.out)
@@ -389,17 +403,11 @@ def cmd_fuse(args) -> None:
     )
     sset = load_concept("style", args.style_images, style.words.get("style", "style"), token=style.tokens.get("style"))
     base = load_base(args.base or content.base_model, device=args.device)
-    default_steps = {
-        "b4m": base.default("make_steps", 50),
-        "ziplora": 100,
-        "joint": base.default("break_steps", 300),
-        "merge": 0,
-    }[args.method]
-    cfg = _train_config(
-        args,
-        default_steps=default_steps,
-        default_lr=1e-4 if args.method == "ziplora" else base.default("learning_rate", 1e-3),
-    )
+    if args.method == "joint":  # one LoRA trained from scratch on both sets: a break stage's budget
+        cfg = _train_config(args, base, "break", train_token_embedding=False)
+    else:
+        own = {"ziplora": dict(steps=100, learning_rate=1e-4), "merge": dict(steps=0)}.get(args.method, {})
+        cfg = _train_config(args, base, "make", **own)
     fused = fuse(base, content, style, cset, sset, method=args.method, cfg=cfg, hooks=_hooks(args))
     fused.save(args.out)
     print(args.out)
@@ -472,8 +480,8 @@ def cmd_demo(args) -> None:
         args.out,
         contents=HELDOUT_CONTENTS[:n] if n else None,
         styles=HELDOUT_STYLES[:n] if n else None,
-        break_steps=args.break_steps or (80 if args.quick else 200),
-        make_steps=args.make_steps or (20 if args.quick else 50),
+        break_steps=args.break_steps or (80 if args.quick else None),  # None: the model's defaults
+        make_steps=args.make_steps or (20 if args.quick else None),
         seed=args.seed,
         log=lambda m: print(m, file=sys.stderr),
     )

@@ -17,10 +17,9 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import DiffusionPipeline
 
-from .config import ConfigError
+from .config import ConfigError, PLPConfig, TrainConfig
 
 if TYPE_CHECKING:
-    from .config import PLPConfig
     from .data import Concept
 
 # Short names for bases that ship with the project (the micro model registers here).
@@ -44,6 +43,25 @@ def resolve_base(base: str) -> str:
     if base in BASE_REGISTRY:
         return BASE_REGISTRY[base]()
     return base
+
+
+# b4m_defaults.json keys that fill a PLPConfig where a caller gives none
+PLP_DEFAULT_KEYS = ("rank", "rho", "basis_mode", "basis_scale", "content_half", "targets")
+# TrainConfig field -> b4m_defaults.json keys, per stage: the first one present fills it
+TRAIN_DEFAULT_KEYS = {
+    "break": {
+        "steps": ("break_steps",),
+        "learning_rate": ("learning_rate",),
+        "batch_size": ("batch_size",),
+        "train_token_embedding": ("train_token_embedding",),
+        "token_learning_rate": ("token_learning_rate",),
+    },
+    "make": {
+        "steps": ("make_steps",),
+        "learning_rate": ("make_learning_rate", "learning_rate"),
+        "batch_size": ("make_batch_size",),
+    },
+}
 
 
 @dataclass
@@ -98,13 +116,30 @@ class BaseModel:
         return fallback if value is None else type(fallback)(value)
 
     def plp_config(self, **given) -> PLPConfig:
-        """A PLP shape: what the caller gave, else this model's measured defaults (rho), else PLPConfig's."""
-        from .config import PLPConfig
-
+        """A PLP shape: what the caller gave, else this model's measured defaults
+        (`b4m_defaults.json`: rank, rho, basis_mode, ...), else PLPConfig's. alpha follows the
+        rank unless given (scale 1)."""
         given = {k: v for k, v in given.items() if v is not None}
-        if "rho" in self.recommended and "rho" not in given:
-            given["rho"] = float(self.recommended["rho"])
+        for key in PLP_DEFAULT_KEYS:
+            if key in self.recommended and key not in given:
+                given[key] = self.recommended[key]
+        if "rank" in given and "alpha" not in given:
+            given["alpha"] = float(given["rank"])
         return PLPConfig(**given)
+
+    def train_config(self, stage: str, **given) -> TrainConfig:
+        """One training run's settings, the single place callers (CLI, worker, demo, bench) get
+        them from: what the caller gave (None: not given), else this model's measured defaults
+        for the stage (`break_steps` / `make_steps`, `learning_rate`, `batch_size`, and for the
+        break stage the identifier embedding's), else TrainConfig's."""
+        if stage not in TRAIN_DEFAULT_KEYS:
+            raise ValueError(f"stage must be one of {tuple(TRAIN_DEFAULT_KEYS)}, got {stage!r}")
+        given = {k: v for k, v in given.items() if v is not None}
+        for field_name, keys in TRAIN_DEFAULT_KEYS[stage].items():
+            found = [self.recommended[k] for k in keys if self.recommended.get(k) is not None]
+            if field_name not in given and found:
+                given[field_name] = found[0]
+        return TrainConfig(**given)
 
     @property
     def unet(self):

@@ -40,7 +40,7 @@ def main() -> None:
     b4m = methods(16)[0]
     rows = []
     for g in [GRID[i] for i in args.only] if args.only else GRID:
-        bench.s = replace(Settings(), make_steps=args.make_steps, **g)
+        bench.s = replace(Settings(), make_steps=args.make_steps, **g).resolved(bench.base)
         bench.timings = {}
         fused = bench.adapters(b4m, {})
         scores = [bench.score(*bench.draw(fused[p]), *p)["probe"] for p in pairs]

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..config import TrainConfig
 from ..generation import GenerationRequest, Generator
 from ..models import load_base
 from ..training import fuse, train_concept
@@ -28,8 +27,8 @@ def run_demo(
     out_dir: str | Path,
     contents=None,
     styles=None,
-    break_steps: int = 200,
-    make_steps: int = 50,
+    break_steps: int | None = None,  # None: the model's measured defaults (b4m_defaults.json)
+    make_steps: int | None = None,
     prompt: str = DEMO_PROMPT,
     seed: int = 0,
     base: str = "micro",
@@ -53,7 +52,7 @@ def run_demo(
                 refs[(kind, name)],
                 aux=model.auxiliary_sets(kind, seed=seed),  # MCP from the model's bank
                 plp=plp,
-                cfg=TrainConfig(steps=break_steps, seed=seed),
+                cfg=model.train_config("break", steps=break_steps, seed=seed),
             )
             a.save(out / "adapters" / f"{kind}_{name}.safetensors")
             adapters[(kind, name)] = a
@@ -69,7 +68,7 @@ def run_demo(
                 adapters[("style", s)],
                 refs[("content", c)],
                 refs[("style", s)],
-                cfg=TrainConfig(steps=make_steps, seed=seed),
+                cfg=model.train_config("make", steps=make_steps, seed=seed),
             )
             f.save(out / "adapters" / f"fused_{c}_{s}.safetensors")
             gen.set_adapter(f, fuse=True)

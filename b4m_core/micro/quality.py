@@ -73,20 +73,20 @@ class Settings:
     break_steps: int | None = None
     make_steps: int | None = None
     learning_rate: float | None = None
-    batch_size: int = 1  # rows of each reference set a step (MCP adds one row per auxiliary set)
+    batch_size: int | None = None  # rows of each reference set a step (MCP adds one row per auxiliary set)
     rho: float | None = None
-    content_half: str = "up"
-    basis_mode: str = "exact"
-    basis_scale: str = "legacy"
+    content_half: str | None = None
+    basis_mode: str | None = None
+    basis_scale: str | None = None
     routing: str = "strict"
-    aux_sets: int = 3
+    aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
     lora_steps: int | None = None  # None: the break stage's steps (same budget)
     joint_steps: int | None = None
     ziplora_steps: int = 100
-    rank: int = 16
-    targets: str = "attn"  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
+    rank: int | None = None
+    targets: str | None = None  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
     # every training run's timestep bias (TrainConfig): none | later | earlier | range
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
@@ -94,8 +94,8 @@ class Settings:
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
     # pivotal tuning: every break stage also learns its identifier's embedding
-    train_token_embedding: bool = False
-    token_learning_rate: float = 0.0  # 0: the break stage's learning rate
+    train_token_embedding: bool | None = None
+    token_learning_rate: float | None = None  # None: the break stage's learning rate
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -104,16 +104,42 @@ class Settings:
     seeds: int = 1  # seeds seed, seed + 1, ...: training and sampling both change
 
     def resolved(self, base: BaseModel) -> Settings:
-        """Every `None` filled from the base model's measured defaults."""
-        bs = self.break_steps if self.break_steps is not None else base.default("break_steps", 250)
+        """Every `None` filled from the base model's measured defaults, through the same path
+        the CLI, the worker and the demo take (BaseModel.plp_config / train_config)."""
+        plp = base.plp_config(
+            rank=self.rank,
+            rho=self.rho,
+            content_half=self.content_half,
+            basis_mode=self.basis_mode,
+            basis_scale=self.basis_scale,
+            targets=self.targets,
+        )
+        brk = base.train_config(
+            "break",
+            steps=self.break_steps,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            train_token_embedding=self.train_token_embedding,
+            token_learning_rate=self.token_learning_rate,
+        )
+        make = base.train_config("make", steps=self.make_steps)
         return replace(
             self,
-            break_steps=bs,
-            make_steps=self.make_steps if self.make_steps is not None else base.default("make_steps", 50),
-            learning_rate=self.learning_rate or base.default("learning_rate", 5e-3),
-            rho=self.rho if self.rho is not None else base.default("rho", 0.5),
-            lora_steps=self.lora_steps or bs,
-            joint_steps=self.joint_steps or bs,
+            break_steps=brk.steps,
+            make_steps=make.steps,
+            learning_rate=brk.learning_rate,
+            batch_size=brk.batch_size,
+            train_token_embedding=brk.train_token_embedding,
+            token_learning_rate=brk.token_learning_rate,
+            rank=plp.rank,
+            rho=plp.rho,
+            content_half=plp.content_half,
+            basis_mode=plp.basis_mode,
+            basis_scale=plp.basis_scale,
+            targets=plp.targets,
+            aux_sets=self.aux_sets if self.aux_sets is not None else base.default("aux_sets", 0),
+            lora_steps=self.lora_steps or brk.steps,
+            joint_steps=self.joint_steps or brk.steps,
         )
 
     def plp(self) -> PLPConfig:
@@ -267,7 +293,7 @@ class QualityBench:
             timestep_bias_begin=s.timestep_bias_begin,
             timestep_bias_end=s.timestep_bias_end,
             train_token_embedding=s.train_token_embedding,
-            token_learning_rate=s.token_learning_rate or None,
+            token_learning_rate=s.token_learning_rate,
             **extra,
         )
 

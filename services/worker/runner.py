@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from b4m_contract.jobs import AssetKind, JobStatus, JobType
 from b4m_core.adapter import Adapter
-from b4m_core.config import ConfigError, TrainConfig
+from b4m_core.config import ConfigError
 from b4m_core.data import Concept, open_image
 from b4m_core.generation import GenerationRequest, Generator
 from b4m_core.models import BaseModel, load_base
@@ -207,11 +207,12 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
             if k in settings
         }
     )
-    cfg = TrainConfig(
-        steps=int(settings.get("steps") or base.default("break_steps", 300)),
-        learning_rate=float(settings.get("learning_rate") or base.default("learning_rate", 1e-3)),
-        aux_lr_factor=float(settings.get("aux_lr_factor", 0.1)),
-        routing=settings.get("routing", "strict"),
+    cfg = base.train_config(  # what the request gave, else the base model's measured defaults
+        "break",
+        **{k: settings.get(k) for k in ("learning_rate", "aux_lr_factor", "routing", "batch_size")},
+        steps=settings.get("steps"),
+        train_token_embedding=settings.get("train_token_embedding"),
+        token_learning_rate=settings.get("token_learning_rate"),
         seed=int(settings.get("seed", 0)),
         checkpoint_every=ctx.settings.checkpoint_every,
     )
@@ -258,7 +259,15 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
         given = dict(fusion.settings or {})
     base = ctx.base(base_name)
-    lr = given.get("learning_rate") or (1e-4 if method == "ziplora" else base.default("learning_rate", 1e-3))
+    lr = given.get("learning_rate") or (1e-4 if method == "ziplora" else None)
+    cfg = base.train_config(
+        "break" if method == "joint" else "make",  # joint: one LoRA from scratch, a break stage's budget
+        steps=steps,
+        learning_rate=lr,
+        seed=int(given.get("seed", 0)),
+        checkpoint_every=ctx.settings.checkpoint_every,
+        train_token_embedding=False,
+    )
     fused = fuse(
         base,
         ca,
@@ -266,12 +275,7 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         cset,
         sset,
         method=method,
-        cfg=TrainConfig(
-            steps=steps,
-            learning_rate=float(lr),
-            seed=int(given.get("seed", 0)),
-            checkpoint_every=ctx.settings.checkpoint_every,
-        ),
+        cfg=cfg,
         hooks=_hooks(ctx, attempt, given.get("preview_prompts")),
     )
     return _adapter_result(ctx, attempt, fused)

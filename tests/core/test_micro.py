@@ -131,6 +131,65 @@ def test_micro_measured_defaults_fill_what_a_run_leaves_out(micro):
     assert adapter.plp.rho == 0.75
 
 
+def test_one_defaults_path_fills_every_caller_from_the_models_file(micro):
+    """CLI, worker, demo and bench all take BaseModel.plp_config / train_config: what the caller
+    gave wins, then the model's b4m_defaults.json, then the dataclasses' own."""
+    from dataclasses import replace
+
+    from b4m_core import cli
+    from b4m_core.micro.quality import Settings
+
+    rec = micro.recommended
+    brk, make = micro.train_config("break"), micro.train_config("make")
+    assert (brk.steps, brk.learning_rate) == (rec["break_steps"], rec["learning_rate"])
+    assert make.steps == rec["make_steps"] and make.learning_rate == rec["learning_rate"]  # falls back
+    assert micro.train_config("break", steps=7, learning_rate=1e-4).steps == 7
+    with pytest.raises(ValueError):
+        micro.train_config("fuse")
+
+    other = replace(
+        micro,
+        recommended=rec
+        | {"rank": 32, "basis_mode": "principal", "batch_size": 4, "train_token_embedding": True, "make_steps": 9},
+    )
+    plp = other.plp_config()
+    assert (plp.rank, plp.alpha, plp.basis_mode) == (32, 32.0, "principal")
+    assert other.plp_config(rank=8).alpha == 8.0 and other.plp_config(rank=8, alpha=4.0).alpha == 4.0
+    cfg = other.train_config("break")
+    assert cfg.batch_size == 4 and cfg.train_token_embedding and other.train_config("make").steps == 9
+    assert not other.train_config("break", train_token_embedding=False).train_token_embedding
+    # the bench resolves its settings through the same path
+    s = Settings().resolved(other)
+    assert (s.rank, s.basis_mode, s.batch_size, s.train_token_embedding, s.break_steps, s.make_steps) == (
+        32,
+        "principal",
+        4,
+        True,
+        rec["break_steps"],
+        9,
+    )
+    # and so does the CLI: no flag given -> the model's; a flag wins
+    args = cli.build_parser().parse_args(["train", "content", "--images", "x", "--word", "w", "--out", "o"])
+    assert cli._train_config(args, other, "break").batch_size == 4
+    args = cli.build_parser().parse_args(
+        [
+            "train",
+            "content",
+            "--images",
+            "x",
+            "--word",
+            "w",
+            "--out",
+            "o",
+            "--batch-size",
+            "2",
+            "--no-train-token-embedding",
+        ]
+    )
+    cfg = cli._train_config(args, other, "break")
+    assert cfg.batch_size == 2 and not cfg.train_token_embedding
+
+
 def test_uncaptioned_references_are_described_by_the_micro_captioner(micro):
     """An upload without captions trains on what the probe reads of each image (the known
     style or shape, background, size, position), in the grammar the model was trained on."""
