@@ -104,20 +104,27 @@ def main() -> None:
                 )
                 row["seconds"].append(time.perf_counter() - t)
                 drawn.append([])
-                row["scores"][f"{kind}|{n}"] = bench.score_single(kind, n, adapter, s.seed, keep=drawn[-1])
+                asked: list[bool] = []
+                row["scores"][f"{kind}|{n}"] = bench.score_single(kind, n, adapter, s.seed, keep=drawn[-1], asked=asked)
+                # does the prompt's known other half still come through (a content in the asked style)?
+                row.setdefault("asked", {})[f"{kind}|{n}"] = float(np.mean(asked))
                 print(
-                    f"  {name} {kind} {n}: {row['scores'][f'{kind}|{n}']:.2f} ({row['seconds'][-1]:.0f} s)", flush=True
+                    f"  {name} {kind} {n}: {row['scores'][f'{kind}|{n}']:.2f}, asked other half "
+                    f"{row['asked'][f'{kind}|{n}']:.2f} ({row['seconds'][-1]:.0f} s)",
+                    flush=True,
                 )
         for kind in args.kinds.split(","):
             cells = np.array([v for k, v in row["scores"].items() if k.startswith(kind)])
             lo, hi = bootstrap(cells)
-            row[kind] = {"mean": float(cells.mean()), "ci": [lo, hi]}
+            asked = np.array([v for k, v in row["asked"].items() if k.startswith(kind)])
+            row[kind] = {"mean": float(cells.mean()), "ci": [lo, hi], "asked_other_half": float(asked.mean())}
         row["s_per_concept"] = float(np.mean(row["seconds"]))
         results[name] = row
         print(
             f"{name}: "
             + ", ".join(
                 f"{k} {row[k]['mean']:.3f} [{row[k]['ci'][0]:.2f}, {row[k]['ci'][1]:.2f}]"
+                f" (asked other half {row[k]['asked_other_half']:.2f})"
                 for k in args.kinds.split(",")
             )
             + f"; {row['s_per_concept']:.1f} s/concept; "

@@ -414,15 +414,22 @@ class QualityBench:
         )
         return {"probe": probe, "paper": paper}
 
-    def score_single(self, kind: str, name: str, adapter, seed: int, keep: list | None = None) -> float:
+    def score_single(
+        self, kind: str, name: str, adapter, seed: int, keep: list | None = None, asked: list | None = None
+    ) -> float:
         """How often a break-stage adapter alone draws its own concept (probe), on prompts
-        that name only it (and, for a style, a known shape). `keep` receives the images."""
+        that name only it (and, for a style, a known shape). `keep` receives the images;
+        `asked` one bool per image: did the prompt's known other half come through (the
+        known style a content is asked in, the known shape a style is asked on)?"""
         attrs = [EVAL_ATTRIBUTES[i % len(EVAL_ATTRIBUTES)] for i in range(self.s.single_images)]
         prompts = [single_prompt(kind, *a, i) for i, a in enumerate(attrs)]
         images = self._draw(adapter, prompts, seed)
         if keep is not None:
             keep += images
         reads = predict(self.probe, images)
+        if asked is not None:
+            other, known = ("style", PRETRAIN_STYLES) if kind == "content" else ("content", PRETRAIN_CONTENTS)
+            asked += [r[other] == known[i % len(known)] for i, r in enumerate(reads)]
         return sum(r[kind] == name for r in reads) / len(reads)
 
     def run(self, method_list: list[Method], on_method: Callable[[dict], None] | None = None) -> dict:
