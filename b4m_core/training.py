@@ -363,6 +363,19 @@ class BreakStage:
             if a.kind == concept.kind:
                 raise ConfigError(f"auxiliary sets of a {concept.kind} must be of the opposite kind, got {a.kind}")
         self.base, self.concept, self.aux, self.plp, self.cfg = base, concept, aux, plp, cfg
+        self.token_hooks: IdentifierEmbeddings | None = None
+        try:
+            self._setup(base, concept, aux, plp, cfg)
+        except BaseException:  # nothing of a stage that never started stays on the shared base
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        remove_adapters(self.base.unet)
+        if self.token_hooks:
+            self.token_hooks.remove()
+
+    def _setup(self, base: BaseModel, concept: Concept, aux: list[Concept], plp: PLPConfig, cfg: TrainConfig) -> None:
         self.layers = inject_plp(base.unet, plp)
         self.primary_half = plp.half_for(concept.kind)
         self.other_half = "down" if self.primary_half == "up" else "up"
@@ -383,7 +396,6 @@ class BreakStage:
             params.append({"params": other, "lr": cfg.learning_rate * cfg.aux_lr_factor})
         # pivotal tuning: the identifier's own embedding, learnt from the concept's rows
         self.token_vectors: list[nn.Parameter] = []
-        self.token_hooks: IdentifierEmbeddings | None = None
         if cfg.train_token_embedding and concept.token:
             self.token_vectors = [nn.Parameter(v) for v in initial_vectors(base.pipe, concept.token)]
             self.token_hooks = IdentifierEmbeddings(base.pipe, {concept.token: self.token_vectors})
@@ -399,9 +411,7 @@ class BreakStage:
             self.session.run(hooks)
             return self.adapter()
         finally:
-            remove_adapters(self.base.unet)
-            if self.token_hooks:
-                self.token_hooks.remove()
+            self._release()
 
     def adapter(self) -> Adapter:
         c = self.concept
@@ -556,6 +566,17 @@ class MakeStage:
         self.base, self.cfg = base, cfg
         # the references are encoded with the identifiers' learnt embeddings (kept as learnt)
         self.token_hooks = IdentifierEmbeddings(base.pipe, adapter_vectors(self.fused.tensors, self.fused.tokens))
+        try:
+            self._setup(base, content, style, content_set, style_set, cfg)
+        except BaseException:  # nothing of a stage that never started stays on the shared base
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        remove_adapters(self.base.unet)
+        self.token_hooks.remove()
+
+    def _setup(self, base, content, style, content_set, style_set, cfg) -> None:
         self.layers = inject_plp(base.unet, self.fused.plp)
         load_plp_state_dict(self.layers, self.fused.tensors, parts=("A", "B", "C", "D"))
         res = _resolution(base, cfg)
@@ -578,8 +599,7 @@ class MakeStage:
             out.extra["blocks"] = block_norms(out)
             return out
         finally:
-            remove_adapters(self.base.unet)
-            self.token_hooks.remove()
+            self._release()
 
 
 # ---------------------------------------------------------------- baselines

@@ -74,6 +74,7 @@ class Settings:
     make_steps: int | None = None
     learning_rate: float | None = None
     batch_size: int | None = None  # rows of each reference set a step (MCP adds one row per auxiliary set)
+    make_batch_size: int | None = None  # the make stage's rows of each reference set a step
     rho: float | None = None
     content_half: str | None = None
     basis_mode: str | None = None
@@ -127,6 +128,7 @@ class Settings:
             self,
             break_steps=brk.steps,
             make_steps=make.steps,
+            make_batch_size=make.batch_size,
             learning_rate=brk.learning_rate,
             batch_size=brk.batch_size,
             train_token_embedding=brk.train_token_embedding,
@@ -281,7 +283,7 @@ class QualityBench:
         return out
 
     def _cfg(self, s: Settings, steps: int, lr: float | None = None, **extra) -> TrainConfig:
-        return TrainConfig(
+        given = dict(
             steps=steps,
             learning_rate=lr or s.learning_rate,
             seed=s.seed,
@@ -294,8 +296,8 @@ class QualityBench:
             timestep_bias_end=s.timestep_bias_end,
             train_token_embedding=s.train_token_embedding,
             token_learning_rate=s.token_learning_rate,
-            **extra,
         )
+        return TrainConfig(**(given | extra))
 
     def breaks(self, s: Settings) -> dict:
         """Every content's and style's break-stage adapter under settings `s`."""
@@ -334,7 +336,7 @@ class QualityBench:
                             refs[("content", c)],
                             refs[("style", st)],
                             "b4m",
-                            cfg=self._cfg(s, s.make_steps),
+                            cfg=self._cfg(s, s.make_steps, batch_size=s.make_batch_size),
                         ),
                     )
             return pairs, single

@@ -73,3 +73,27 @@ def test_learnt_identifiers_travel_into_the_fusion(sd, concepts, clean):
 def test_an_embedding_of_the_wrong_width_is_refused(sd):
     with pytest.raises(ConfigError, match="does not fit"):
         IdentifierEmbeddings(sd.pipe, {"sks": [torch.zeros(len(piece_ids(sd.pipe.tokenizer, "sks")), 3)]})
+
+
+def test_a_stage_that_fails_to_start_leaves_the_base_model_as_it_was(sd, concepts, clean, monkeypatch):
+    """A break or make stage whose setup fails after it put its layers and identifier hooks on
+    the shared base (a worker keeps one loaded) takes them off again."""
+    from b4m_core import training
+    from b4m_core.injection import adapter_layers
+
+    content, style, _, _ = concepts
+    plp, cfg = PLPConfig(rank=4), TrainConfig(steps=1, train_token_embedding=True)
+    ca, sa = train_concept(sd, content, plp=plp, cfg=cfg), train_concept(sd, style, plp=plp, cfg=cfg)
+    before = sd.encode_prompts(["a photo of sks dog"])[0]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no room")
+
+    monkeypatch.setattr(training, "TrainingSession", refuse)
+    with pytest.raises(RuntimeError, match="no room"):
+        train_concept(sd, content, plp=plp, cfg=cfg)
+    with pytest.raises(RuntimeError, match="no room"):
+        fuse(sd, ca, sa, content, style, cfg=TrainConfig(steps=1))
+    assert not adapter_layers(sd.unet)
+    assert not sd.pipe.text_encoder.get_input_embeddings()._forward_hooks
+    assert torch.equal(sd.encode_prompts(["a photo of sks dog"])[0], before)
