@@ -10,6 +10,7 @@ settings as JSON under the `b4m` metadata key. The low-rank update of a layer is
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 from safetensors.numpy import load as np_load
@@ -26,6 +27,10 @@ SAI_ARCHITECTURE = {
     "sdxl": "stable-diffusion-xl-v1-base/lora",
     "micro": "stable-diffusion-v1/lora",
 }
+
+
+TOKEN_PREFIX = "token."  # learnt identifier embeddings in a b4m file (b4m_core/tokens.py)
+SDXL_ENCODER_KEYS = ("clip_l", "clip_g")
 
 
 class FormatError(ValueError):
@@ -90,6 +95,24 @@ def to_kohya(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray
         out[f"{key}.lora_down.weight"] = np.ascontiguousarray(down)
         out[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
         out[f"{key}.alpha"] = np.array(scale * down.shape[0], dtype=np.float32)
+    return out
+
+
+def identifier_embeddings(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per identifier token whose input embedding the adapter learnt (pivotal tuning,
+    `token.<kind>.<encoder>` tensors), its textual-inversion file: `{"emb_params": vectors}`
+    for one text encoder (kohya's and A1111's embedding layout), `{"clip_l", "clip_g"}` for
+    SDXL's two (the layout diffusers' advanced DreamBooth script writes). diffusers reads either
+    with `load_textual_inversion(state[key], token=...)`; A1111 takes the token from the file name."""
+    out = {}
+    for kind, token in sorted((meta.get("tokens") or {}).items()):
+        found = sorted(
+            (int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith(f"{TOKEN_PREFIX}{kind}.")
+        )
+        vecs = [np.ascontiguousarray(v.astype(np.float32)) for _, v in found]
+        if not vecs or not token:
+            continue
+        out[token] = {"emb_params": vecs[0]} if len(vecs) == 1 else dict(zip(SDXL_ENCODER_KEYS, vecs))
     return out
 
 
@@ -272,6 +295,32 @@ def model_card(data: bytes, weights_name: str = "pytorch_lora_weights.safetensor
         "|---|---|",
         *[f"| {k} | {v} |" for k, v in settings if v is not None],
     ]
+    embeddings = identifier_embeddings(tensors, meta)
+    if embeddings:
+        lines += [
+            "",
+            "## Learnt identifier embeddings",
+            "",
+            "The identifiers' input embeddings were learnt with the adapter (pivotal tuning); "
+            "load them beside the LoRA, or the trigger words read as plain text:",
+            "",
+            "```python",
+            "from safetensors.torch import load_file",
+            "",
+        ]
+        for token, state in embeddings.items():
+            file = embedding_file_name(token)
+            if "emb_params" in state:
+                lines.append(f'pipe.load_textual_inversion(load_file("{file}")["emb_params"], token="{token}")')
+            else:
+                lines += [
+                    f'state = load_file("{file}")',
+                    f'pipe.load_textual_inversion(state["clip_l"], token="{token}", '
+                    "text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)",
+                    f'pipe.load_textual_inversion(state["clip_g"], token="{token}", '
+                    "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)",
+                ]
+        lines += ["```"]
     if samples:
         lines += ["", "## Samples", "", f"![samples]({samples})"]
     return "\n".join(lines) + "\n"
@@ -303,18 +352,37 @@ def write_export(data: bytes, fmt: str, out, dtype: str = "fp32", samples: bytes
 
     out = Path(out)
     converted = convert(data, fmt, dtype)
+    tensors, meta = read(data)
+    # learnt identifier embeddings travel as textual-inversion files named by their token (a
+    # LoRA file holds none that diffusers reads): beside the weights in a folder, else in
+    # `<stem>_embeddings/`
+    embeddings = identifier_embeddings(tensors, meta) if fmt != "b4m" else {}
     if not (out.is_dir() or not out.suffix):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(converted)
-        return [out]
+        return [out] + _write_embeddings(embeddings, out.parent / f"{out.stem}_embeddings", dtype)
     out.mkdir(parents=True, exist_ok=True)
     name = "pytorch_lora_weights.safetensors" if fmt == "diffusers" else f"adapter_{fmt}.safetensors"
     (out / name).write_bytes(converted)
-    written = [out / name]
+    written = [out / name] + _write_embeddings(embeddings, out, dtype)
     if fmt == "diffusers":
         if samples:
             (out / "samples.png").write_bytes(samples)
             written.append(out / "samples.png")
         (out / "README.md").write_text(model_card(data, name, samples="samples.png" if samples else None))
         written.append(out / "README.md")
+    return written
+
+
+def embedding_file_name(token: str) -> str:
+    return re.sub(r"[^\w.-]", "_", token) + ".safetensors"
+
+
+def _write_embeddings(embeddings: dict[str, dict[str, np.ndarray]], folder, dtype: str) -> list:
+    written = []
+    for token, state in embeddings.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / embedding_file_name(token)
+        path.write_bytes(_save(state, {"b4m_token": token}, dtype))
+        written.append(path)
     return written

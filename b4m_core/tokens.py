@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-
-PREFIX = "token."
+from .formats import TOKEN_PREFIX as PREFIX
 
 
 def text_encoders(pipe) -> list[tuple[object, nn.Module]]:

@@ -97,3 +97,48 @@ def test_a_stage_that_fails_to_start_leaves_the_base_model_as_it_was(sd, concept
     assert not adapter_layers(sd.unet)
     assert not sd.pipe.text_encoder.get_input_embeddings()._forward_hooks
     assert torch.equal(sd.encode_prompts(["a photo of sks dog"])[0], before)
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_learnt_identifiers_export_as_textual_inversion_files_diffusers_loads(
+    request, tmp_path, concepts, clean, which
+):
+    """Exports carry the learnt identifier embeddings as textual-inversion files named by the
+    token; a plain diffusers pipeline that loads them (as the model card says) encodes the
+    trigger prompt as b4m's Generator does."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from b4m_core.formats import write_export
+
+    base, path = request.getfixturevalue(which), request.getfixturevalue(f"tiny_{which}_path")
+    cfg = TrainConfig(steps=2, train_token_embedding=True, token_learning_rate=0.5)
+    adapter = train_concept(base, concepts[0], plp=PLPConfig(rank=4), cfg=cfg)
+    written = write_export(adapter.to_bytes(), "diffusers", tmp_path / "lora")
+    assert [p.name for p in written] == ["pytorch_lora_weights.safetensors", "sks.safetensors", "README.md"]
+    assert "load_textual_inversion" in written[-1].read_text()
+    kohya = write_export(adapter.to_bytes(), "kohya", tmp_path / "k.safetensors", "fp16")
+    assert [str(p.relative_to(tmp_path)) for p in kohya] == ["k.safetensors", "k_embeddings/sks.safetensors"]
+
+    prompt = ["a photo of sks dog"]
+    gen = Generator(base)
+    gen.set_adapter(adapter, fuse=False)
+    ours = base.encode_prompts(prompt)[0]
+    gen.set_adapter(None)
+    plain = base.encode_prompts(prompt)[0]
+
+    pipe = DiffusionPipeline.from_pretrained(str(path))
+    state = load_file(str(tmp_path / "lora" / "sks.safetensors"))
+    if which == "sdxl":
+        pipe.load_textual_inversion(
+            state["clip_l"], token="sks", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            state["clip_g"], token="sks", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+        theirs = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    else:
+        pipe.load_textual_inversion(state["emb_params"], token="sks")
+        theirs = pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert not torch.allclose(ours, plain, atol=1e-4)  # the learnt vectors matter
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
