@@ -66,6 +66,15 @@ class WorkerContext:
         self.bases[name] = load_base(name, device=self.settings.device)
         return self.bases[name]
 
+    def training_base(self, name: str) -> BaseModel:
+        """The base model as loaded, for a training job: the adapter a generation left merged
+        into its weights (and its identifier hooks) comes off first, so a concept never trains
+        on another adapter's weights (principal bases are read from these weights too)."""
+        gen = self.generators.get(name)
+        if gen is not None and gen.adapter is not None:
+            gen.set_adapter(None)
+        return self.base(name)
+
     def generator(self, name: str) -> Generator:
         if name not in self.generators:
             self.generators[name] = Generator(self.base(name))
@@ -194,7 +203,7 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         ]
         settings = dict(asset.settings or {})
         base_name = asset.base_model
-        base = ctx.base(base_name)  # its measured defaults fill what the request left out
+        base = ctx.training_base(base_name)  # its measured defaults fill what the request left out
         if not aux:  # MCP by default (aux_sets 0 turns it off)
             k = int(settings["aux_sets"]) if settings.get("aux_sets") is not None else base.default("aux_sets", 0)
             aux = [_concept(ctx, a) for a in _tenant_aux(s, asset, k)] or base.auxiliary_sets(
@@ -258,7 +267,7 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         cset, sset = _concept(ctx, content), _concept(ctx, style)
         steps, method, base_name = fusion.steps, fusion.method, content.base_model
         given = dict(fusion.settings or {})
-    base = ctx.base(base_name)
+    base = ctx.training_base(base_name)
     lr = given.get("learning_rate") or (1e-4 if method == "ziplora" else None)
     cfg = base.train_config(
         "break" if method == "joint" else "make",  # joint: one LoRA from scratch, a break stage's budget

@@ -17,7 +17,7 @@ from b4m_core.adapter import Adapter
 from services.common.db import make_engine, migrate, session_factory
 from services.common.jobs import JobStore
 from services.common.models import Adapter as AdapterRow
-from services.common.models import Fusion, Generation, Tenant
+from services.common.models import Asset, Fusion, Generation, Tenant
 from services.common.storage import S3Store
 
 from ..helpers.faults import start_worker
@@ -124,6 +124,19 @@ def test_worker_trains_fuses_and_generates(stack):
         images = s.get(Generation, gen_id).images
     assert len(images) == 2
     assert store.get(images[0]["key"], expected_sha256=images[0]["sha256"]).startswith(b"\x89PNG")
+
+    # the generation left its adapter merged into the worker's base: a training after it still
+    # starts from the base's own weights (the same concept and seed give the same adapter)
+    _, again_id = run(lambda s: add_asset(s, store, tenant, "content", "dog", "sks", stack["base"], 0), "train_content")
+
+    def content_adapter(asset_id):
+        with sessions() as s:
+            row = s.get(AdapterRow, s.get(Asset, asset_id).adapter_id)
+            return Adapter.from_bytes(store.get(row.storage_key, expected_sha256=row.sha256))
+
+    first, again = content_adapter(content_id), content_adapter(again_id)
+    assert first.tensors.keys() == again.tensors.keys()
+    assert all(torch.equal(first.tensors[k], again.tensors[k]) for k in first.tensors)
 
     # the fused adapter, exported, loads into an ordinary diffusers pipeline
     pipe = DiffusionPipeline.from_pretrained(stack["base"])
