@@ -86,6 +86,7 @@ class Settings:
     lora_steps: int | None = None  # None: the break stage's steps (same budget)
     joint_steps: int | None = None
     ziplora_steps: int = 100
+    lora_learning_rate: float | None = None  # the LoRA baselines' rate (None: learning_rate)
     rank: int | None = None
     targets: str | None = None  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
     # every training run's timestep bias (TrainConfig): none | later | earlier | range
@@ -142,6 +143,7 @@ class Settings:
             aux_sets=self.aux_sets if self.aux_sets is not None else base.default("aux_sets", 0),
             lora_steps=self.lora_steps or brk.steps,
             joint_steps=self.joint_steps or brk.steps,
+            lora_learning_rate=self.lora_learning_rate or brk.learning_rate,
         )
 
     def plp(self) -> PLPConfig:
@@ -200,8 +202,8 @@ class Method:
         if self.family == "b4m":
             return ("b4m", eff)
         if self.family == "joint":
-            return ("joint", eff.plp(), eff.joint_steps, eff.learning_rate, eff.batch_size, eff.captions)
-        return (self.family, eff.plp(), eff.lora_steps, eff.learning_rate, eff.batch_size, eff.captions)
+            return ("joint", eff.plp(), eff.joint_steps, eff.lora_learning_rate, eff.batch_size, eff.captions)
+        return (self.family, eff.plp(), eff.lora_steps, eff.lora_learning_rate, eff.batch_size, eff.captions)
 
 
 def methods(rank: int = 16) -> list[Method]:
@@ -341,13 +343,17 @@ class QualityBench:
                     )
             return pairs, single
         if m.family in ("merge", "ziplora"):
-            key = ("lora", s.plp(), s.lora_steps, s.learning_rate, s.batch_size, s.captions, seed)
+            key = ("lora", s.plp(), s.lora_steps, s.lora_learning_rate, s.batch_size, s.captions, seed)
             if key not in cache:
                 cache[key] = {
                     (kind, n): self._time(
                         "lora (per concept)",
                         lambda: train_concept(
-                            self.base, refs[(kind, n)], "lora", plp=s.plp(), cfg=self._cfg(s, s.lora_steps)
+                            self.base,
+                            refs[(kind, n)],
+                            "lora",
+                            plp=s.plp(),
+                            cfg=self._cfg(s, s.lora_steps, lr=s.lora_learning_rate),
                         ),
                     )
                     for kind, names in (("content", self.contents), ("style", self.styles))
@@ -362,7 +368,14 @@ class QualityBench:
                     out[(c, st)] = self._time(
                         "joint (per pair)",
                         lambda: fuse(
-                            self.base, None, None, cref, sref, "joint", cfg=self._cfg(s, s.joint_steps), plp=s.plp()
+                            self.base,
+                            None,
+                            None,
+                            cref,
+                            sref,
+                            "joint",
+                            cfg=self._cfg(s, s.joint_steps, lr=s.lora_learning_rate),
+                            plp=s.plp(),
                         ),
                     )
                 elif m.family == "merge":
