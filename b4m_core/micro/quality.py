@@ -75,6 +75,7 @@ class Settings:
     learning_rate: float | None = None
     batch_size: int | None = None  # rows of each reference set a step (MCP adds one row per auxiliary set)
     make_batch_size: int | None = None  # the make stage's rows of each reference set a step
+    make_learning_rate: float | None = None  # None: the model's make rate (else its break rate)
     rho: float | None = None
     content_half: str | None = None
     basis_mode: str | None = None
@@ -124,12 +125,13 @@ class Settings:
             train_token_embedding=self.train_token_embedding,
             token_learning_rate=self.token_learning_rate,
         )
-        make = base.train_config("make", steps=self.make_steps)
+        make = base.train_config("make", steps=self.make_steps, learning_rate=self.make_learning_rate)
         return replace(
             self,
             break_steps=brk.steps,
             make_steps=make.steps,
             make_batch_size=make.batch_size,
+            make_learning_rate=make.learning_rate,
             learning_rate=brk.learning_rate,
             batch_size=brk.batch_size,
             train_token_embedding=brk.train_token_embedding,
@@ -338,7 +340,7 @@ class QualityBench:
                             refs[("content", c)],
                             refs[("style", st)],
                             "b4m",
-                            cfg=self._cfg(s, s.make_steps, batch_size=s.make_batch_size),
+                            cfg=self._cfg(s, s.make_steps, lr=s.make_learning_rate, batch_size=s.make_batch_size),
                         ),
                     )
             return pairs, single

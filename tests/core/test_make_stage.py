@@ -140,3 +140,26 @@ def test_baselines_share_the_call_shape(sd, pair):
     for a in (merged, zl, joint):
         again = Adapter.from_bytes(a.to_bytes())
         assert again.method == a.method and again.kind == "fused"
+
+
+def test_principal_halves_trained_apart_compose_with_no_interaction_block(sd):
+    """With `principal` bases (disjoint latent coordinates) a content and a style trained
+    without auxiliary sets compose into their two blocks alone: B_content D_style is exactly
+    zero, so the bare composition holds nothing neither stage trained. `exact` bases (two
+    rotated subspaces) leak under Adam and leave an interaction block."""
+    from b4m_core.data import Concept
+    from b4m_core.training import block_norms
+
+    from ..helpers.images import random_images
+
+    content = Concept("content", random_images(0, 3), "dog")
+    style = Concept("style", random_images(1, 2), "ink")
+    cfg = TrainConfig(steps=3, learning_rate=1e-2)
+    norms = {}
+    for mode in ("principal", "exact"):
+        plp = PLPConfig(rank=4, basis_mode=mode)
+        c, s = train_concept(sd, content, plp=plp, cfg=cfg), train_concept(sd, style, plp=plp, cfg=cfg)
+        norms[mode] = block_norms(compose(c, s))
+    assert norms["principal"]["content"] > 0 and norms["principal"]["style"] > 0
+    assert norms["principal"]["interaction"] == 0.0
+    assert norms["exact"]["interaction"] > 1e-3 * norms["exact"]["content"]
