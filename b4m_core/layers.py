@@ -191,6 +191,19 @@ class PLPLinear(LowRankLinear):
         self.D = nn.Parameter(torch.zeros(r, n - self.dn, device=dev))
         self.route: torch.Tensor | None = None
         self.primary: str = "up"  # which half the rows marked True train
+        if config.basis_mode == "principal":
+            # A owns latent coordinates [0, r/2), C the rest (make_bases). B's columns over A's
+            # coordinates and D's rows over C's only ever form the interaction block B D (two
+            # halves never trained together; under MCP it outgrew the content block, 601 vs
+            # 333, and erased the fused shape): they get no gradient, so they stay 0 and any
+            # two adapters compose into their content and style blocks alone.
+            h = r // 2
+            keep_b = torch.zeros(1, r, device=dev)
+            keep_b[:, h:] = 1
+            keep_d = torch.zeros(r, 1, device=dev)
+            keep_d[:h] = 1
+            self.B.register_hook(lambda g: g * keep_b.to(g.dtype))
+            self.D.register_hook(lambda g: g * keep_d.to(g.dtype))
 
     def up_weight(self) -> torch.Tensor:
         return torch.cat([self.A, self.B], dim=0)

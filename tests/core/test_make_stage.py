@@ -142,11 +142,11 @@ def test_baselines_share_the_call_shape(sd, pair):
         assert again.method == a.method and again.kind == "fused"
 
 
-def test_principal_halves_trained_apart_compose_with_no_interaction_block(sd):
-    """With `principal` bases (disjoint latent coordinates) a content and a style trained
-    without auxiliary sets compose into their two blocks alone: B_content D_style is exactly
-    zero, so the bare composition holds nothing neither stage trained. `exact` bases (two
-    rotated subspaces) leak under Adam and leave an interaction block."""
+def test_principal_halves_compose_with_no_interaction_block(sd):
+    """With `principal` bases (disjoint latent coordinates, the interaction coordinates of B and
+    D never trained) a content and a style trained with MCP compose into their two blocks
+    alone, before and after the make stage: B D is exactly zero. `exact` bases leave an
+    interaction block no stage trained."""
     from b4m_core.data import Concept
     from b4m_core.training import block_norms
 
@@ -158,8 +158,13 @@ def test_principal_halves_trained_apart_compose_with_no_interaction_block(sd):
     norms = {}
     for mode in ("principal", "exact"):
         plp = PLPConfig(rank=4, basis_mode=mode)
-        c, s = train_concept(sd, content, plp=plp, cfg=cfg), train_concept(sd, style, plp=plp, cfg=cfg)
+        # MCP: each break stage also trains its other half on an auxiliary set of the other kind
+        c = train_concept(sd, content, aux=[style], plp=plp, cfg=cfg)
+        s = train_concept(sd, style, aux=[content], plp=plp, cfg=cfg)
         norms[mode] = block_norms(compose(c, s))
-    assert norms["principal"]["content"] > 0 and norms["principal"]["style"] > 0
-    assert norms["principal"]["interaction"] == 0.0
+        if mode == "principal":  # and after a make stage that trains both halves together
+            norms["made"] = block_norms(fuse(sd, c, s, content, style, cfg=TrainConfig(steps=2, learning_rate=1e-2)))
+    for key in ("principal", "made"):
+        assert norms[key]["content"] > 0 and norms[key]["style"] > 0
+        assert norms[key]["interaction"] == 0.0
     assert norms["exact"]["interaction"] > 1e-3 * norms["exact"]["content"]
