@@ -98,20 +98,28 @@ def to_kohya(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray
     return out
 
 
-def identifier_embeddings(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, dict[str, np.ndarray]]:
-    """Per identifier token whose input embedding the adapter learnt (pivotal tuning,
-    `token.<kind>.<encoder>` tensors), its textual-inversion file: `{"emb_params": vectors}`
-    for one text encoder (kohya's and A1111's embedding layout), `{"clip_l", "clip_g"}` for
-    SDXL's two (the layout diffusers' advanced DreamBooth script writes). diffusers reads either
-    with `load_textual_inversion(state[key], token=...)`; A1111 takes the token from the file name."""
+def identifier_vectors(tensors: dict, tokens: dict[str, str]) -> dict[str, list]:
+    """{identifier: [vectors per text encoder]} for every kind whose learnt embedding the
+    adapter carries (`token.<kind>.<i>`; numpy arrays or torch tensors alike)."""
     out = {}
-    for kind, token in sorted((meta.get("tokens") or {}).items()):
-        found = sorted(
-            (int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith(f"{TOKEN_PREFIX}{kind}.")
-        )
-        vecs = [np.ascontiguousarray(v.astype(np.float32)) for _, v in found]
-        if not vecs or not token:
-            continue
+    for kind, token in tokens.items():
+        vecs = []
+        while f"{TOKEN_PREFIX}{kind}.{len(vecs)}" in tensors:
+            vecs.append(tensors[f"{TOKEN_PREFIX}{kind}.{len(vecs)}"])
+        if vecs and token:
+            out[token] = vecs
+    return out
+
+
+def identifier_embeddings(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Per identifier token whose input embedding the adapter learnt (pivotal tuning), its
+    textual-inversion file: `{"emb_params": vectors}` for one text encoder (kohya's and
+    A1111's embedding layout), `{"clip_l", "clip_g"}` for SDXL's two (the layout diffusers'
+    advanced DreamBooth script writes). diffusers reads either with
+    `load_textual_inversion(state[key], token=...)`; A1111 takes the token from the file name."""
+    out = {}
+    for token, vecs in sorted(identifier_vectors(tensors, meta.get("tokens") or {}).items()):
+        vecs = [np.ascontiguousarray(v.astype(np.float32)) for v in vecs]
         out[token] = {"emb_params": vecs[0]} if len(vecs) == 1 else dict(zip(SDXL_ENCODER_KEYS, vecs))
     return out
 

@@ -64,14 +64,12 @@ def make_bases(
         # picture). Axis-aligned, B's columns over A's coordinates and D's rows over C's get
         # no gradient in a k = 0 break stage and stay zero, so B_content D_style = 0 exactly.
         h = r // 2
-        eye = torch.eye(r, dtype=torch.float64)
-        q1, q2 = eye[:, :h], eye[:, h:]
         ga = _principal(w[:dm, :], h, "left") if dm else w.new_zeros(0, h)
         gc = _principal(w[:, :dn], r - h, "right") if dn else w.new_zeros(r - h, 0)
         # the balanced scale of `exact` (legacy norms sqrt(dm) and sqrt(h dn / n), geometric mean)
         target = math.sqrt(math.sqrt(dm) * math.sqrt(h * dn / max(n, 1)))
-        a = ga @ q1.T * (target / math.sqrt(h))
-        c = q2 @ gc * (target / math.sqrt(r - h))
+        a = torch.cat([ga * (target / math.sqrt(h)), ga.new_zeros(dm, r - h)], dim=1)
+        c = torch.cat([gc.new_zeros(h, dn), gc * (target / math.sqrt(r - h))], dim=0)
         return a.float().contiguous(), c.float().contiguous()
     if config.basis_mode == "exact":
         # A = G_A Q1^T, C = Q2 G_C with Q orthonormal: A C = G_A (Q1^T Q2) G_C = 0.

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import ConfigError
 from .formats import TOKEN_PREFIX as PREFIX
+from .formats import identifier_vectors
 
 
 def text_encoders(pipe) -> list[tuple[object, nn.Module]]:
@@ -49,15 +50,7 @@ def tensor_key(kind: str, index: int) -> str:
 
 def adapter_vectors(tensors: dict[str, torch.Tensor], tokens: dict[str, str]) -> dict[str, list[torch.Tensor]]:
     """{identifier: [vectors per encoder]} for every kind whose embedding the adapter carries."""
-    out = {}
-    for kind, token in tokens.items():
-        vecs, i = [], 0
-        while tensor_key(kind, i) in tensors:
-            vecs.append(tensors[tensor_key(kind, i)])
-            i += 1
-        if vecs and token:
-            out[token] = vecs
-    return out
+    return identifier_vectors(tensors, tokens)
 
 
 def _replace(ids: torch.Tensor, embeds: torch.Tensor, pieces: torch.Tensor, vecs: torch.Tensor) -> torch.Tensor:
