@@ -212,6 +212,18 @@ class GenerateIn(RequestBody):
     strength: float = Field(
         1.0, ge=0.0, le=2.0, description="scale of the adapter's update (a LoRA weight): 0 = the base model alone"
     )
+    content_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=2.0,
+        description="a B4M adapter's content half scaled alone (0 = no content), on top of `strength`",
+    )
+    style_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=2.0,
+        description="a B4M adapter's style half scaled alone (0 = no style), on top of `strength`",
+    )
     width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     num_images: int = Field(1, ge=1, le=8)
@@ -249,6 +261,8 @@ class GenerationOut(BaseModel):
     steps: int
     guidance: float
     strength: float = Field(1.0, description="scale of the adapter's update it was drawn with")
+    content_scale: float = Field(1.0, description="scale of the content half it was drawn with")
+    style_scale: float = Field(1.0, description="scale of the style half it was drawn with")
     width: int | None
     height: int | None
     num_images: int

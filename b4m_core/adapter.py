@@ -69,14 +69,36 @@ class Adapter:
     def targets(self) -> str:
         return self.plp.targets if self.plp else self.extra.get("targets", "attn")
 
-    def low_rank(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-        """Per layer (W_up, W_down, scale): the ordinary LoRA this adapter is."""
+    def low_rank(
+        self, content_scale: float = 1.0, style_scale: float = 1.0
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Per layer (W_up, W_down, scale): the ordinary LoRA this adapter is.
+
+        `content_scale` / `style_scale` scale the PLP's two trainable halves apart (the
+        content block `B C` and the style block `A D` of the composed update, each linearly;
+        no plain LoRA can offer this). A LoRA baseline has no halves: only 1 is accepted."""
+        for label, v in (("content_scale", content_scale), ("style_scale", style_scale)):
+            if not 0.0 <= v <= 2.0:
+                raise ConfigError(f"{label} must be between 0 and 2, got {v}")
+        halves = (content_scale, style_scale) != (1.0, 1.0)
+        if halves and self.method != "b4m":
+            raise ConfigError(
+                f"content_scale and style_scale need a B4M (PLP) adapter; a {self.method!r} adapter "
+                "has no separate halves (use strength)"
+            )
+        scale_of = {"up": 1.0, "down": 1.0}
+        if halves:
+            scale_of[self.plp.half_for("content")] = content_scale
+            scale_of[self.plp.half_for("style")] = style_scale
         out = {}
         for name in self.layer_names:
             t = self.tensors
             if self.method == "b4m":
-                up = torch.cat([t[f"{name}.A"], t[f"{name}.B"]], dim=0)
-                down = torch.cat([t[f"{name}.C"], t[f"{name}.D"]], dim=1)
+                b, d = t[f"{name}.B"], t[f"{name}.D"]
+                if halves:
+                    b, d = b * scale_of["up"], d * scale_of["down"]
+                up = torch.cat([t[f"{name}.A"], b], dim=0)
+                down = torch.cat([t[f"{name}.C"], d], dim=1)
             else:
                 up, down = t[f"{name}.up"], t[f"{name}.down"]
             out[name] = (up, down, self.scale)

@@ -197,6 +197,8 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--strength", type=float, default=1.0, help="scale of the adapter's update, 0-2 (default 1)")
+    p.add_argument("--content-scale", type=float, default=1.0, help="a B4M adapter's content half alone, 0-2")
+    p.add_argument("--style-scale", type=float, default=1.0, help="a B4M adapter's style half alone, 0-2")
     p.add_argument("--unfused", action="store_true", help="keep the adapter unmerged")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="folder for the PNG files")
@@ -423,7 +425,13 @@ def cmd_generate(args) -> None:
     if not base_name:
         raise ConfigError("no base model: pass --base or --adapter")
     gen = Generator(load_base(base_name, device=args.device))
-    gen.set_adapter(adapter, fuse=not args.unfused, strength=args.strength)
+    gen.set_adapter(
+        adapter,
+        fuse=not args.unfused,
+        strength=args.strength,
+        content_scale=args.content_scale,
+        style_scale=args.style_scale,
+    )
     req = GenerationRequest(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,

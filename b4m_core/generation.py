@@ -70,9 +70,17 @@ class Generator:
         self.fused = False
         self.token_hooks = IdentifierEmbeddings(base.pipe, {})
 
-    def set_adapter(self, adapter: Adapter | None, fuse: bool = True, strength: float = 1.0) -> None:
+    def set_adapter(
+        self,
+        adapter: Adapter | None,
+        fuse: bool = True,
+        strength: float = 1.0,
+        content_scale: float = 1.0,
+        style_scale: float = 1.0,
+    ) -> None:
         """Apply `adapter` (None: the bare base model), replacing the current one; `strength`
-        scales its update (A1111's LoRA weight: 0 draws the base model, 1 the adapter as trained)."""
+        scales its update (A1111's LoRA weight: 0 draws the base model, 1 the adapter as trained);
+        `content_scale` / `style_scale` scale a PLP adapter's content and style halves apart."""
         if not 0.0 <= strength <= 2.0:
             raise ConfigError(f"strength must be between 0 and 2, got {strength}")
         if adapter is not None and adapter.base_model_hash and adapter.base_model_hash != self.base.model_hash:
@@ -80,6 +88,10 @@ class Generator:
                 f"adapter was trained on {adapter.base_model!r} "
                 f"(hash {adapter.base_model_hash}), not on {self.base.model_id!r}"
             )
+        # everything that can refuse does so before the current adapter is taken off
+        parts = adapter.low_rank(content_scale, style_scale) if adapter is not None else None
+        if adapter is None and (content_scale, style_scale) != (1.0, 1.0):
+            raise ConfigError("content_scale and style_scale need an adapter")
         unet = self.base.unet
         self.merged.unmerge()
         self.token_hooks.remove()
@@ -88,7 +100,7 @@ class Generator:
         if adapter is None:
             remove_adapters(unet)
         else:
-            updates = {n: (up, down, scale * strength) for n, (up, down, scale) in adapter.low_rank().items()}
+            updates = {n: (up, down, scale * strength) for n, (up, down, scale) in parts.items()}
             missing = [n for n in updates if not _has_linear(unet, n)]
             if missing:
                 raise ConfigError(f"adapter targets layers this model lacks: {missing[:3]}")

@@ -362,6 +362,8 @@ def _server_generate(args):
             steps=args.steps,
             guidance=args.guidance,
             strength=args.strength,
+            content_scale=args.content_scale,
+            style_scale=args.style_scale,
             width=args.width,
             height=args.height,
             num_images=args.num_images,

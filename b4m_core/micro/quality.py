@@ -99,6 +99,10 @@ class Settings:
     # pivotal tuning: every break stage also learns its identifier's embedding
     train_token_embedding: bool | None = None
     token_learning_rate: float | None = None  # None: the break stage's learning rate
+    # drawing a fused B4M adapter: its content and style halves scaled apart (generation's
+    # content_scale / style_scale; 1 = as made)
+    content_scale: float = 1.0
+    style_scale: float = 1.0
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -226,6 +230,7 @@ def methods(rank: int = 16) -> list[Method]:
         Method("B4M rho=0.5", "b4m", {"rho": 0.5}),
         Method("B4M rho=0.75", "b4m", {"rho": 0.75}),
         Method("B4M balanced bases", "b4m", {"basis_scale": "balanced"}),
+        Method("B4M uncaptioned, principal bases", "b4m", {"captions": "auto", "basis_mode": "principal"}),
         Method("B4M released routing", "b4m", {"routing": "released"}),
     ]
 
@@ -400,8 +405,8 @@ class QualityBench:
                     )
         return out, None
 
-    def _draw(self, adapter, prompts: list[str], seed: int) -> list[Image.Image]:
-        self.gen.set_adapter(adapter, fuse=True)
+    def _draw(self, adapter, prompts: list[str], seed: int, halves: tuple = (1.0, 1.0)) -> list[Image.Image]:
+        self.gen.set_adapter(adapter, fuse=True, content_scale=halves[0], style_scale=halves[1])
         images = []
         for i, prompt in enumerate(prompts):
             req = GenerationRequest(prompt, seed=seed + i, steps=self.s.sample_steps, guidance=self.s.guidance)
@@ -412,7 +417,8 @@ class QualityBench:
     def draw(self, adapter, seed: int | None = None) -> tuple[list[Image.Image], list[tuple]]:
         attrs = EVAL_ATTRIBUTES[: self.s.images_per_pair]
         seed = self.s.seed if seed is None else seed
-        return self._draw(adapter, [eval_prompt(*a) for a in attrs], seed), attrs
+        halves = (self.s.content_scale, self.s.style_scale) if adapter.method == "b4m" else (1.0, 1.0)
+        return self._draw(adapter, [eval_prompt(*a) for a in attrs], seed, halves), attrs
 
     def score(self, images, attrs, content: str, style: str) -> dict:
         reads = predict(self.probe, images)

@@ -101,6 +101,8 @@ def generation_out(g: Generation, job: Job | None) -> GenerationOut:
         steps=g.steps,
         guidance=g.guidance,
         strength=g.strength,
+        content_scale=g.content_scale,
+        style_scale=g.style_scale,
         width=g.width,
         height=g.height,
         num_images=g.num_images,

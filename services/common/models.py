@@ -132,6 +132,8 @@ class Generation(Base):
     steps: Mapped[int] = mapped_column(Integer, default=20)
     guidance: Mapped[float] = mapped_column(Float, default=5.0)
     strength: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    content_scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    style_scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     num_images: Mapped[int] = mapped_column(Integer, default=1)

@@ -312,9 +312,9 @@ def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
             height=g.height,
             num_images=g.num_images,
         )
-        strength = g.strength
+        strength, halves = g.strength, {"content_scale": g.content_scale, "style_scale": g.style_scale}
     gen = ctx.generator(base_name)
-    gen.set_adapter(adapter, fuse=True, strength=strength)
+    gen.set_adapter(adapter, fuse=True, strength=strength, **halves)
     images = gen.generate(req)
     out = []
     for i, im in enumerate(images):

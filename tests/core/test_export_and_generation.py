@@ -175,6 +175,52 @@ def test_strength_scales_the_update_zero_is_the_base_model(fused_adapters, sd):
     gen.set_adapter(None)
 
 
+def test_content_and_style_scales_act_on_their_own_blocks(fused_adapters, sd):
+    """content_scale scales the content block (B's output rows), style_scale the style block
+    (D's input columns), each linearly; a refusal leaves the drawn adapter in place."""
+    from b4m_core.config import ConfigError
+
+    adapter = fused_adapters["sd"]
+    assert adapter.plp.content_half == "up"  # B holds the content, D the style
+
+    def deltas(**scales):
+        return {n: up @ down for n, (up, down, _) in adapter.low_rank(**scales).items()}
+
+    full, no_content, no_style = deltas(), deltas(content_scale=0.0), deltas(style_scale=0.0)
+    half_style = deltas(style_scale=0.5)
+    for name in full:
+        dm, dn = adapter.tensors[f"{name}.A"].shape[0], adapter.tensors[f"{name}.C"].shape[1]
+        assert torch.count_nonzero(no_content[name][dm:]) == 0  # B's rows: content gone
+        assert torch.allclose(no_content[name][:dm], full[name][:dm])  # A's rows untouched
+        assert torch.count_nonzero(no_style[name][:, dn:]) == 0  # D's columns: style gone
+        assert torch.allclose(no_style[name][:, :dn], full[name][:, :dn])
+        assert torch.allclose(2 * half_style[name][:, dn:], full[name][:, dn:], atol=1e-6)
+    assert any(torch.count_nonzero(full[n][dm:]) for n in full)  # the content block is not empty
+
+    gen = Generator(sd)
+    weights = lambda: {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    gen.set_adapter(adapter, fuse=True)
+    as_made = weights()
+    gen.set_adapter(adapter, fuse=True, content_scale=0.3, style_scale=1.7)
+    scaled = weights()
+    assert any(not torch.equal(as_made[k], scaled[k]) for k in as_made)
+    for bad in ({"content_scale": -0.1}, {"style_scale": 2.5}):
+        with pytest.raises(ConfigError, match="_scale"):
+            gen.set_adapter(adapter, fuse=True, **bad)
+        after = weights()  # refused before anything was taken off
+        assert all(torch.equal(scaled[k], after[k]) for k in scaled)
+    plain_lora = Adapter(
+        kind="fused",
+        method="joint",
+        tensors={"x.up": torch.zeros(2, 1), "x.down": torch.zeros(1, 2)},
+        rank=1,
+        alpha=1.0,
+    )
+    with pytest.raises(ConfigError, match="no separate halves"):
+        plain_lora.low_rank(style_scale=0.5)
+    gen.set_adapter(None)
+
+
 def test_prompt_expansion_and_errors(fused_adapters, sd):
     a = fused_adapters["sd"]
     assert expand_prompt("a {content} in {style} style", a) == "a sks dog in zwx ink style"

@@ -1,7 +1,7 @@
 """The web UI end to end in headless Chromium (Debian's, driven by Playwright), against a real
 `b4m serve` with auth on and the shipped micro model: upload 2 contents and 2 styles, watch
 them train, fuse every cell of the matrix by clicking it, open a cell's samples, generate
-(negative prompt, guidance, strength), download adapters in every format, cancel a job,
+(negative prompt, guidance, strength, content and style scales), download adapters in every format, cancel a job,
 delete a fusion, delete-and-retry a canceled one, delete an asset.
 
 `B4M_UI_SCREENSHOT=docs/ui.png` also writes the final page there (`B4M_UI_STEPS` sets the
@@ -123,12 +123,14 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         form.locator("input[name=negative_prompt]").fill("a red background")
         form.locator("input[name=guidance]").fill("3")
         form.locator("input[name=strength]").fill("0.5")
+        form.locator("input[name=style_scale]").fill("1.5")
         form.locator("input[name=num_images]").fill("1")
         form.locator("button").click()
         expect(page.locator("#generated img[src^='blob:']")).to_have_count(1, timeout=scaled(120_000))
         api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.keys['designer']}"})
         latest = api.get("/generations", params={"limit": 1}).json()["items"][0]
-        assert (latest["negative_prompt"], latest["guidance"], latest["strength"]) == ("a red background", 3.0, 0.5)
+        asked = ("negative_prompt", "guidance", "strength", "content_scale", "style_scale")
+        assert tuple(latest[k] for k in asked) == ("a red background", 3.0, 0.5, 1.0, 1.5)
 
         # the open fusion's adapter in every format, and a content's from its header
         for fmt, key in (("b4m", ".A"), ("diffusers", ".lora_A.weight"), ("kohya", ".lora_down.weight")):

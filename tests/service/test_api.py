@@ -83,6 +83,15 @@ def test_train_fuse_generate_over_http(api):
     body = r.json()
     img = client.get(body["images"][1])
     assert img.status_code == 200 and img.content.startswith(b"\x89PNG")
+    # the fusion's content and style halves scaled apart: drawn, recorded, and not the same picture
+    asked = {"fusion_id": fusion["id"], "prompt": "a {content} in {style} style", "steps": 2, "wait": 60}
+    r = client.post("/generate", json=asked | {"content_scale": 0.0, "style_scale": 2.0})
+    assert r.status_code == 200, r.text
+    g = client.get(f"/generations/{r.json()['id']}").json()
+    assert (g["content_scale"], g["style_scale"], g["strength"]) == (0.0, 2.0, 1.0)
+    as_made = client.get(body["images"][0]).content  # same seed, halves at 1
+    assert client.get(r.json()["images"][0]).content != as_made
+    assert client.get(f"/generations/{body['id']}").json()["content_scale"] == 1.0
     assert client.get("/readyz").json()["status"] == "ok"
 
 
@@ -681,4 +690,6 @@ def test_generate_takes_a_strength_and_records_it(api):
     assert r.status_code == 200, r.text
     g = client.get(f"/generations/{r.json()['id']}").json()
     assert (g["strength"], g["guidance"]) == (0.5, 3.0) and len(g["images"]) == 1
-    assert client.get("/generations").json()["total"] == 1  # the refused request made nothing
+    for bad in ({"content_scale": 2.5}, {"style_scale": -1}, {"style_scale": 0.5}):  # the last: no adapter
+        assert client.post("/generate", json={"prompt": "x"} | bad).status_code == 422, bad
+    assert client.get("/generations").json()["total"] == 1  # the refused requests made nothing

@@ -39,10 +39,17 @@ async def generate(
     answer waits for the images (200) up to that many seconds, else 202; waiting holds no thread."""
     if sum(x is not None for x in (body.fusion_id, body.content_id, body.style_id)) > 1:
         raise HTTPException(422, "give at most one of fusion_id, content_id, style_id")
+    halves = (body.content_scale, body.style_scale) != (1.0, 1.0)
+    if halves and body.fusion_id is None and body.content_id is None and body.style_id is None:
+        raise HTTPException(422, "content_scale and style_scale need a fusion, a content or a style")
 
     def add_generation(s: Session, req: JobRequest) -> str:
         if body.fusion_id is not None:
-            owned_or_404(s, Fusion, tenant, body.fusion_id, "fusion")
+            f = owned_or_404(s, Fusion, tenant, body.fusion_id, "fusion")
+            if halves and f.method != "b4m":
+                raise HTTPException(
+                    422, f"content_scale and style_scale need a B4M fusion; a {f.method} fusion has no separate halves"
+                )
         for aid, kind in ((body.content_id, AssetKind.CONTENT), (body.style_id, AssetKind.STYLE)):
             if aid is not None:
                 a = owned_or_404(s, Asset, tenant, aid, kind)
