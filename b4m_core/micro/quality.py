@@ -9,6 +9,7 @@ EfficientNet-lite0 and Magenta style vectors. Writes `results.json`, `table.md`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..adapter import Adapter
 from ..config import ConfigError, PLPConfig, TrainConfig
 from ..generation import GenerationRequest, Generator
 from ..models import BaseModel, load_base
@@ -109,6 +111,10 @@ class Settings:
     guidance: float = 5.0
     seed: int = 0
     seeds: int = 1  # seeds seed, seed + 1, ...: training and sampling both change
+    # a folder: every B4M adapter is saved there under a hash of what trained it, and a later
+    # run with the same training settings loads it instead (drawing-only settings such as
+    # style_scale then cost no training). Valid for one code state: clear it after a change.
+    adapter_cache: str | None = None
 
     def resolved(self, base: BaseModel) -> Settings:
         """Every `None` filled from the base model's measured defaults, through the same path
@@ -162,6 +168,13 @@ class Settings:
             basis_scale=self.basis_scale,
             targets=self.targets,
         )
+
+
+# settings that change how adapters are drawn and scored, not how they are trained
+DRAW_ONLY = frozenset(
+    {"content_scale", "style_scale", "images_per_pair", "single_images", "sample_steps", "guidance", "seeds"}
+    | {"adapter_cache"}
+)
 
 
 def setting_changes(items: list[str]) -> dict:
@@ -308,13 +321,30 @@ class QualityBench:
         )
         return TrainConfig(**(given | extra))
 
+    def _trained(self, s: Settings, what: tuple[str, ...], timing: str, train: Callable[[], Adapter]) -> Adapter:
+        """`train()` timed under `timing`, or the adapter a run with the same training settings
+        left in `s.adapter_cache` (then untimed)."""
+        if not s.adapter_cache:
+            return self._time(timing, train)
+        spec = {k: v for k, v in asdict(s).items() if k not in DRAW_ONLY}
+        spec |= {"what": list(what), "base": self.base.model_hash}
+        key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = Path(s.adapter_cache) / f"{'_'.join(what)}_{key}.safetensors"
+        if path.is_file():
+            return Adapter.load(path)
+        adapter = self._time(timing, train)
+        adapter.save(path)
+        return adapter
+
     def breaks(self, s: Settings) -> dict:
         """Every content's and style's break-stage adapter under settings `s`."""
         refs, out = self.refs(s), {}
         for kind, names in (("content", self.contents), ("style", self.styles)):
             for n in names:
                 aux = aux_bank(kind, s.aux_sets, seed=s.seed, token_bound=s.token_bound_aux)
-                out[(kind, n)] = self._time(
+                out[(kind, n)] = self._trained(
+                    s,
+                    (kind, n),
                     "b4m break (per concept)",
                     lambda: train_concept(
                         self.base,
@@ -336,7 +366,9 @@ class QualityBench:
             pairs = {}
             for c in self.contents:
                 for st in self.styles:
-                    pairs[(c, st)] = self._time(
+                    pairs[(c, st)] = self._trained(
+                        s,
+                        ("fused", c, st),
                         "b4m make (per pair)",
                         lambda: fuse(
                             self.base,

@@ -263,7 +263,7 @@ def test_quality_bench_smoke(tmp_path):
     )
     res = run_quality(tmp_path, settings=tiny, contents=["fish"], styles=["lava"], log=lambda m: None, split="dev")
     names = list(res["methods"])
-    assert len(names) == 16 and names[0] == "B4M" and "ZipLoRA" in names
+    assert len(names) == 17 and names[0] == "B4M" and "ZipLoRA" in names
     assert {"B4M w/o MCP (k=1)", "B4M no auxiliary sets (k=0)", "B4M balanced bases", "B4M released routing"} <= set(
         names
     )
@@ -284,6 +284,34 @@ def test_quality_bench_smoke(tmp_path):
     assert (tmp_path / "grid.png").is_file() and "| Method |" in (tmp_path / "table.md").read_text()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["time_to_new_pair"]["b4m_compose_and_finetune_s"] > 0 and saved["seeds"] == [0, 1]
+
+
+def test_quality_bench_adapter_cache_trains_once_and_drawing_settings_reuse_it(tmp_path):
+    """With `adapter_cache`, a rerun that changes only how fused adapters are drawn trains
+    nothing and reads the same adapters; a training setting changes the key."""
+    from dataclasses import replace
+
+    from b4m_core.micro.quality import Settings, run_quality
+
+    cache = tmp_path / "cache"
+    tiny = Settings(break_steps=1, make_steps=1, aux_sets=0, images_per_pair=1, single_images=1, sample_steps=1)
+    tiny = replace(tiny, rank=4, adapter_cache=str(cache))
+    run = lambda out, s: run_quality(
+        tmp_path / out, settings=s, contents=["fish"], styles=["lava"], log=lambda m: None, split="dev", only=["B4M"]
+    )
+    first = run("a", tiny)
+    files = sorted(p.name for p in cache.iterdir())
+    assert len(files) == 3 and [f.split("_")[0] for f in files] == ["content", "fused", "style"]
+    assert {"b4m break (per concept)", "b4m make (per pair)"} <= set(first["timings_s"])
+    again = run("b", replace(tiny, style_scale=0.0))  # drawing only: loaded, not trained
+    assert "b4m break (per concept)" not in again["timings_s"] and "b4m make (per pair)" not in again["timings_s"]
+    assert (
+        again["methods"]["B4M"]["pairs"]["fish|lava|0"]["blocks"]
+        == first["methods"]["B4M"]["pairs"]["fish|lava|0"]["blocks"]
+    )
+    assert len(list(cache.iterdir())) == 3
+    run("c", replace(tiny, break_steps=2))  # a training setting: new adapters
+    assert len(list(cache.iterdir())) == 6
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():
