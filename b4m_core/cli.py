@@ -172,6 +172,15 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
             "--token-lr", type=float, default=None, help="learning rate of the token embedding (default: --lr)"
         )
         p.add_argument(
+            "--prior-preservation",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="DreamBooth's prior preservation: also train on the base model's own drawings of the captions "
+            "with a word it knows in the concept's place (default: the base model's)",
+        )
+        p.add_argument("--prior-images", type=int, default=None, help="class images to draw (default 8)")
+        p.add_argument("--prior-loss-weight", type=float, default=None, help="their loss weight (default 1)")
+        p.add_argument(
             "--method", choices=["b4m", "lora"], default="b4m", help="b4m (PLP + MCP) or a plain LoRA for the baselines"
         )
         _train_args(p)
@@ -300,6 +309,9 @@ def _train_config(args, base, stage: str, **fallback) -> TrainConfig:
         routing=getattr(args, "routing", None),
         train_token_embedding=getattr(args, "train_token_embedding", None),
         token_learning_rate=getattr(args, "token_lr", None),
+        prior_preservation=getattr(args, "prior_preservation", None),
+        prior_images=getattr(args, "prior_images", None),
+        prior_loss_weight=getattr(args, "prior_loss_weight", None),
     )
     for key, value in fallback.items():
         if given.get(key) is None:

@@ -119,6 +119,14 @@ class TrainConfig:
     # with the adapter (b4m_core/tokens.py) at `token_learning_rate` (None: learning_rate).
     train_token_embedding: bool = False
     token_learning_rate: float | None = None
+    # DreamBooth's prior preservation: the break stage also trains, through the concept's
+    # half and at `prior_loss_weight`, on `prior_images` drawn by the base model itself for
+    # the concept's captions with a word it knows in place of the new concept (the model's
+    # `prior_words`, else the concept's class word), so the adapter keeps what the base does
+    # for everything but the identifier (backgrounds, positions, other things).
+    prior_preservation: bool = False
+    prior_images: int = 8
+    prior_loss_weight: float = 1.0
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     max_grad_norm: float | None = 1.0
     center_crop: bool = True
@@ -134,6 +142,8 @@ class TrainConfig:
             raise ConfigError("aux_lr_factor must be >= 0")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if self.prior_images < 1 or self.prior_loss_weight < 0:
+            raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.captions not in ("auto", "template"):

@@ -60,6 +60,9 @@ class Concept:
         out = []
         for cap in self.captions:
             text = cap or self.template
+            if cap and not self.token:  # a known concept's full caption (prior images): as given
+                out.append(cap.replace("{" + self.kind + "}", self.phrase))
+                continue
             if "{" + self.kind + "}" not in text:
                 text = f"{self.template}, {text}"
             out.append(text.replace("{" + self.kind + "}", self.phrase))

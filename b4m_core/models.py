@@ -55,6 +55,9 @@ TRAIN_DEFAULT_KEYS = {
         "batch_size": ("batch_size",),
         "train_token_embedding": ("train_token_embedding",),
         "token_learning_rate": ("token_learning_rate",),
+        "prior_preservation": ("prior_preservation",),
+        "prior_images": ("prior_images",),
+        "prior_loss_weight": ("prior_loss_weight",),
     },
     "make": {
         "steps": ("make_steps",),
@@ -110,6 +113,12 @@ class BaseModel:
             for i, text in zip(missing, self.captioner(concept.kind, [concept.images[i] for i in missing])):
                 captions[i] = text
         return replace(concept, captions=captions, template=template)
+
+    def prior_words(self, concept: Concept) -> list[str]:
+        """Words this model draws well in the place of a new concept of that kind, for prior
+        preservation: `prior_words` in `b4m_defaults.json` (the micro model's known shapes and
+        styles), else the concept's own class word (DreamBooth's class prompt)."""
+        return list(self.recommended.get("prior_words", {}).get(concept.kind) or [concept.word])
 
     def default(self, key: str, fallback):
         value = self.recommended.get(key)

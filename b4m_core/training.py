@@ -23,7 +23,15 @@ from torch import nn
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig
 from .data import Concept, preprocess
-from .injection import inject, inject_plp, load_plp_state_dict, plp_state_dict, remove_adapters, target_layer_names
+from .injection import (
+    adapter_layers,
+    inject,
+    inject_plp,
+    load_plp_state_dict,
+    plp_state_dict,
+    remove_adapters,
+    target_layer_names,
+)
 from .layers import LoRALinear, PLPLinear, ZipLoRALinear
 from .models import BaseModel
 from .tokens import PREFIX as TOKEN_PREFIX
@@ -340,6 +348,40 @@ def _resolution(base: BaseModel, cfg: TrainConfig) -> int:
     return cfg.resolution or base.resolution
 
 
+PRIOR_SAMPLE_STEPS = 20
+
+
+@torch.no_grad()
+def prior_concept(base: BaseModel, concept: Concept, cfg: TrainConfig) -> Concept:
+    """The class images of prior preservation: `cfg.prior_images` drawings by the base model
+    (no adapter on it) of the concept's captions with a word the model knows in place of
+    the new concept, cycling through captions and words; captioned with exactly that prompt."""
+    if adapter_layers(base.unet):
+        raise ConfigError("prior images must be drawn by the bare base model (an adapter is on it)")
+    words = base.prior_words(concept)
+    slot = "{" + concept.kind + "}"
+    prompts = []
+    for i in range(cfg.prior_images):
+        caption = concept.captions[i % len(concept.captions)] or concept.template
+        if slot not in caption:
+            caption = f"{concept.template}, {caption}"
+        prompts.append(caption.replace(slot, words[i % len(words)]))
+    res = _resolution(base, cfg)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 104729)  # not the training draws
+    images = []
+    for start in range(0, len(prompts), 8):
+        out = base.pipe(
+            prompt=prompts[start : start + 8],
+            num_inference_steps=PRIOR_SAMPLE_STEPS,
+            guidance_scale=5.0,
+            width=res,
+            height=res,
+            generator=gen,
+        )
+        images += list(out.images)
+    return Concept(concept.kind, images, word=concept.word, token="", captions=prompts)
+
+
 def _meta(base: BaseModel, cfg: TrainConfig | None = None) -> dict:
     return {
         "base_model": base.model_id,
@@ -376,6 +418,7 @@ class BreakStage:
             self.token_hooks.remove()
 
     def _setup(self, base: BaseModel, concept: Concept, aux: list[Concept], plp: PLPConfig, cfg: TrainConfig) -> None:
+        prior = prior_concept(base, concept, cfg) if cfg.prior_preservation else None  # before any layer
         self.layers = inject_plp(base.unet, plp)
         self.primary_half = plp.half_for(concept.kind)
         self.other_half = "down" if self.primary_half == "up" else "up"
@@ -386,6 +429,9 @@ class BreakStage:
         k = len(aux)
         for a in aux:
             groups.append(RowGroup(SampleSet(base, a, res, cfg.center_crop), 1, 1.0 / k, False))
+        if prior is not None:  # trains the concept's own half: it must keep what the base draws
+            groups.append(RowGroup(SampleSet(base, prior, res, cfg.center_crop), 1, cfg.prior_loss_weight, True))
+        self.prior = prior
         primary = [layer.half(self.primary_half) for layer in self.layers.values()]
         other = [layer.half(self.other_half) for layer in self.layers.values()]
         train_other = k > 0 and cfg.aux_lr_factor > 0
@@ -434,6 +480,9 @@ class BreakStage:
                 "aux_lr_factor": self.cfg.aux_lr_factor,
                 "learning_rate": self.cfg.learning_rate,
                 "routing": self.cfg.routing,
+                # the prior's prompts (None: no prior preservation) and weight
+                "prior": self.prior.captions if self.prior is not None else None,
+                "prior_loss_weight": self.cfg.prior_loss_weight if self.prior is not None else None,
             },
             **_meta(self.base, self.cfg),
         )

@@ -101,6 +101,10 @@ class Settings:
     # pivotal tuning: every break stage also learns its identifier's embedding
     train_token_embedding: bool | None = None
     token_learning_rate: float | None = None  # None: the break stage's learning rate
+    # DreamBooth prior preservation in every break stage (TrainConfig); None: the model's default
+    prior_preservation: bool | None = None
+    prior_images: int | None = None
+    prior_loss_weight: float | None = None
     # drawing a fused B4M adapter: its content and style halves scaled apart (generation's
     # content_scale / style_scale; 1 = as made)
     content_scale: float = 1.0
@@ -134,6 +138,9 @@ class Settings:
             batch_size=self.batch_size,
             train_token_embedding=self.train_token_embedding,
             token_learning_rate=self.token_learning_rate,
+            prior_preservation=self.prior_preservation,
+            prior_images=self.prior_images,
+            prior_loss_weight=self.prior_loss_weight,
         )
         make = base.train_config("make", steps=self.make_steps, learning_rate=self.make_learning_rate)
         return replace(
@@ -146,6 +153,9 @@ class Settings:
             batch_size=brk.batch_size,
             train_token_embedding=brk.train_token_embedding,
             token_learning_rate=brk.token_learning_rate,
+            prior_preservation=brk.prior_preservation,
+            prior_images=brk.prior_images,
+            prior_loss_weight=brk.prior_loss_weight,
             rank=plp.rank,
             rho=plp.rho,
             content_half=plp.content_half,
@@ -318,6 +328,9 @@ class QualityBench:
             timestep_bias_end=s.timestep_bias_end,
             train_token_embedding=s.train_token_embedding,
             token_learning_rate=s.token_learning_rate,
+            prior_preservation=s.prior_preservation,
+            prior_images=s.prior_images,
+            prior_loss_weight=s.prior_loss_weight,
         )
         return TrainConfig(**(given | extra))
 

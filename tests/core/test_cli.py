@@ -96,10 +96,16 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
         4,
         "--aux",
         auxc,
+        "--prior-preservation",
+        "--prior-images",
+        2,
         "--out",
         tmp_path / "s.safetensors",
     )
     assert r.returncode == 0, r.stderr
+    # the prior: the base's own drawings of the template with the style word, no identifier
+    assert Adapter.load(tmp_path / "s.safetensors").extra["prior"] == ["a picture in ink style"] * 2
+    assert Adapter.load(tmp_path / "c.safetensors").extra["prior"] is None
     r = b4m(
         "fuse",
         "--content",

@@ -131,6 +131,16 @@ def test_micro_measured_defaults_fill_what_a_run_leaves_out(micro):
     assert adapter.plp.rho == 0.75
 
 
+def test_micro_prior_words_are_its_pretraining_concepts(micro):
+    """Prior preservation on micro draws known shapes / styles in the new concept's place (the
+    class word "shape" is not in its grammar); models without the list use the class word."""
+    from b4m_core.micro.world import PRETRAIN_CONTENTS, PRETRAIN_STYLES
+
+    assert micro.prior_words(reference_concept("content", "fish")) == list(PRETRAIN_CONTENTS)
+    assert micro.prior_words(reference_concept("style", "lava")) == list(PRETRAIN_STYLES)
+    assert set(PRETRAIN_CONTENTS).isdisjoint(world.HELDOUT_CONTENTS + world.DEV_CONTENTS)
+
+
 def test_one_defaults_path_fills_every_caller_from_the_models_file(micro):
     """CLI, worker, demo and bench all take BaseModel.plp_config / train_config: what the caller
     gave wins, then the model's b4m_defaults.json, then the dataclasses' own."""

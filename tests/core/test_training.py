@@ -324,3 +324,34 @@ def test_a_range_bias_trains_only_on_its_timesteps(sd, concepts, clean):
     stage.session.scheduler.add_noise = lambda x, n, t: seen.extend(t.tolist()) or add_noise(x, n, t)
     stage.session.run()
     assert len(seen) == 3 and all(700 <= t < 710 for t in seen), seen
+
+
+def test_prior_preservation_trains_on_the_base_models_own_class_images(sd, concepts, clean):
+    """DreamBooth's prior: class images drawn by the bare base for the concept's captions with
+    its class word (no identifier), trained through the concept's half beside its references."""
+    from b4m_core.config import ConfigError
+    from b4m_core.injection import inject_plp
+    from b4m_core.training import prior_concept
+
+    content, *_ = concepts
+    cfg = TrainConfig(steps=2, learning_rate=1e-2, prior_preservation=True, prior_images=3, prior_loss_weight=0.5)
+    prior = prior_concept(sd, content, cfg)
+    assert prior.prompts() == ["a photo of dog"] * 3 and prior.token == ""  # no identifier in the prompt
+    assert len(prior.images) == 3 and prior.images[0].size == (sd.resolution, sd.resolution)
+    again = prior_concept(sd, content, cfg)  # deterministic for a seed
+    assert all(list(a.getdata()) == list(b.getdata()) for a, b in zip(prior.images, again.images))
+    stage = BreakStage(sd, content, [], PLPConfig(rank=4), cfg)
+    groups = stage.session.groups
+    assert groups[-1].samples.concept is stage.prior and groups[-1].weight == 0.5 and groups[-1].primary
+    remove_adapters(sd.unet)
+    with_prior = train_concept(sd, content, aux=[], plp=PLPConfig(rank=4), cfg=cfg)
+    without = train_concept(sd, content, aux=[], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2, learning_rate=1e-2))
+    bs = [n for n in with_prior.tensors if n.endswith(".B")]
+    assert any(not torch.equal(with_prior.tensors[n], without.tensors[n]) for n in bs)
+    assert all(with_prior.tensors[n.replace(".B", ".D")].abs().sum() == 0 for n in bs)  # k = 0: D untouched
+    inject_plp(sd.unet, PLPConfig(rank=4))
+    with pytest.raises(ConfigError, match="bare base model"):
+        prior_concept(sd, content, cfg)
+    remove_adapters(sd.unet)
+    with pytest.raises(ConfigError, match="prior_images"):
+        TrainConfig(prior_preservation=True, prior_images=0)
