@@ -187,6 +187,17 @@ DRAW_ONLY = frozenset(
 )
 
 
+def training_spec(s: Settings) -> dict:
+    """What trains an adapter under `s`: every setting but the drawing-only ones, and the
+    prior's count and weight only when the prior is on (so switching a setting off, or adding
+    one that is off, keeps the adapter cache's keys)."""
+    spec = {k: v for k, v in asdict(s).items() if k not in DRAW_ONLY}
+    if not spec.get("prior_preservation"):
+        for k in ("prior_preservation", "prior_images", "prior_loss_weight"):
+            spec.pop(k, None)
+    return spec
+
+
 def setting_changes(items: list[str]) -> dict:
     """`KEY=VALUE` strings as typed changes to `Settings` (`--set` of `b4m bench quality`)."""
     types = {f.name: f.type for f in fields(Settings)}
@@ -339,8 +350,7 @@ class QualityBench:
         left in `s.adapter_cache` (then untimed)."""
         if not s.adapter_cache:
             return self._time(timing, train)
-        spec = {k: v for k, v in asdict(s).items() if k not in DRAW_ONLY}
-        spec |= {"what": list(what), "base": self.base.model_hash}
+        spec = training_spec(s) | {"what": list(what), "base": self.base.model_hash}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = Path(s.adapter_cache) / f"{'_'.join(what)}_{key}.safetensors"
         if path.is_file():

@@ -324,6 +324,16 @@ def test_quality_bench_adapter_cache_trains_once_and_drawing_settings_reuse_it(t
     assert len(list(cache.iterdir())) == 6
 
 
+def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
+    from b4m_core.micro.quality import Settings, training_spec
+
+    base = training_spec(Settings())
+    assert training_spec(Settings(style_scale=1.5, guidance=7.0, seeds=3)) == base  # drawing only
+    assert training_spec(Settings(prior_images=4, prior_preservation=False)) == base  # the prior is off
+    assert training_spec(Settings(prior_preservation=True)) != base
+    assert training_spec(Settings(learning_rate=1e-2)) != base
+
+
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():
     from b4m_core.micro.quality import bootstrap, paired_difference
 
