@@ -84,6 +84,31 @@ class PLPConfig:
         return cls(**{k: d[k] for k in names if k in d})
 
 
+# what two PLP adapters must share to compose (their frozen bases follow from these)
+COMPOSE_FIELDS = (
+    ("basis_seed", "basis seed"),
+    ("basis_mode", "basis mode"),
+    ("basis_scale", "basis scale"),
+    ("rank", "rank"),
+    ("rho", "rho"),
+    ("content_half", "content_half"),
+    ("targets", "target set"),
+    ("alpha", "alpha"),
+)
+
+
+def plp_mismatch(content: PLPConfig | dict, style: PLPConfig | dict) -> str | None:
+    """Why a content and a style adapter of these PLP shapes cannot compose (None: they can,
+    as far as the settings go; the bases themselves are compared bit for bit at fusion).
+    Takes settings or their dicts (adapter metadata), so a caller without torch can check."""
+    c = content if isinstance(content, PLPConfig) else PLPConfig.from_dict(content)
+    s = style if isinstance(style, PLPConfig) else PLPConfig.from_dict(style)
+    for attr, label in COMPOSE_FIELDS:
+        if getattr(c, attr) != getattr(s, attr):
+            return f"adapters differ in {label}: {getattr(c, attr)!r} vs {getattr(s, attr)!r}"
+    return None
+
+
 @dataclass
 class TrainConfig:
     """One training run (break stage, make stage or a baseline)."""

@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .adapter import Adapter
-from .config import ConfigError, PLPConfig, TrainConfig
+from .config import ConfigError, PLPConfig, TrainConfig, plp_mismatch
 from .data import Concept, preprocess
 from .injection import (
     adapter_layers,
@@ -502,19 +502,8 @@ def check_composable(content: Adapter, style: Adapter) -> None:
         raise IncompatibleAdapters(
             f"adapters were trained on different base models ({content.base_model} vs {style.base_model})"
         )
-    c, s = content.plp, style.plp
-    for attr, label in (
-        ("basis_seed", "basis seed"),
-        ("basis_mode", "basis mode"),
-        ("basis_scale", "basis scale"),
-        ("rank", "rank"),
-        ("rho", "rho"),
-        ("content_half", "content_half"),
-        ("targets", "target set"),
-        ("alpha", "alpha"),
-    ):
-        if getattr(c, attr) != getattr(s, attr):
-            raise IncompatibleAdapters(f"adapters differ in {label}: {getattr(c, attr)!r} vs {getattr(s, attr)!r}")
+    if why := plp_mismatch(content.plp, style.plp):
+        raise IncompatibleAdapters(why)
     if content.layer_names != style.layer_names:
         raise IncompatibleAdapters("adapters cover different layers")
     for name in content.layer_names:

@@ -187,11 +187,20 @@ DRAW_ONLY = frozenset(
 )
 
 
-def training_spec(s: Settings) -> dict:
-    """What trains an adapter under `s`: every setting but the drawing-only ones, and the
-    prior's count and weight only when the prior is on (so switching a setting off, or adding
-    one that is off, keeps the adapter cache's keys)."""
-    spec = {k: v for k, v in asdict(s).items() if k not in DRAW_ONLY}
+# settings a break-stage adapter does not depend on (the make stage's and the baselines')
+NOT_BREAK = frozenset(
+    {"make_steps", "make_batch_size", "make_learning_rate", "lora_steps", "joint_steps", "ziplora_steps"}
+    | {"lora_learning_rate"}
+)
+
+
+def training_spec(s: Settings, stage: str = "make") -> dict:
+    """What trains an adapter of `stage` (break | make) under `s`: every setting but the
+    drawing-only ones (and for a break stage, the make stage's), and the prior's count and
+    weight only when the prior is on (so switching a setting off, or adding one that is off,
+    keeps the adapter cache's keys)."""
+    skip = DRAW_ONLY | (NOT_BREAK if stage == "break" else frozenset())
+    spec = {k: v for k, v in asdict(s).items() if k not in skip}
     if not spec.get("prior_preservation"):
         for k in ("prior_preservation", "prior_images", "prior_loss_weight"):
             spec.pop(k, None)
@@ -350,7 +359,8 @@ class QualityBench:
         left in `s.adapter_cache` (then untimed)."""
         if not s.adapter_cache:
             return self._time(timing, train)
-        spec = training_spec(s) | {"what": list(what), "base": self.base.model_hash}
+        stage = "make" if what[0] == "fused" else "break"
+        spec = training_spec(s, stage) | {"what": list(what), "base": self.base.model_hash}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = Path(s.adapter_cache) / f"{'_'.join(what)}_{key}.safetensors"
         if path.is_file():

@@ -332,6 +332,9 @@ def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
     assert training_spec(Settings(prior_images=4, prior_preservation=False)) == base  # the prior is off
     assert training_spec(Settings(prior_preservation=True)) != base
     assert training_spec(Settings(learning_rate=1e-2)) != base
+    # a break-stage adapter does not depend on the make stage's settings; a fused one does
+    assert training_spec(Settings(make_steps=0), "break") == training_spec(Settings(), "break")
+    assert training_spec(Settings(make_steps=0)) != base
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():

@@ -683,6 +683,24 @@ def test_first_requests_on_a_fresh_database_race_to_one_default_tenant(api):
         assert s.scalar(select(func.count(Tenant.id))) == 1
 
 
+def test_a_fusion_of_adapters_that_cannot_compose_is_422_and_makes_nothing(api):
+    """A content trained before the base model's defaults changed (another basis mode) and a
+    style trained after: refused up front with the reason, not a failed job."""
+    from services.common.models import Adapter as AdapterRow
+    from services.common.models import Asset
+
+    client, app = api
+    content, style = post_asset(client, "content", 0).json(), post_asset(client, "style", 5).json()
+    app.state.runtime.queue.join()
+    with app.state.runtime.sessions() as s:
+        row = s.get(AdapterRow, s.get(Asset, content["id"]).adapter_id)
+        row.meta = row.meta | {"plp": row.meta["plp"] | {"basis_mode": "random"}}
+        s.commit()
+    r = client.post("/fusions", json={"content_id": content["id"], "style_id": style["id"], "steps": 1})
+    assert r.status_code == 422 and "basis mode" in r.json()["detail"], r.text
+    assert client.get("/fusions").json()["total"] == 0 and client.get("/jobs").json()["total"] == 2
+
+
 def test_generate_takes_a_strength_and_records_it(api):
     client, app = api
     assert client.post("/generate", json={"prompt": "x", "strength": 2.5}).status_code == 422

@@ -9,8 +9,10 @@ from sqlalchemy.orm import Session
 
 from b4m_contract.jobs import AssetKind, JobStatus, JobType
 from b4m_contract.schemas import Accepted, FusionIn, FusionList, FusionOut
+from b4m_core.config import plp_mismatch  # torch-free: settings only
 
 from ...common import deletions
+from ...common.models import Adapter as AdapterRow
 from ...common.models import Asset, Fusion
 from ...common.queries import Training, describe_unready, latest_job, page, training_state
 from ..deps import DbSession, RuntimeDep, TenantId
@@ -23,6 +25,21 @@ from .common import MAX_OFFSET, IdempotencyKey, delete_adapters
 router = APIRouter(tags=["fusions"])
 
 
+def refuse_uncomposable(s: Session, content: Asset, style: Asset) -> None:
+    """422 when both inputs are trained and their adapters cannot compose (trained on other
+    base models, or under other PLP shapes, e.g. before the base model's defaults changed);
+    inputs still training are checked by the fusion job itself."""
+    if content.adapter_id is None or style.adapter_id is None:
+        return
+    c, st = s.get(AdapterRow, content.adapter_id).meta or {}, s.get(AdapterRow, style.adapter_id).meta or {}
+    if c.get("base_model_hash") != st.get("base_model_hash"):
+        raise HTTPException(422, f"{content.id} and {style.id} were trained on different base models")
+    if c.get("method") != "b4m" or st.get("method") != "b4m" or not c.get("plp") or not st.get("plp"):
+        return  # a baseline's adapter: the job explains
+    if why := plp_mismatch(c["plp"], st["plp"]):
+        raise HTTPException(422, f"{content.id} and {style.id} cannot be fused: {why}; train one of them again")
+
+
 @router.post("/fusions", status_code=202, response_model=Accepted, responses=errors(401, 404, 409, 422))
 def create_fusion(
     body: FusionIn, tenant: TenantId, rt: RuntimeDep, s: DbSession, idempotency_key: IdempotencyKey = None
@@ -31,6 +48,7 @@ def create_fusion(
     Inputs still training are waited for; an input whose training failed is refused (409)."""
 
     def add_fusion(s: Session, req: JobRequest) -> str:
+        trained: dict[str, Asset] = {}
         for aid, kind in ((body.content_id, AssetKind.CONTENT), (body.style_id, AssetKind.STYLE)):
             a = owned_or_404(s, Asset, tenant, aid, kind)
             if a.kind != kind:
@@ -38,6 +56,9 @@ def create_fusion(
             state, job = training_state(s, a)
             if state == Training.FAILED:
                 raise HTTPException(409, describe_unready(a, job))
+            trained[kind] = a
+        if body.method == "b4m":
+            refuse_uncomposable(s, trained[AssetKind.CONTENT], trained[AssetKind.STYLE])
         given = {
             "learning_rate": body.learning_rate,
             "seed": body.seed,
