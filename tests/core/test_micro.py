@@ -129,6 +129,8 @@ def test_micro_measured_defaults_fill_what_a_run_leaves_out(micro):
 
     adapter = train_concept(micro, reference_concept("style", "plaid"), cfg=TrainConfig(steps=1))
     assert adapter.plp.rho == 0.75
+    # principal bases: the dev split's 3 seeds (docs/quality/README.md, Session J)
+    assert micro.plp_config().basis_mode == "principal" and adapter.plp.basis_mode == "principal"
 
 
 def test_micro_prior_words_are_its_pretraining_concepts(micro):
