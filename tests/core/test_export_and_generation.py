@@ -221,6 +221,31 @@ def test_content_and_style_scales_act_on_their_own_blocks(fused_adapters, sd):
     gen.set_adapter(None)
 
 
+def test_strength_grid_script_draws_a_content_by_style_grid(tmp_path, fused_adapters, tiny_sd_path):
+    """bench/strength_grid.py (the README's content-strength x style-strength grid) runs on
+    a fused adapter of a non-micro model: a PNG of len(scales)^2 cells, no probe reads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    fused_adapters["sd"].save(tmp_path / "fused.safetensors")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run(
+        [sys.executable, str(root / "bench/strength_grid.py"), "--adapter", str(tmp_path / "fused.safetensors")]
+        + ["--base", tiny_sd_path, "--scales", "0,2", "--steps", "2", "--out", str(tmp_path / "grid.png")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert r.returncode == 0, r.stderr
+    side = fused_adapters["sd"].resolution or 32
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size[0] >= 2 * side and grid.size[1] >= 2 * side
+
+
 def test_prompt_expansion_and_errors(fused_adapters, sd):
     a = fused_adapters["sd"]
     assert expand_prompt("a {content} in {style} style", a) == "a sks dog in zwx ink style"
