@@ -451,22 +451,40 @@ def _server_samples(c, ref: str, adapter: bytes, n: int) -> bytes | None:
     return None
 
 
-def cmd_serve(args) -> None:
+def graceful_server_class():
+    """uvicorn's Server, ending the event streams, `wait`s and the embedded worker's job on
+    the first SIGTERM/SIGINT."""
     import uvicorn
 
     from services.api.watch import shut_down_all
     from services.common.lifecycle import DRAINING
+
+    class GracefulServer(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            # Only the first signal sets the events: a second one (the deploy's retry, a
+            # shell's trap) can land while the first handler is inside Event.set, holding
+            # that Event's lock, and setting it again from the handler deadlocked the
+            # server for good (found by the README walk-through's test).
+            if not self.draining:
+                self.draining = True
+                # uvicorn waits for open responses before it stops: end the event streams
+                # and `wait`s now, so a rolling deploy is not held up by them
+                shut_down_all()
+                DRAINING.set()  # the embedded worker hands its job back at the next step
+            super().handle_exit(sig, frame)
+
+    return GracefulServer
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
     from services.common.observability import setup_logging
     from services.common.settings import get_settings
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # uvicorn waits for open responses before it stops: end the event streams and
-            # `wait`s now, so a SIGTERM (a rolling deploy) is not held up by them
-            shut_down_all()
-            DRAINING.set()  # the embedded worker hands its job back at the next step
-            super().handle_exit(sig, frame)
-
+    Server = graceful_server_class()
     setup_logging(json_logs=get_settings().log_json)  # uvicorn's loggers propagate to it
     config = uvicorn.Config(
         "services.embedded:create_server_app",

@@ -154,3 +154,27 @@ def test_readyz_keeps_the_api_in_rotation_when_only_the_broker_is_down(db_url, t
         body = r.json()
         assert r.status_code == 200 and body["status"] == "degraded", body
         assert body["checks"]["broker"].startswith("error") and body["checks"]["database"] == "ok"
+
+
+def test_a_second_signal_inside_the_first_handler_cannot_deadlock_the_server(monkeypatch):
+    """A second SIGTERM can land while the first handler is inside `Event.set` (holding the
+    Event's lock); setting it again from the handler deadlocked `b4m serve` for good. Here
+    the second signal arrives while that lock is held: it must not touch the events."""
+    import signal
+    import threading
+
+    import uvicorn
+
+    from services.api import watch
+    from services.cli import graceful_server_class
+    from services.common import lifecycle
+
+    shutting, draining = threading.Event(), threading.Event()  # this test's own, not the process's
+    monkeypatch.setattr(watch, "SHUTTING_DOWN", shutting)
+    monkeypatch.setattr(lifecycle, "DRAINING", draining)
+    server = graceful_server_class()(uvicorn.Config(app=None))
+    server.handle_exit(signal.SIGTERM, None)
+    assert shutting.is_set() and draining.is_set() and server.should_exit
+    with shutting._cond, draining._cond:  # as if interrupted inside the first handler's set()
+        server.handle_exit(signal.SIGTERM, None)  # returns: it takes neither lock
+    assert server.should_exit
