@@ -55,18 +55,20 @@ class Concept:
     def phrase(self) -> str:
         return concept_phrase(self.token, self.word)
 
-    def prompts(self) -> list[str]:
-        """One training prompt per image: the caption if given, else the template."""
-        out = []
+    def texts(self) -> list[str]:
+        """One training text per image with `{content}` / `{style}` where the concept goes: the
+        caption if given (a known concept's full caption, token "", as given), else the template."""
+        slot, out = "{" + self.kind + "}", []
         for cap in self.captions:
             text = cap or self.template
-            if cap and not self.token:  # a known concept's full caption (prior images): as given
-                out.append(cap.replace("{" + self.kind + "}", self.phrase))
-                continue
-            if "{" + self.kind + "}" not in text:
+            if slot not in text and not (cap and not self.token):
                 text = f"{self.template}, {text}"
-            out.append(text.replace("{" + self.kind + "}", self.phrase))
+            out.append(text)
         return out
+
+    def prompts(self) -> list[str]:
+        """One training prompt per image: `texts()` with the concept's phrase in its place."""
+        return [t.replace("{" + self.kind + "}", self.phrase) for t in self.texts()]
 
 
 def load_image_folder(paths: str | Path | list, max_images: int = 100) -> tuple[list[Image.Image], list[str | None]]:

@@ -358,14 +358,9 @@ def prior_concept(base: BaseModel, concept: Concept, cfg: TrainConfig) -> Concep
     the new concept, cycling through captions and words; captioned with exactly that prompt."""
     if adapter_layers(base.unet):
         raise ConfigError("prior images must be drawn by the bare base model (an adapter is on it)")
-    words = base.prior_words(concept)
+    words, texts = base.prior_words(concept), concept.texts()
     slot = "{" + concept.kind + "}"
-    prompts = []
-    for i in range(cfg.prior_images):
-        caption = concept.captions[i % len(concept.captions)] or concept.template
-        if slot not in caption:
-            caption = f"{concept.template}, {caption}"
-        prompts.append(caption.replace(slot, words[i % len(words)]))
+    prompts = [texts[i % len(texts)].replace(slot, words[i % len(words)]) for i in range(cfg.prior_images)]
     res = _resolution(base, cfg)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 104729)  # not the training draws
     images = []
