@@ -21,6 +21,7 @@ BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
 TARGET_SETS = ("attn", "cross", "transformer")
 ROUTINGS = ("strict", "released")
+MAKE_ROUTINGS = ("joint", "split")
 TIMESTEP_BIASES = ("none", "earlier", "later", "range")  # diffusers' training scripts' names
 
 
@@ -127,6 +128,10 @@ class TrainConfig:
     # other half only; "released" is what the authors' code does in effect: one joint loss
     # on both halves, the other half at `aux_lr_factor` times the rate (DESIGN.md 1).
     routing: Routing = "strict"
+    # The make stage: "joint" (the paper) fine-tunes both halves on both reference sets;
+    # "split" sends the content references' loss to the content half only and the style
+    # references' to the style half only (the break stage's separation, kept while fusing).
+    make_routing: Literal["joint", "split"] = "joint"
     # images without a caption: "auto" has the base model's captioner describe them (where it
     # has one), "template" trains them on the model's prompt template alone
     captions: Literal["auto", "template"] = "auto"
@@ -155,6 +160,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
     max_grad_norm: float | None = 1.0
     center_crop: bool = True
+    # each draw mirrors a reference left-right with probability 1/2 (both versions are
+    # encoded once at setup, so the latents are the VAE's own, not flipped latents)
     random_flip: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -169,6 +176,8 @@ class TrainConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.prior_images < 1 or self.prior_loss_weight < 0:
             raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
+        if self.make_routing not in MAKE_ROUTINGS:
+            raise ConfigError(f"make_routing must be one of {MAKE_ROUTINGS}, got {self.make_routing!r}")
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.captions not in ("auto", "template"):

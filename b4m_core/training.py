@@ -77,13 +77,16 @@ class Hooks:
 class SampleSet:
     """One concept's images as cached latent distributions and text conditioning."""
 
-    def __init__(self, base: BaseModel, concept: Concept, resolution: int, center_crop: bool):
-        self.concept, self.base = concept, base
+    def __init__(self, base: BaseModel, concept: Concept, resolution: int, center_crop: bool, flip: bool = False):
+        self.concept, self.base, self.flip = concept, base, flip
         self.prompts = concept.prompts()
         # live: each draw encodes its prompts anew, with gradients (a learnt identifier embedding)
         self.live = False
         prepared = [preprocess(im, resolution, center_crop) for im in concept.images]
-        pixels = torch.stack([p.pixels for p in prepared]).to(base.device, base.dtype)
+        pixels = torch.stack([p.pixels for p in prepared])
+        if flip:  # rows n.. are the mirrored images, encoded by the VAE like the others
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+        pixels = pixels.to(base.device, base.dtype)
         vae = base.pipe.vae
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
@@ -100,11 +103,14 @@ class SampleSet:
             )
 
     def __len__(self) -> int:
-        return self.mean.shape[0]
+        return len(self.prompts)
 
     def draw(self, idx: torch.Tensor, gen: torch.Generator) -> dict:
-        eps = torch.randn(self.mean[idx].shape, generator=gen).to(self.mean.device)
-        latents = (self.mean[idx] + self.std[idx] * eps - self.shift) * self.scaling
+        rows = idx
+        if self.flip:
+            rows = idx + len(self) * (torch.rand(idx.shape, generator=gen) < 0.5).long()
+        eps = torch.randn(self.mean[rows].shape, generator=gen).to(self.mean.device)
+        latents = (self.mean[rows] + self.std[rows] * eps - self.shift) * self.scaling
         embeds, pooled = self.embeds[idx], self.pooled[idx] if self.pooled is not None else None
         if self.live:
             embeds, pooled = self.base.encode_prompts_differentiable([self.prompts[i] for i in idx.tolist()])
@@ -112,6 +118,10 @@ class SampleSet:
         if pooled is not None:
             out["pooled"], out["time_ids"] = pooled, self.time_ids[idx]
         return out
+
+
+def _samples(base: BaseModel, concept: Concept, resolution: int, cfg: TrainConfig) -> SampleSet:
+    return SampleSet(base, concept, resolution, cfg.center_crop, cfg.random_flip)
 
 
 def _cat(parts: list[dict]) -> dict:
@@ -420,12 +430,12 @@ class BreakStage:
         for layer in self.layers.values():
             layer.primary = self.primary_half
         res = _resolution(base, cfg)
-        groups = [RowGroup(SampleSet(base, concept, res, cfg.center_crop), cfg.batch_size, 1.0, True)]
+        groups = [RowGroup(_samples(base, concept, res, cfg), cfg.batch_size, 1.0, True)]
         k = len(aux)
         for a in aux:
-            groups.append(RowGroup(SampleSet(base, a, res, cfg.center_crop), 1, 1.0 / k, False))
+            groups.append(RowGroup(_samples(base, a, res, cfg), 1, 1.0 / k, False))
         if prior is not None:  # trains the concept's own half: it must keep what the base draws
-            groups.append(RowGroup(SampleSet(base, prior, res, cfg.center_crop), 1, cfg.prior_loss_weight, True))
+            groups.append(RowGroup(_samples(base, prior, res, cfg), 1, cfg.prior_loss_weight, True))
         self.prior = prior
         primary = [layer.half(self.primary_half) for layer in self.layers.values()]
         other = [layer.half(self.other_half) for layer in self.layers.values()]
@@ -615,12 +625,18 @@ class MakeStage:
         res = _resolution(base, cfg)
         self.content_set = _concept_for(content, content_set)
         self.style_set = _concept_for(style, style_set)
+        # split routing: content rows are "primary" and train only the content half
+        split = cfg.make_routing == "split"
+        for layer in self.layers.values():
+            layer.primary = self.fused.plp.half_for("content")
         groups = [
-            RowGroup(SampleSet(base, self.content_set, res, cfg.center_crop), cfg.batch_size, 1.0),
-            RowGroup(SampleSet(base, self.style_set, res, cfg.center_crop), cfg.batch_size, 1.0),
+            RowGroup(_samples(base, self.content_set, res, cfg), cfg.batch_size, 1.0, True),
+            RowGroup(_samples(base, self.style_set, res, cfg), cfg.batch_size, 1.0, False),
         ]
         params = [{"params": [p for l in self.layers.values() for p in (l.B, l.D)]}]
-        self.session = TrainingSession(base, params, groups, cfg)
+        self.session = TrainingSession(
+            base, params, groups, cfg, route_layers=list(self.layers.values()) if split else None
+        )
 
     def train(self, hooks: Hooks | None = None) -> Adapter:
         try:
@@ -661,7 +677,7 @@ class LoRAStage:
             lambda name, lin: LoRALinear(lin, rank, alpha, generator=init),
         )
         res = _resolution(base, cfg)
-        groups = [RowGroup(SampleSet(base, c, res, cfg.center_crop), cfg.batch_size, 1.0) for c in concepts]
+        groups = [RowGroup(_samples(base, c, res, cfg), cfg.batch_size, 1.0) for c in concepts]
         params = [{"params": [p for l in self.layers.values() for p in (l.up, l.down)]}]
         self.session = TrainingSession(base, params, groups, cfg)
 
@@ -775,8 +791,8 @@ class ZipLoRAStage:
         res = _resolution(base, cfg)
         cset, sset = _concept_for(content, content_set), _concept_for(style, style_set)
         groups = [
-            RowGroup(SampleSet(base, cset, res, cfg.center_crop), cfg.batch_size, 1.0),
-            RowGroup(SampleSet(base, sset, res, cfg.center_crop), cfg.batch_size, 1.0),
+            RowGroup(_samples(base, cset, res, cfg), cfg.batch_size, 1.0),
+            RowGroup(_samples(base, sset, res, cfg), cfg.batch_size, 1.0),
         ]
         params = [{"params": [p for l in self.layers.values() for p in (l.m1, l.m2)]}]
         self.session = TrainingSession(

@@ -83,6 +83,8 @@ class Settings:
     basis_mode: str | None = None
     basis_scale: str | None = None
     routing: str = "strict"
+    make_routing: str = "joint"  # joint (the paper) | split (each reference set trains its own half)
+    random_flip: bool = False  # every training run mirrors references left-right at random
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
@@ -190,7 +192,7 @@ DRAW_ONLY = frozenset(
 # settings a break-stage adapter does not depend on (the make stage's and the baselines')
 NOT_BREAK = frozenset(
     {"make_steps", "make_batch_size", "make_learning_rate", "lora_steps", "joint_steps", "ziplora_steps"}
-    | {"lora_learning_rate"}
+    | {"lora_learning_rate", "make_routing"}
 )
 
 
@@ -351,6 +353,7 @@ class QualityBench:
             prior_preservation=s.prior_preservation,
             prior_images=s.prior_images,
             prior_loss_weight=s.prior_loss_weight,
+            random_flip=s.random_flip,
         )
         return TrainConfig(**(given | extra))
 
@@ -410,7 +413,13 @@ class QualityBench:
                             refs[("content", c)],
                             refs[("style", st)],
                             "b4m",
-                            cfg=self._cfg(s, s.make_steps, lr=s.make_learning_rate, batch_size=s.make_batch_size),
+                            cfg=self._cfg(
+                                s,
+                                s.make_steps,
+                                lr=s.make_learning_rate,
+                                batch_size=s.make_batch_size,
+                                make_routing=s.make_routing,
+                            ),
                         ),
                     )
             return pairs, single

@@ -168,3 +168,49 @@ def test_principal_halves_compose_with_no_interaction_block(sd):
         assert norms[key]["content"] > 0 and norms[key]["style"] > 0
         assert norms[key]["interaction"] == 0.0
     assert norms["exact"]["interaction"] > 1e-3 * norms["exact"]["content"]
+
+
+@pytest.mark.parametrize("routing", ["joint", "split"])
+def test_split_make_routing_sends_each_reference_set_to_its_own_half(pair, sd, routing):
+    """`make_routing="split"`: the content references' loss moves only the content half (B
+    with content_half up) and the style references' only the style half (D); "joint" (the
+    paper) moves both halves with either set."""
+    from b4m_core.training import MakeStage
+
+    c, s, content, style = pair
+    moved = {}
+    for only in ("content", "style"):
+        stage = MakeStage(sd, c, s, content, style, TrainConfig(steps=1, learning_rate=1e-2, make_routing=routing))
+        try:
+            stage.session.groups[1 if only == "content" else 0].weight = 0.0  # rows of the other set count nothing
+            before = {(n, p): getattr(layer, p).detach().clone() for n, layer in stage.layers.items() for p in "BD"}
+            stage.session.train_step()
+            moved[only] = {
+                p: any(not torch.equal(getattr(layer, p), before[(n, p)]) for n, layer in stage.layers.items())
+                for p in "BD"
+            }
+        finally:
+            stage._release()
+    if routing == "split":
+        assert moved == {"content": {"B": True, "D": False}, "style": {"B": False, "D": True}}
+    else:
+        assert moved == {"content": {"B": True, "D": True}, "style": {"B": True, "D": True}}
+
+
+def test_random_flip_draws_each_reference_and_its_mirror(sd):
+    from b4m_core.data import Concept
+    from b4m_core.training import SampleSet
+
+    from ..helpers.images import random_images
+
+    concept = Concept("content", random_images(0, 2), "dog")
+    samples = SampleSet(sd, concept, 32, True, flip=True)
+    assert len(samples) == 2 and samples.mean.shape[0] == 4  # the mirrors encoded once, beside the images
+    assert not torch.equal(samples.mean[0], samples.mean[2])
+    samples.std.zero_()  # no sampling noise: each draw is one of the two encodings exactly
+    gen = torch.Generator().manual_seed(0)
+    drawn = samples.draw(torch.zeros(32, dtype=torch.long), gen)["latents"]
+    expect = [(samples.mean[i] - samples.shift) * samples.scaling for i in (0, 2)]
+    hits = [sum(torch.equal(row, e) for row in drawn) for e in expect]
+    assert sum(hits) == 32 and min(hits) > 0
+    assert len(SampleSet(sd, concept, 32, True)) == 2  # no flip: the images alone
