@@ -25,6 +25,23 @@ def text_problem(value: str) -> str | None:
 
 
 WebhookEventName = Literal["started", "succeeded", "failed", "canceled"]
+# samplers by their A1111/ComfyUI names (b4m_core.config.SCHEDULERS maps each to its diffusers scheduler)
+Scheduler = Literal[
+    "default",
+    "ddim",
+    "ddpm",
+    "pndm",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm2",
+    "dpm2_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde",
+    "unipc",
+    "deis",
+]
 
 
 class RequestBody(BaseModel):
@@ -224,6 +241,10 @@ class GenerateIn(RequestBody):
         le=2.0,
         description="a B4M adapter's style half scaled alone (0 = no style), on top of `strength`",
     )
+    scheduler: Scheduler = Field(
+        "default",
+        description="the sampler, by its A1111/ComfyUI name (a diffusers scheduler); default: the model's own",
+    )
     width: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     height: int | None = Field(None, ge=8, le=2048, multiple_of=8, description="pixels (default: the model's)")
     num_images: int = Field(1, ge=1, le=8)
@@ -263,6 +284,7 @@ class GenerationOut(BaseModel):
     strength: float = Field(1.0, description="scale of the adapter's update it was drawn with")
     content_scale: float = Field(1.0, description="scale of the content half it was drawn with")
     style_scale: float = Field(1.0, description="scale of the style half it was drawn with")
+    scheduler: str = Field("default", description="the sampler it was drawn with")
     width: int | None
     height: int | None
     num_images: int

@@ -14,7 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from .config import BASIS_MODES, BASIS_SCALES, CONTENT_HALVES, ROUTINGS, TARGET_SETS, ConfigError, TrainConfig
+from .config import (
+    BASIS_MODES,
+    BASIS_SCALES,
+    CONTENT_HALVES,
+    ROUTINGS,
+    SCHEDULERS,
+    TARGET_SETS,
+    ConfigError,
+    TrainConfig,
+)
 
 AUX_HELP = (
     "auxiliary reference folder of the opposite kind for MCP (repeatable); each folder's name "
@@ -208,6 +217,7 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="scale of the adapter's update, 0-2 (default 1)")
     p.add_argument("--content-scale", type=float, default=1.0, help="a B4M adapter's content half alone, 0-2")
     p.add_argument("--style-scale", type=float, default=1.0, help="a B4M adapter's style half alone, 0-2")
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default="default", help="sampler (default: the model's)")
     p.add_argument("--unfused", action="store_true", help="keep the adapter unmerged")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True, help="folder for the PNG files")
@@ -453,6 +463,7 @@ def cmd_generate(args) -> None:
         width=args.width,
         height=args.height,
         num_images=args.num_images,
+        scheduler=args.scheduler,
     )
     images = gen.generate(req)
     out = Path(args.out)

@@ -22,6 +22,29 @@ CONTENT_HALVES = ("up", "down")
 TARGET_SETS = ("attn", "cross", "transformer")
 ROUTINGS = ("strict", "released")
 MAKE_ROUTINGS = ("joint", "split")
+
+# Samplers by the names A1111 and ComfyUI users know, each a diffusers scheduler built from
+# the base model's own scheduler config (so its timestep spacing and prediction type hold).
+# "default" is the model's own. The API's contract lists the same names (tested).
+SCHEDULERS: dict[str, tuple[str, dict] | None] = {
+    "default": None,
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS, as Stable Diffusion ships it
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+}
 TIMESTEP_BIASES = ("none", "earlier", "later", "range")  # diffusers' training scripts' names
 
 

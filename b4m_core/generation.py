@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .adapter import Adapter
-from .config import ConfigError
+from .config import SCHEDULERS, ConfigError
 from .data import concept_phrase
 from .injection import MergedWeights, adapter_layers, inject, remove_adapters
 from .layers import LoRALinear
@@ -46,8 +46,11 @@ class GenerationRequest:
     width: int | None = None
     height: int | None = None
     num_images: int = 1
+    scheduler: str = "default"  # a name in SCHEDULERS
 
     def validate(self, base: BaseModel) -> None:
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 1 <= self.steps <= 500:
             raise ConfigError("steps must be between 1 and 500")
         if not 1 <= self.num_images <= 16:
@@ -69,6 +72,19 @@ class Generator:
         self.adapter: Adapter | None = None
         self.fused = False
         self.token_hooks = IdentifierEmbeddings(base.pipe, {})
+        self.default_scheduler = base.pipe.scheduler
+        self.schedulers: dict[str, object] = {}
+
+    def scheduler(self, name: str):
+        """The diffusers scheduler named `name` (SCHEDULERS), built once from the model's own config."""
+        if SCHEDULERS[name] is None:
+            return self.default_scheduler
+        if name not in self.schedulers:
+            import diffusers
+
+            cls_name, overrides = SCHEDULERS[name]
+            self.schedulers[name] = getattr(diffusers, cls_name).from_config(self.default_scheduler.config, **overrides)
+        return self.schedulers[name]
 
     def set_adapter(
         self,
@@ -141,16 +157,21 @@ class Generator:
         negative = expand_prompt(req.negative_prompt, self.adapter) if req.negative_prompt else None
         gen = torch.Generator(device="cpu").manual_seed(req.seed)
         res = self.base.resolution
-        out = self.base.pipe(
-            prompt=prompt,
-            negative_prompt=negative,
-            num_inference_steps=req.steps,
-            guidance_scale=req.guidance,
-            width=req.width or res,
-            height=req.height or res,
-            num_images_per_prompt=req.num_images,
-            generator=gen,
-        )
+        pipe = self.base.pipe
+        pipe.scheduler = self.scheduler(req.scheduler)
+        try:
+            out = pipe(
+                prompt=prompt,
+                negative_prompt=negative,
+                num_inference_steps=req.steps,
+                guidance_scale=req.guidance,
+                width=req.width or res,
+                height=req.height or res,
+                num_images_per_prompt=req.num_images,
+                generator=gen,
+            )
+        finally:  # training and the next request start from the model's own
+            pipe.scheduler = self.default_scheduler
         return list(out.images)
 
 

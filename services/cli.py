@@ -364,6 +364,7 @@ def _server_generate(args):
             strength=args.strength,
             content_scale=args.content_scale,
             style_scale=args.style_scale,
+            scheduler=args.scheduler,
             width=args.width,
             height=args.height,
             num_images=args.num_images,

@@ -103,6 +103,7 @@ def generation_out(g: Generation, job: Job | None) -> GenerationOut:
         strength=g.strength,
         content_scale=g.content_scale,
         style_scale=g.style_scale,
+        scheduler=g.scheduler,
         width=g.width,
         height=g.height,
         num_images=g.num_images,

@@ -134,6 +134,7 @@ class Generation(Base):
     strength: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     content_scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
     style_scale: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    scheduler: Mapped[str] = mapped_column(String(32), default="default", server_default="default")
     width: Mapped[int | None] = mapped_column(Integer, nullable=True)
     height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     num_images: Mapped[int] = mapped_column(Integer, default=1)

@@ -311,6 +311,7 @@ def _generate(ctx: WorkerContext, attempt: Attempt) -> JobResult:
             width=g.width,
             height=g.height,
             num_images=g.num_images,
+            scheduler=g.scheduler,
         )
         strength, halves = g.strength, {"content_scale": g.content_scale, "style_scale": g.style_scale}
     gen = ctx.generator(base_name)

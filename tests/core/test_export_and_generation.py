@@ -311,3 +311,34 @@ def test_base_hash_ignores_load_dtype_but_tells_models_apart(tiny_sd_path, tmp_p
     assert bf16.model_hash == sd.model_hash
     other = load_base(str(build_tiny_sd(tmp_path / "other", seed=1)), device="cpu")
     assert other.model_hash != sd.model_hash
+
+
+def test_every_named_scheduler_draws_and_the_model_keeps_its_own(sd):
+    """Each name in SCHEDULERS draws with the diffusers scheduler it names, built from the
+    model's own config; "default" is the model's scheduler, which is back in place after
+    every request (training reads it); an unknown name is refused before drawing."""
+    from typing import get_args
+
+    from b4m_contract.schemas import Scheduler
+    from b4m_core.generation import SCHEDULERS
+
+    assert list(get_args(Scheduler)) == list(SCHEDULERS)  # the API takes exactly these names
+    gen = Generator(sd)
+    gen.set_adapter(None)
+    own = sd.pipe.scheduler
+    pixels = {}
+    for name, spec in SCHEDULERS.items():
+        req = GenerationRequest(prompt="a dog", steps=3, seed=1, scheduler=name)
+        pixels[name] = bytes(gen.generate(req)[0].tobytes())
+        assert sd.pipe.scheduler is own
+        used = gen.scheduler(name)
+        assert type(used).__name__ == (type(own).__name__ if spec is None else spec[0])
+        for key, value in (spec or ("", {}))[1].items():
+            assert used.config[key] == value
+        assert used.config.num_train_timesteps == own.config.num_train_timesteps
+    default_again = bytes(gen.generate(GenerationRequest(prompt="a dog", steps=3, seed=1))[0].tobytes())
+    assert default_again == pixels["default"]
+    assert len(set(pixels.values())) >= len(SCHEDULERS) // 2  # they really sample differently
+    with pytest.raises(ConfigError, match="scheduler must be one of"):
+        gen.generate(GenerationRequest(prompt="a dog", steps=3, scheduler="k_lms_magic"))
+    assert sd.pipe.scheduler is own

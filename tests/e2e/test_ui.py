@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from typing import get_args
 
 import httpx
 import pytest
 from safetensors import safe_open
 
+from b4m_contract.schemas import Scheduler
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD, reference_folder
 
 from ..helpers.live import LiveServer
@@ -124,13 +126,16 @@ def test_ui_upload_watch_fuse_browse_generate(server, tmp_path):
         form.locator("input[name=guidance]").fill("3")
         form.locator("input[name=strength]").fill("0.5")
         form.locator("input[name=style_scale]").fill("1.5")
+        options = form.locator("select[name=scheduler] option").all_inner_texts()
+        assert options == list(get_args(Scheduler))  # the UI offers every sampler the API takes
+        form.locator("select[name=scheduler]").select_option("dpmpp_2m_karras")
         form.locator("input[name=num_images]").fill("1")
         form.locator("button").click()
         expect(page.locator("#generated img[src^='blob:']")).to_have_count(1, timeout=scaled(120_000))
         api = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.keys['designer']}"})
         latest = api.get("/generations", params={"limit": 1}).json()["items"][0]
-        asked = ("negative_prompt", "guidance", "strength", "content_scale", "style_scale")
-        assert tuple(latest[k] for k in asked) == ("a red background", 3.0, 0.5, 1.0, 1.5)
+        asked = ("negative_prompt", "guidance", "strength", "content_scale", "style_scale", "scheduler")
+        assert tuple(latest[k] for k in asked) == ("a red background", 3.0, 0.5, 1.0, 1.5, "dpmpp_2m_karras")
 
         # the open fusion's adapter in every format, and a content's from its header
         for fmt, key in (("b4m", ".A"), ("diffusers", ".lora_A.weight"), ("kohya", ".lora_down.weight")):

@@ -708,6 +708,11 @@ def test_generate_takes_a_strength_and_records_it(api):
     assert r.status_code == 200, r.text
     g = client.get(f"/generations/{r.json()['id']}").json()
     assert (g["strength"], g["guidance"]) == (0.5, 3.0) and len(g["images"]) == 1
-    for bad in ({"content_scale": 2.5}, {"style_scale": -1}, {"style_scale": 0.5}):  # the last: no adapter
+    # a sampler by name: drawn with it and recorded; a name not in the list is refused
+    r = client.post("/generate", json={"prompt": "x", "scheduler": "euler_a", "steps": 2, "wait": 60})
+    assert r.status_code == 200, r.text
+    assert client.get(f"/generations/{r.json()['id']}").json()["scheduler"] == "euler_a"
+    assert client.get("/generations").json()["total"] == 2
+    for bad in ({"content_scale": 2.5}, {"style_scale": -1}, {"style_scale": 0.5}, {"scheduler": "k_lms_magic"}):
         assert client.post("/generate", json={"prompt": "x"} | bad).status_code == 422, bad
-    assert client.get("/generations").json()["total"] == 1  # the refused requests made nothing
+    assert client.get("/generations").json()["total"] == 2  # the refused requests made nothing

@@ -395,6 +395,7 @@ $("#generate-form").addEventListener("submit", async (e) => {
   const body = { prompt: form.prompt.value, seed: parseInt(form.seed.value, 10), steps: parseInt(form.steps.value, 10),
                  guidance: parseFloat(form.guidance.value), strength: parseFloat(form.strength.value),
                  content_scale: parseFloat(form.content_scale.value), style_scale: parseFloat(form.style_scale.value),
+                 scheduler: form.scheduler.value,
                  num_images: parseInt(form.num_images.value, 10), wait: 60 };
   if (form.negative_prompt.value.trim()) body.negative_prompt = form.negative_prompt.value.trim();
   if (form.fusion.value) body.fusion_id = form.fusion.value;
