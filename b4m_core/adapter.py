@@ -18,6 +18,10 @@ from safetensors.torch import save as st_save
 from . import formats
 from .config import ConfigError, PLPConfig
 
+# what an adapter file's tensors may be stored in (the torch-free API converts the files it
+# serves with numpy, which has fp16 but no bf16; exports can still be bf16)
+STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
 FORMAT_VERSION = "1"
 METHODS = ("b4m", "lora", "joint", "merge", "ziplora")
 
@@ -125,15 +129,20 @@ class Adapter:
         }
 
     # ------------------------------------------------------------------- files
-    def to_bytes(self) -> bytes:
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.tensors.items()}
+    def to_bytes(self, dtype: str = "fp32") -> bytes:
+        """The adapter file, its tensors stored in `dtype` (fp32, or fp16 / bf16: half the
+        size). Loading always gives fp32 tensors back."""
+        if dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"adapter dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+        want = STORAGE_DTYPES[dtype]
+        tensors = {k: v.detach().to("cpu", want).contiguous() for k, v in self.tensors.items()}
         return st_save(tensors, metadata={"b4m": json.dumps(self.metadata(), sort_keys=True)})
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, dtype: str = "fp32") -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_bytes(self.to_bytes())
+        tmp.write_bytes(self.to_bytes(dtype))
         tmp.replace(path)  # never leave a half-written adapter behind
         return path
 
@@ -166,7 +175,7 @@ class Adapter:
         return cls(
             kind=meta["kind"],
             method=meta["method"],
-            tensors=tensors,
+            tensors={k: v.float() for k, v in tensors.items()},  # a half-precision file trains and draws in fp32
             rank=int(meta["rank"]),
             alpha=float(meta["alpha"]),
             plp=plp,

@@ -94,6 +94,12 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
     p.add_argument("--resume", default=None, help="a checkpoint file to continue from")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--out", required=True, help="adapter file to write (.safetensors)")
+    p.add_argument(
+        "--save-dtype",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="tensor type of the adapter file (fp16: half the size; it still trains and draws in fp32)",
+    )
     if with_plp:
         p.add_argument("--rank", type=int, default=None, help="adapter rank (default: the base model's; else 16)")
         p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
@@ -410,7 +416,7 @@ def cmd_train(args) -> None:
     )
     cfg = _train_config(args, base, "break")
     adapter = train_concept(base, concept, method=args.method, aux=aux, plp=plp, cfg=cfg, hooks=_hooks(args))
-    adapter.save(args.out)
+    adapter.save(args.out, args.save_dtype)
     print(args.out)
 
 
@@ -433,7 +439,7 @@ def cmd_fuse(args) -> None:
         own = {"ziplora": dict(steps=100, learning_rate=1e-4), "merge": dict(steps=0)}.get(args.method, {})
         cfg = _train_config(args, base, "make", **own)
     fused = fuse(base, content, style, cset, sset, method=args.method, cfg=cfg, hooks=_hooks(args))
-    fused.save(args.out)
+    fused.save(args.out, args.save_dtype)
     print(args.out)
 
 

@@ -40,7 +40,8 @@ class FormatError(ValueError):
 def read(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
     """(tensors, b4m metadata) of an adapter file."""
     try:
-        tensors = np_load(data)
+        # an fp16-stored adapter converts like an fp32 one (each output dtype is asked for)
+        tensors = {k: v.astype(np.float32) for k, v in np_load(data).items()}
         meta = read_metadata(data)
     except Exception as exc:  # safetensors raises several types on garbage
         raise FormatError(f"not a safetensors adapter file: {exc}") from exc
@@ -52,12 +53,22 @@ def read(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
     return tensors, meta
 
 
-def read_metadata(data: bytes) -> dict | None:
-    """The `b4m` metadata of a safetensors file's bytes (8-byte header length, then JSON)."""
+def _header(data: bytes) -> dict:
+    """A safetensors file's JSON header (8-byte little-endian length, then the JSON)."""
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    raw = (header.get("__metadata__") or {}).get("b4m")
+    return json.loads(data[8 : 8 + n])
+
+
+def read_metadata(data: bytes) -> dict | None:
+    """The `b4m` metadata of a safetensors file's bytes."""
+    raw = (_header(data).get("__metadata__") or {}).get("b4m")
     return json.loads(raw) if raw else None
+
+
+def stored_dtype(data: bytes) -> str:
+    """fp32 | fp16 | bf16: the tensor type of a file's tensors (mixed: fp32)."""
+    found = {v["dtype"] for k, v in _header(data).items() if k != "__metadata__"}
+    return {frozenset({"F16"}): "fp16", frozenset({"BF16"}): "bf16"}.get(frozenset(found), "fp32")
 
 
 def low_rank(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
@@ -88,14 +99,62 @@ def to_diffusers(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.nda
 
 
 def to_kohya(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray]:
-    """`lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha` (ComfyUI, A1111)."""
+    """`lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha` (ComfyUI, A1111).
+    The layer names are the ones kohya's sd-scripts write: diffusers' module names for SD 1/2,
+    the original (LDM / SGM) UNet's for SDXL (`input_blocks_4_1_...`)."""
+    parts = low_rank(tensors, meta)
+    rename = lambda n: n  # noqa: E731
+    if base_arch(tensors, meta) == "sdxl":
+        per_block = layers_per_block(parts)
+        rename = lambda n: ldm_unet_name(n, per_block)  # noqa: E731
     out = {}
-    for name, (up, down, scale) in low_rank(tensors, meta).items():
-        key = "lora_unet_" + name.replace(".", "_")
+    for name, (up, down, scale) in parts.items():
+        key = "lora_unet_" + rename(name).replace(".", "_")
         out[f"{key}.lora_down.weight"] = np.ascontiguousarray(down)
         out[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
         out[f"{key}.alpha"] = np.array(scale * down.shape[0], dtype=np.float32)
     return out
+
+
+_DOWN = re.compile(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)")
+_MID = re.compile(r"mid_block\.attentions\.0\.(.+)")
+_UP = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)")
+_INPUT = re.compile(r"input_blocks\.(\d+)\.1\.(.+)")
+_MIDDLE = re.compile(r"middle_block\.1\.(.+)")
+_OUTPUT = re.compile(r"output_blocks\.(\d+)\.1\.(.+)")
+
+
+def layers_per_block(layer_names) -> int:
+    """The UNet's `layers_per_block`, read from its attention layers (one per down-block layer)."""
+    found = [int(m.group(2)) for n in layer_names if (m := _DOWN.match(n))]
+    return max(found) + 1 if found else 2
+
+
+def ldm_unet_name(name: str, per_block: int) -> str:
+    """A diffusers UNet attention layer's name in the original UNet's numbering: down block i,
+    layer j is `input_blocks.{i(L+1)+j+1}.1` (each down block: L layers and a downsampler
+    after `conv_in`), up block i, layer j is `output_blocks.{i(L+1)+j}.1` (L+1 layers each),
+    the mid block's attention `middle_block.1`; inside an attention the names agree."""
+    if m := _DOWN.match(name):
+        return f"input_blocks.{int(m.group(1)) * (per_block + 1) + int(m.group(2)) + 1}.1.{m.group(3)}"
+    if m := _MID.match(name):
+        return f"middle_block.1.{m.group(1)}"
+    if m := _UP.match(name):
+        return f"output_blocks.{int(m.group(1)) * (per_block + 1) + int(m.group(2))}.1.{m.group(3)}"
+    raise FormatError(f"no original-UNet name for layer {name!r}")
+
+
+def diffusers_unet_name(name: str, per_block: int) -> str:
+    """`ldm_unet_name` inverted."""
+    if m := _INPUT.match(name):
+        i, j = divmod(int(m.group(1)) - 1, per_block + 1)
+        return f"down_blocks.{i}.attentions.{j}.{m.group(2)}"
+    if m := _MIDDLE.match(name):
+        return f"mid_block.attentions.0.{m.group(1)}"
+    if m := _OUTPUT.match(name):
+        i, j = divmod(int(m.group(1)), per_block + 1)
+        return f"up_blocks.{i}.attentions.{j}.{m.group(2)}"
+    raise FormatError(f"not an original-UNet attention layer: {name!r}")
 
 
 def identifier_vectors(tensors: dict, tokens: dict[str, str]) -> dict[str, list]:
@@ -237,7 +296,7 @@ def convert(data: bytes, fmt: str, dtype: str = "fp32") -> bytes:
         raise FormatError(f"export format must be b4m, diffusers or kohya, got {fmt!r}")
     if dtype not in DTYPES:
         raise FormatError(f"export dtype must be fp32, fp16 or bf16, got {dtype!r}")
-    if fmt == "b4m" and dtype == "fp32":
+    if fmt == "b4m" and stored_dtype(data) == dtype:
         return data
     tensors, meta = read(data)
     if fmt == "b4m":

@@ -158,7 +158,17 @@ class Generator:
         gen = torch.Generator(device="cpu").manual_seed(req.seed)
         res = self.base.resolution
         pipe = self.base.pipe
-        pipe.scheduler = self.scheduler(req.scheduler)
+        sampler = self.scheduler(req.scheduler)
+        if sampler.config.get("use_karras_sigmas"):
+            # Karras sigmas on a cosine noise schedule (micro's) round to repeated timesteps,
+            # which diffusers' multistep solvers step past the end of: refuse, don't crash
+            sampler.set_timesteps(req.steps)
+            if len(set(sampler.timesteps.tolist())) < len(sampler.timesteps):
+                raise ConfigError(
+                    f"scheduler {req.scheduler} gives repeated timesteps on this model's noise schedule at "
+                    f"{req.steps} steps: use dpmpp_2m or another scheduler"
+                )
+        pipe.scheduler = sampler
         try:
             out = pipe(
                 prompt=prompt,

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     base_models: str | None = Field(
         None, description="comma-separated base models a request may name (default: base_model and micro)"
     )
+    adapter_dtype: Literal["fp32", "fp16"] = Field(
+        "fp32", description="worker: tensor type of stored adapter files (fp16: half the size and transfer)"
+    )
     max_loaded_bases: int = Field(2, ge=1, description="worker: base models kept loaded (least recently used go)")
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: cuda if available")
     auth: bool = Field(False, description="require API keys (production); embedded mode has one default tenant")

@@ -102,7 +102,10 @@ def _adapter_result(ctx: WorkerContext, attempt: Attempt, adapter: Adapter) -> J
     job = attempt.job
     adapter_id = new_id()
     obj = _put_result(
-        ctx, attempt, object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"), adapter.to_bytes()
+        ctx,
+        attempt,
+        object_key(job.tenant_id, "adapters", adapter_id, "adapter.safetensors"),
+        adapter.to_bytes(ctx.settings.adapter_dtype),
     )
     return JobResult(
         adapter=NewAdapter(

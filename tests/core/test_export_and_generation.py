@@ -122,6 +122,40 @@ def test_kohya_keys_and_alpha(fused_adapters):
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.alpha" in sd_
 
 
+def test_sdxl_kohya_exports_use_the_original_unet_names_and_map_back(fused_adapters):
+    """SDXL kohya files name layers as kohya's sd-scripts do (the original UNet's
+    `input_blocks_4_1_...`), so every kohya consumer finds them; every key maps back to the
+    adapter's own layer. (diffusers' loader reading them back is the export test above.)"""
+    from b4m_core.formats import FormatError, diffusers_unet_name, layers_per_block, ldm_unet_name
+
+    # the real SDXL UNet (layers_per_block 2): its first attention layers in each block
+    for ours, theirs in {
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k": "input_blocks.8.1.transformer_blocks.9.attn2.to_k",
+        "mid_block.attentions.0.transformer_blocks.3.attn2.to_out.0": "middle_block.1.transformer_blocks.3.attn2.to_out.0",
+        "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2": "output_blocks.2.1.transformer_blocks.0.ff.net.2",
+        "up_blocks.1.attentions.0.proj_in": "output_blocks.3.1.proj_in",
+    }.items():
+        assert ldm_unet_name(ours, 2) == theirs and diffusers_unet_name(theirs, 2) == ours
+    with pytest.raises(FormatError):
+        ldm_unet_name("conv_in", 2)
+    adapter = fused_adapters["sdxl"]
+    per_block = layers_per_block(adapter.layer_names)
+    assert per_block == 1  # the tiny SDXL-shaped model's
+    keys = adapter.to_kohya()
+    layers = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert all(
+        k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_"))
+        for k in layers
+    )
+    flat = {"lora_unet_" + ldm_unet_name(n, per_block).replace(".", "_"): n for n in adapter.layer_names}
+    assert set(flat) == layers and len(layers) == len(adapter.layer_names)  # one key per layer, none lost
+    for key, name in flat.items():
+        assert diffusers_unet_name(ldm_unet_name(name, per_block), per_block) == name
+        up, down, scale = adapter.low_rank()[name]
+        assert torch.equal(keys[f"{key}.lora_up.weight"], up) and torch.equal(keys[f"{key}.lora_down.weight"], down)
+
+
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
 def test_fused_and_unfused_draw_the_same_and_switching_restores_base(request, fused_adapters, which):
     base = request.getfixturevalue(which)

@@ -214,3 +214,35 @@ def test_random_flip_draws_each_reference_and_its_mirror(sd):
     hits = [sum(torch.equal(row, e) for row in drawn) for e in expect]
     assert sum(hits) == 32 and min(hits) > 0
     assert len(SampleSet(sd, concept, 32, True)) == 2  # no flip: the images alone
+
+
+def test_fp16_adapter_files_are_half_the_size_and_still_compose(tmp_path, pair, sd):
+    """An adapter stored in fp16 is about half the bytes, loads as fp32 within fp16's rounding,
+    and composes with an fp32 adapter trained on the same bases (the bases compare at the
+    file's precision); adapters on other bases are still refused."""
+    from b4m_core import formats
+    from b4m_core.config import ConfigError
+
+    c, s, content, style = pair
+    full, half = c.to_bytes(), c.to_bytes("fp16")
+    assert formats.stored_dtype(full) == "fp32" and formats.stored_dtype(half) == "fp16"
+    saved = sum(v.numel() * 2 for v in c.tensors.values())  # 2 of each tensor element's 4 bytes
+    assert abs((len(full) - len(half)) - saved) < 256  # the headers differ only in offsets' digits
+    back = Adapter.from_bytes(half)
+    assert back.metadata() == Adapter.from_bytes(full).metadata()
+    for k, v in c.tensors.items():
+        assert back.tensors[k].dtype == torch.float32
+        assert torch.allclose(back.tensors[k], v, rtol=2**-10, atol=1e-7), k
+    made = fuse(sd, back, s, content, style, cfg=TrainConfig(steps=1))  # fp16 content, fp32 style
+    assert made.kind == "fused"
+    assert formats.stored_dtype(formats.convert(half, "b4m", "fp32")) == "fp32"  # served as asked
+    assert formats.convert(half, "b4m", "fp16") == half
+    path = back.save(tmp_path / "c16.safetensors", "fp16")
+    assert formats.stored_dtype(path.read_bytes()) == "fp16"
+    with pytest.raises(IncompatibleAdapters, match="frozen bases differ"):
+        other = dataclasses.replace(s, tensors={k: v.clone() for k, v in s.tensors.items()})
+        first = next(k for k in other.tensors if k.endswith(".A"))
+        other.tensors[first] = torch.randn_like(other.tensors[first])
+        compose(back, other)
+    with pytest.raises(ConfigError, match="adapter dtype"):
+        c.to_bytes("bf16")

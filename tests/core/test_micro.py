@@ -109,6 +109,7 @@ def micro():
 
 
 def test_micro_loads_as_a_diffusers_pipeline_and_draws(micro):
+    from b4m_core.config import ConfigError
     from b4m_core.generation import GenerationRequest, Generator
 
     assert micro.resolution == 64 and not micro.is_sdxl
@@ -117,6 +118,15 @@ def test_micro_loads_as_a_diffusers_pipeline_and_draws(micro):
     )
     assert len(images) == 2 and images[0].size == (64, 64)
     assert np.asarray(images[0]).std() > 3
+    # Karras sigmas on micro's cosine schedule repeat timesteps (diffusers' solver would index
+    # past its end): a clear refusal, and the next request draws as before
+    gen = Generator(micro)
+    with pytest.raises(ConfigError, match="repeated timesteps"):
+        gen.generate(GenerationRequest("a star", steps=20, scheduler="dpmpp_2m_karras"))
+    again = gen.generate(
+        GenerationRequest("a large striped star in the center on a white background", steps=4, num_images=2)
+    )
+    assert np.array_equal(np.asarray(again[0]), np.asarray(images[0]))
 
 
 def test_micro_measured_defaults_fill_what_a_run_leaves_out(micro):

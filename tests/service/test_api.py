@@ -716,3 +716,33 @@ def test_generate_takes_a_strength_and_records_it(api):
     for bad in ({"content_scale": 2.5}, {"style_scale": -1}, {"style_scale": 0.5}, {"scheduler": "k_lms_magic"}):
         assert client.post("/generate", json={"prompt": "x"} | bad).status_code == 422, bad
     assert client.get("/generations").json()["total"] == 2  # the refused requests made nothing
+
+
+def test_the_worker_can_store_adapters_in_fp16(db_url, tmp_path, tiny_sd_path):
+    """`B4M_ADAPTER_DTYPE=fp16`: the stored adapter files are fp16 (half the tensor bytes); a
+    fusion trains from them, and downloads come in the dtype asked for."""
+    from safetensors import safe_open
+
+    settings = Settings(
+        data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu", adapter_dtype="fp16"
+    )
+    with TestClient(create_app(settings)) as client:
+        jobs = [post_asset(client, kind, seed).json() for kind, seed in (("content", 0), ("style", 5))]
+        assert all(wait_job(client, j["job_id"])["status"] == "succeeded" for j in jobs)
+        r = client.post("/fusions", json={"content_id": jobs[0]["id"], "style_id": jobs[1]["id"], "steps": 1})
+        assert wait_job(client, r.json()["job_id"])["status"] == "succeeded"
+        adapter_id = client.get(f"/fusions/{r.json()['id']}").json()["adapter_id"]
+        for dtype, want in (("fp16", "F16"), ("fp32", "F32")):
+            data = client.get(f"/adapters/{adapter_id}/download", params={"format": "b4m", "dtype": dtype}).content
+            path = tmp_path / f"{dtype}.safetensors"
+            path.write_bytes(data)
+            with safe_open(path, "pt") as f:
+                assert {f.get_slice(k).get_dtype() for k in f.keys()} == {want}
+        from b4m_core.formats import stored_dtype
+        from services.common.models import Adapter as AdapterRow
+
+        runtime = client.app.state.runtime
+        with runtime.sessions() as s:
+            row = s.get(AdapterRow, adapter_id)
+            stored = runtime.store.get(row.storage_key)
+        assert stored_dtype(stored) == "fp16" and row.size == len(stored)

@@ -39,11 +39,10 @@ def download_adapter(
 
     row = owned_or_404(s, Adapter, tenant, adapter_id, "adapter")
     data = rt.store.get(row.storage_key, expected_sha256=row.sha256)
-    if format != "b4m" or dtype != "fp32":
-        try:
-            data = convert(data, format, dtype)
-        except FormatError as exc:  # a stored file this version cannot read
-            raise HTTPException(500, f"adapter {adapter_id} cannot be converted: {exc}") from exc
+    try:  # the stored file itself when it already is the format and dtype asked for
+        data = convert(data, format, dtype)
+    except FormatError as exc:  # a stored file this version cannot read
+        raise HTTPException(500, f"adapter {adapter_id} cannot be converted: {exc}") from exc
     suffix = "" if dtype == "fp32" else f"_{dtype}"
     return Response(
         data,
