@@ -71,9 +71,18 @@ def _train_args(p: argparse.ArgumentParser, with_plp: bool = True) -> None:
     )
     p.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     p.add_argument(
-        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on CUDA; ignored on CPU"
+        "--mixed-precision",
+        choices=["no", "auto", "fp16", "bf16"],
+        default=None,
+        help="autocast on CUDA (auto: bf16 where the GPU has it, else fp16); the CPU trains in fp32 "
+        "(default: the base model's: auto for SD and SDXL)",
     )
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in backward: less memory, slower (default: the base model's: on for SDXL)",
+    )
     p.add_argument(
         "--checkpoint-every", type=_positive_int, default=0, help="write a resumable checkpoint every N steps"
     )

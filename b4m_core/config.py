@@ -146,7 +146,9 @@ class TrainConfig:
     batch_size: int = 1  # primary samples a step; MCP adds one row per auxiliary set
     resolution: int | None = None  # None: the model's own sample size
     seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # autocast on CUDA; "auto": bf16 where the GPU has it, else fp16 with loss scaling. The CPU
+    # path always trains in fp32, whatever is asked.
+    mixed_precision: Literal["no", "auto", "fp16", "bf16"] = "no"
     # MCP: "strict" routes the concept's loss to its own half and the auxiliary losses to the
     # other half only; "released" is what the authors' code does in effect: one joint loss
     # on both halves, the other half at `aux_lr_factor` times the rate (DESIGN.md 1).
@@ -205,8 +207,8 @@ class TrainConfig:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}")
         if self.captions not in ("auto", "template"):
             raise ConfigError(f"captions must be auto or template, got {self.captions!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("no", "auto", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be no, auto, fp16 or bf16, got {self.mixed_precision!r}")
         if self.timestep_bias_strategy not in TIMESTEP_BIASES:
             raise ConfigError(
                 f"timestep_bias_strategy must be one of {TIMESTEP_BIASES}, got {self.timestep_bias_strategy!r}"

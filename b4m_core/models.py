@@ -65,6 +65,28 @@ TRAIN_DEFAULT_KEYS = {
         "batch_size": ("make_batch_size",),
     },
 }
+for _keys in TRAIN_DEFAULT_KEYS.values():  # memory and speed settings, the same for both stages
+    _keys |= {"mixed_precision": ("mixed_precision",), "gradient_checkpointing": ("gradient_checkpointing",)}
+
+# Defaults by architecture, under what a model's own `b4m_defaults.json` says. SDXL: the
+# paper's settings (rank 64, rate 1e-4, batch 1), rho 0.5 and MCP k = 3, bf16 autocast and
+# gradient checkpointing (a k = 3 break step at 1024 px: 35 GiB without, 10 GiB with, on
+# an H100; docs/bench). SD 1/2: mixed precision only. Off CUDA both train in fp32.
+ARCH_DEFAULTS: dict[str, dict] = {
+    "sdxl": {
+        "rank": 64,
+        "rho": 0.5,
+        "learning_rate": 1e-4,
+        "break_steps": 500,
+        "make_steps": 50,
+        "batch_size": 1,
+        "aux_sets": 3,
+        "mixed_precision": "auto",
+        "gradient_checkpointing": True,
+    },
+    "sd1": {"mixed_precision": "auto"},
+    "sd2": {"mixed_precision": "auto"},
+}
 
 
 @dataclass
@@ -276,6 +298,8 @@ def load_base(base: str, device: str | torch.device | None = None, dtype: torch.
     is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
     defaults_file = Path(path) / "b4m_defaults.json"
     recommended = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    arch = "sdxl" if is_sdxl else "micro" if captioner else _sd_version(pipe)
+    recommended = ARCH_DEFAULTS.get(arch, {}) | recommended
     return BaseModel(
         pipe=pipe,
         model_id=model_id,
@@ -284,7 +308,7 @@ def load_base(base: str, device: str | torch.device | None = None, dtype: torch.
         device=device,
         dtype=dtype,
         recommended=recommended,
-        arch="sdxl" if is_sdxl else "micro" if captioner else _sd_version(pipe),
+        arch=arch,
         captioner=captioner,
         aux_bank=aux_bank,
     )

@@ -130,6 +130,9 @@ def build_tiny_sd(
     return folder
 
 
+TINY_SDXL_DEFAULTS = {"rank": 4, "break_steps": 20, "make_steps": 5, "learning_rate": 1e-3, "aux_sets": 0}
+
+
 def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
     """Save a tiny SDXL-style pipeline: two text encoders, text_time added conditioning."""
     folder = Path(folder)
@@ -167,4 +170,7 @@ def build_tiny_sdxl(folder: str | Path, seed: int = 0) -> Path:
             force_zeros_for_empty_prompt=True,
         )
         pipe.save_pretrained(folder, safe_serialization=True)
+    # SDXL's architecture defaults (rank 64, 500 steps, ...) sized down for a 32-wide test model;
+    # the precision and checkpointing ones stay SDXL's, so tests run the service's SDXL path
+    (folder / "b4m_defaults.json").write_text(json.dumps(TINY_SDXL_DEFAULTS, indent=2))
     return folder

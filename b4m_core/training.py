@@ -120,6 +120,21 @@ class SampleSet:
         return out
 
 
+def resolve_precision(mixed_precision: str, device: torch.device) -> str:
+    """What a run's autocast really is: "no" off CUDA; "auto" is bf16 where the GPU supports
+    it, else fp16 (with loss scaling)."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return "no"
+    if mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return mixed_precision
+
+
+def training_facts(session: TrainingSession) -> dict:
+    """How a run trained, as recorded on its adapter."""
+    return {"precision": session.precision, "gradient_checkpointing": session.cfg.gradient_checkpointing}
+
+
 def _samples(base: BaseModel, concept: Concept, resolution: int, cfg: TrainConfig) -> SampleSet:
     return SampleSet(base, concept, resolution, cfg.center_crop, cfg.random_flip)
 
@@ -174,7 +189,11 @@ class TrainingSession:
         self.route_layers = route_layers or []
         self.target_fn, self.extra_loss = target_fn, extra_loss
         self.params = [p for g in params for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        # the fused kernel on CUDA (one launch for all parameters, not one per tensor)
+        fused = base.device.type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in self.params)
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {})
+        )
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.t_weights = timestep_weights(cfg, self.scheduler.config.num_train_timesteps)
@@ -184,10 +203,10 @@ class TrainingSession:
         self.preview_prompt = (
             f"a {phrases[0]} in {phrases[1]} style" if len(phrases) == 2 else groups[0].samples.concept.prompts()[0]
         )
-        dev = base.device
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
-        self.use_autocast = dev.type == "cuda" and self.autocast_dtype is not None
-        self.scaler = torch.amp.GradScaler("cuda") if self.use_autocast and cfg.mixed_precision == "fp16" else None
+        self.precision = resolve_precision(cfg.mixed_precision, base.device)
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.use_autocast = self.autocast_dtype is not None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
 
     # one batch: rows of every group, drawn from the session's generator
     def draw(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -488,6 +507,7 @@ class BreakStage:
                 # the prior's prompts (None: no prior preservation) and weight
                 "prior": self.prior.captions if self.prior is not None else None,
                 "prior_loss_weight": self.cfg.prior_loss_weight if self.prior is not None else None,
+                "training": training_facts(self.session),
             },
             **_meta(self.base, self.cfg),
         )
@@ -655,6 +675,7 @@ class MakeStage:
             out.tensors = plp_state_dict(self.layers) | learnt_tokens
             out.steps, out.seed = self.cfg.steps, self.cfg.seed
             out.extra["blocks"] = block_norms(out)
+            out.extra["training"] = training_facts(self.session)
             return out
         finally:
             self._release()

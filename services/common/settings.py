@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     base_models: str | None = Field(
         None, description="comma-separated base models a request may name (default: base_model and micro)"
     )
+    mixed_precision: Literal["no", "auto", "fp16", "bf16"] | None = Field(
+        None, description="worker: training autocast on CUDA (default: the base model's: auto for SD and SDXL)"
+    )
+    gradient_checkpointing: bool | None = Field(
+        None, description="worker: gradient checkpointing (default: the base model's: on for SDXL)"
+    )
     adapter_dtype: Literal["fp32", "fp16"] = Field(
         "fp32", description="worker: tensor type of stored adapter files (fp16: half the size and transfer)"
     )

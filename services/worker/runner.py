@@ -227,10 +227,19 @@ def _train(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         token_learning_rate=settings.get("token_learning_rate"),
         seed=int(settings.get("seed", 0)),
         checkpoint_every=ctx.settings.checkpoint_every,
+        **_memory_settings(ctx),
     )
     hooks = _hooks(ctx, attempt, settings.get("preview_prompts"))
     adapter = train_concept(base, concept, method="b4m", aux=aux, plp=plp, cfg=cfg, hooks=hooks)
     return _adapter_result(ctx, attempt, adapter)
+
+
+def _memory_settings(ctx: WorkerContext) -> dict:
+    """The worker's precision and checkpointing settings; None: the base model's defaults."""
+    return {
+        "mixed_precision": ctx.settings.mixed_precision,
+        "gradient_checkpointing": ctx.settings.gradient_checkpointing,
+    }
 
 
 def _tenant_aux(s, asset: Asset, k: int) -> list[Asset]:
@@ -279,6 +288,7 @@ def _fuse(ctx: WorkerContext, attempt: Attempt) -> JobResult:
         seed=int(given.get("seed", 0)),
         checkpoint_every=ctx.settings.checkpoint_every,
         train_token_embedding=False,
+        **_memory_settings(ctx),
     )
     fused = fuse(
         base,

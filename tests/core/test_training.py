@@ -355,3 +355,24 @@ def test_prior_preservation_trains_on_the_base_models_own_class_images(sd, conce
     remove_adapters(sd.unet)
     with pytest.raises(ConfigError, match="prior_images"):
         TrainConfig(prior_preservation=True, prior_images=0)
+
+
+def test_architecture_defaults_choose_precision_and_checkpointing(sd, sdxl, concepts, clean):
+    """SDXL's defaults turn on gradient checkpointing and "auto" mixed precision (which is fp32
+    off CUDA); a model's own b4m_defaults.json wins over its architecture's (the tiny SDXL's
+    rank 4, not SDXL's 64); SD 1 keeps checkpointing off. The adapter records how it trained."""
+    from b4m_core.models import ARCH_DEFAULTS
+    from b4m_core.training import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "no"
+    assert resolve_precision("bf16", torch.device("cpu")) == "no"
+    assert sdxl.recommended["mixed_precision"] == "auto" and sdxl.recommended["gradient_checkpointing"] is True
+    assert sdxl.plp_config().rank == 4 and ARCH_DEFAULTS["sdxl"]["rank"] == 64
+    cfg = sdxl.train_config("break", steps=2)
+    assert cfg.gradient_checkpointing and cfg.mixed_precision == "auto"
+    assert not sdxl.train_config("break", gradient_checkpointing=False).gradient_checkpointing  # a caller's wins
+    assert not sd.train_config("make").gradient_checkpointing and sd.train_config("make").mixed_precision == "auto"
+    content = concepts[0]
+    adapter = train_concept(sdxl, content, aux=[], plp=sdxl.plp_config(), cfg=cfg)
+    assert adapter.extra["training"] == {"precision": "no", "gradient_checkpointing": True}
+    assert not sdxl.unet.is_gradient_checkpointing  # switched off again after the run

@@ -746,3 +746,30 @@ def test_the_worker_can_store_adapters_in_fp16(db_url, tmp_path, tiny_sd_path):
             row = s.get(AdapterRow, adapter_id)
             stored = runtime.store.get(row.storage_key)
         assert stored_dtype(stored) == "fp16" and row.size == len(stored)
+
+
+@pytest.mark.parametrize("override", [None, False])
+def test_the_worker_trains_sdxl_with_its_memory_defaults(db_url, tmp_path, tiny_sdxl_path, override):
+    """An SDXL base trains with SDXL's defaults: mixed precision "auto" (bf16/fp16 autocast on
+    CUDA, fp32 here on the CPU) and gradient checkpointing on, unless the worker's settings
+    say otherwise; the adapter records how it trained."""
+    from services.common.models import Adapter as AdapterRow
+
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=db_url,
+        base_model=str(tiny_sdxl_path),
+        device="cpu",
+        gradient_checkpointing=override,
+    )
+    with TestClient(create_app(settings)) as client:
+        jobs = [post_asset(client, kind, seed).json() for kind, seed in (("content", 0), ("style", 5))]
+        assert all(wait_job(client, j["job_id"])["status"] == "succeeded" for j in jobs)
+        r = client.post("/fusions", json={"content_id": jobs[0]["id"], "style_id": jobs[1]["id"], "steps": 1})
+        assert wait_job(client, r.json()["job_id"])["status"] == "succeeded"
+        ids = [client.get(f"/{k}s/{j['id']}").json()["adapter_id"] for k, j in zip(("content", "style"), jobs)]
+        ids.append(client.get(f"/fusions/{r.json()['id']}").json()["adapter_id"])
+        with client.app.state.runtime.sessions() as s:
+            facts = [s.get(AdapterRow, i).meta["extra"]["training"] for i in ids]
+    expect = {"precision": "no", "gradient_checkpointing": override is None}
+    assert facts == [expect] * 3
