@@ -1,0 +1,29 @@
+"""bench/sdxl_scale.py at toy size on the CPU: every row runs and the ratios are computed
+(the real run is on a GPU; its numbers go to docs/bench/)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "sdxl_scale.py"
+
+
+@pytest.mark.parametrize("arch", ["toy-sdxl", "toy-sd15"])
+def test_sdxl_scale_bench_runs_every_row_at_toy_size(tmp_path, arch):
+    spec = importlib.util.spec_from_file_location("sdxl_scale", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "scale.json"
+    argv = ["--arch", arch, "--device", "cpu", "--steps", "2", "--steps-short", "1", "--make-steps", "1"]
+    bench.main([*argv, "--sample-steps", "2", "--json", str(out)])
+    got = json.loads(out.read_text())
+    rows = {"lora", "lora_ckpt", "plp_k0", "plp_k0_ckpt", "plp_k3", "plp_k3_ckpt", "make", "make_ckpt"}
+    assert set(got["rows"]) == rows
+    assert all(r["s_per_step"] is not None for r in got["rows"].values())
+    assert set(got["generation"]) == {"bare", "fused", "unfused", "switch_fused_s"}
+    assert got["ratios"]["plp_k0_over_lora_step"] is not None and got["ratios"]["plp_k3_over_k0_step"] is not None
+    # an fp16 file is about half the fp32 one
+    assert got["adapter_file_MB"]["fp16"] < 0.6 * got["adapter_file_MB"]["fp32"]
+    assert got["weights_dtype"] == "float32" and got["arch"] == arch
