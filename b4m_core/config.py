@@ -157,6 +157,7 @@ class TrainConfig:
     # "split" sends the content references' loss to the content half only and the style
     # references' to the style half only (the break stage's separation, kept while fusing).
     make_routing: Literal["joint", "split"] = "joint"
+    make_style_weight: float = 1.0  # the make stage's style-reference loss, relative to the content's
     # images without a caption: "auto" has the base model's captioner describe them (where it
     # has one), "template" trains them on the model's prompt template alone
     captions: Literal["auto", "template"] = "auto"
@@ -201,6 +202,8 @@ class TrainConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.prior_images < 1 or self.prior_loss_weight < 0:
             raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
+        if self.make_style_weight <= 0:
+            raise ConfigError(f"make_style_weight must be > 0, got {self.make_style_weight}")
         if self.make_routing not in MAKE_ROUTINGS:
             raise ConfigError(f"make_routing must be one of {MAKE_ROUTINGS}, got {self.make_routing!r}")
         if self.routing not in ROUTINGS:

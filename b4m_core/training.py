@@ -660,7 +660,7 @@ class MakeStage:
             layer.primary = self.fused.plp.half_for("content")
         groups = [
             RowGroup(_samples(base, self.content_set, res, cfg), cfg.batch_size, 1.0, True),
-            RowGroup(_samples(base, self.style_set, res, cfg), cfg.batch_size, 1.0, False),
+            RowGroup(_samples(base, self.style_set, res, cfg), cfg.batch_size, cfg.make_style_weight, False),
         ]
         params = [{"params": [p for l in self.layers.values() for p in (l.B, l.D)]}]
         self.session = TrainingSession(

@@ -84,6 +84,7 @@ class Settings:
     basis_scale: str | None = None
     routing: str = "strict"
     make_routing: str = "joint"  # joint (the paper) | split (each reference set trains its own half)
+    make_style_weight: float = 1.0  # the make stage's style-reference loss relative to the content's
     random_flip: bool = False  # every training run mirrors references left-right at random
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
@@ -192,7 +193,7 @@ DRAW_ONLY = frozenset(
 # settings a break-stage adapter does not depend on (the make stage's and the baselines')
 NOT_BREAK = frozenset(
     {"make_steps", "make_batch_size", "make_learning_rate", "lora_steps", "joint_steps", "ziplora_steps"}
-    | {"lora_learning_rate", "make_routing"}
+    | {"lora_learning_rate", "make_routing", "make_style_weight"}
 )
 
 
@@ -419,6 +420,7 @@ class QualityBench:
                                 lr=s.make_learning_rate,
                                 batch_size=s.make_batch_size,
                                 make_routing=s.make_routing,
+                                make_style_weight=s.make_style_weight,
                             ),
                         ),
                     )
