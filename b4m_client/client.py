@@ -17,6 +17,8 @@ from b4m_contract.schemas import (
     Accepted,
     AssetList,
     AssetOut,
+    BaseModelList,
+    BaseModelOut,
     FusionList,
     FusionOut,
     GenerateDone,
@@ -491,6 +493,10 @@ class Client:
     def webhook_secret(self) -> str:
         """This tenant's webhook signing secret (`whsec_...`), for `verify_webhook`."""
         return self._request("GET", "/webhooks/secret").json()["secret"]
+
+    def base_models(self) -> list[BaseModelOut]:
+        """The base models uploads may name, with the training defaults a run on each gets."""
+        return BaseModelList.model_validate(self._request("GET", "/base-models").json()).items
 
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()

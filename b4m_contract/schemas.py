@@ -301,6 +301,21 @@ class GenerationList(BaseModel):
     offset: int
 
 
+class BaseModelOut(BaseModel):
+    name: str = Field(description="what `base_model` in an upload names")
+    source: str = Field(description="where workers load it from: a local diffusers folder or a hub id")
+    default: bool = Field(description="used by uploads that name none")
+    arch: str | None = Field(description="sd1, sd2, sdxl or micro; null when its files are not on the API's machine")
+    defaults: dict = Field(
+        description="training settings a run gets where the request names none: the architecture's, "
+        "under the model's own b4m_defaults.json"
+    )
+
+
+class BaseModelList(BaseModel):
+    items: list[BaseModelOut]
+
+
 class WebhookSecretOut(BaseModel):
     secret: str = Field(
         description="this tenant's signing key: verify `webhook-signature` = v1,base64(HMAC-SHA256("

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import DiffusionPipeline
 
-from .config import ConfigError, PLPConfig, TrainConfig
+from .config import ARCH_DEFAULTS, ConfigError, PLPConfig, TrainConfig
 
 if TYPE_CHECKING:
     from .data import Concept
@@ -68,25 +68,6 @@ TRAIN_DEFAULT_KEYS = {
 for _keys in TRAIN_DEFAULT_KEYS.values():  # memory and speed settings, the same for both stages
     _keys |= {"mixed_precision": ("mixed_precision",), "gradient_checkpointing": ("gradient_checkpointing",)}
 
-# Defaults by architecture, under what a model's own `b4m_defaults.json` says. SDXL: the
-# paper's settings (rank 64, rate 1e-4, batch 1), rho 0.5 and MCP k = 3, bf16 autocast and
-# gradient checkpointing (a k = 3 break step at 1024 px: 35 GiB without, 10 GiB with, on
-# an H100; docs/bench). SD 1/2: mixed precision only. Off CUDA both train in fp32.
-ARCH_DEFAULTS: dict[str, dict] = {
-    "sdxl": {
-        "rank": 64,
-        "rho": 0.5,
-        "learning_rate": 1e-4,
-        "break_steps": 500,
-        "make_steps": 50,
-        "batch_size": 1,
-        "aux_sets": 3,
-        "mixed_precision": "auto",
-        "gradient_checkpointing": True,
-    },
-    "sd1": {"mixed_precision": "auto"},
-    "sd2": {"mixed_precision": "auto"},
-}
 
 
 @dataclass

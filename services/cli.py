@@ -115,6 +115,9 @@ def _add_server(sub) -> None:
         x = jsub.add_parser(name, help=text)
         x.add_argument("job_id")
         _server_flags(x)
+    p = sub.add_parser("base-models", help="the base models a server's uploads may name, with their defaults")
+    p.add_argument("--json", action="store_true")
+    _server_flags(p)
 
 
 def _amend(parsers: dict) -> None:
@@ -286,6 +289,22 @@ def cmd_asset(args):
             else _table(rows, ["id", "name", "word", "token", "status", "adapter_id", "images"])
         )
         return 0
+
+
+@_server_errors
+def cmd_base_models(args):
+    with _client(args) as c:
+        models = c.base_models()
+    if args.json:
+        print(json.dumps([m.model_dump() for m in models], indent=2))
+        return 0
+    rows = [
+        {"name": m.name + (" (default)" if m.default else ""), "arch": m.arch or "?", "source": m.source}
+        | {k: m.defaults.get(k, "") for k in ("rank", "break_steps", "learning_rate", "mixed_precision")}
+        for m in models
+    ]
+    print(_table(rows, ["name", "arch", "rank", "break_steps", "learning_rate", "mixed_precision", "source"]))
+    return 0
 
 
 @_server_errors
@@ -602,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
             "content": cmd_asset,
             "style": cmd_asset,
             "jobs": cmd_jobs,
+            "base-models": cmd_base_models,
             "fuse": cmd_fuse,
             "generate": cmd_generate,
             "export": cmd_export,

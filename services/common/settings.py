@@ -36,7 +36,9 @@ class Settings(BaseSettings):
     s3_secret_key: str | None = None
     base_model: str = Field("micro", description="default base model for new assets")
     base_models: str | None = Field(
-        None, description="comma-separated base models a request may name (default: base_model and micro)"
+        None,
+        description="comma-separated base models a request may name, each NAME=SOURCE (a local diffusers "
+        "folder or a hub id in the local cache) or a SOURCE alone (named by itself); default: base_model and micro",
     )
     mixed_precision: Literal["no", "auto", "fp16", "bf16"] | None = Field(
         None, description="worker: training autocast on CUDA (default: the base model's: auto for SD and SDXL)"
@@ -93,18 +95,38 @@ class Settings(BaseSettings):
     orphan_sweep_every_s: float = Field(3600.0, gt=0, description="how often the reconciler looks for orphans")
     requeue_grace_s: float = Field(30.0, description="a queued job missing from the broker this long is re-sent")
 
+    def base_model_table(self) -> dict[str, str]:
+        """name -> source (a local folder, normalised, or a hub id) of every base model requests
+        may name: `base_models`' entries, else `base_model` and micro."""
+        table: dict[str, str] = {}
+        for entry in (self.base_models or "").split(","):
+            if not entry.strip():
+                continue
+            name, sep, source = entry.partition("=")
+            source = normalize_base_model(source if sep else name)
+            table[name.strip() if sep else source] = source
+        if not table:
+            default = normalize_base_model(self.base_model)
+            table = {default: default, "micro": "micro"}
+        return table
+
     def allowed_base_model(self, name: str) -> str | None:
-        """`name` as stored (paths normalised: `/m//` and `/m/./` are `/m`) if requests may
-        name it, else None. A worker loads each distinct name: an open list would let any
-        tenant fill its memory, and its errors would tell which paths exist on it."""
+        """`name` as stored if requests may name it (a configured name, or the source of one:
+        paths normalised, `/m//` and `/m/./` are `/m`), else None. A worker loads each distinct
+        model: an open list would let any tenant fill its memory, and its errors would tell
+        which paths exist on it."""
+        table = self.base_model_table()
         normal = normalize_base_model(name)
-        allowed = {normalize_base_model(n) for n in (self.base_models or "").split(",") if n.strip()}
-        allowed = allowed or {normalize_base_model(self.base_model), "micro"}
-        return normal if normal in allowed else None
+        if normal in table:
+            return normal
+        return next((n for n, source in table.items() if source == normal), None)
 
     def allowed_base_models(self) -> list[str]:
-        names = [n.strip() for n in (self.base_models or "").split(",") if n.strip()]
-        return sorted({normalize_base_model(n) for n in names} or {normalize_base_model(self.base_model), "micro"})
+        return sorted(self.base_model_table())
+
+    def base_model_source(self, name: str) -> str:
+        """Where the worker loads the base model stored as `name` from."""
+        return self.base_model_table().get(name, name)
 
     @property
     def request_byte_cap(self) -> int:

@@ -7,6 +7,7 @@ the job row and the object store, so a redelivered job resumes where it stopped.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import random
@@ -14,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import torch
 from sqlalchemy import select
 
 from b4m_contract.jobs import AssetKind, JobStatus, JobType
@@ -62,9 +64,14 @@ class WorkerContext:
             old = next(iter(self.bases))
             del self.bases[old]
             self.generators.pop(old, None)
+            gc.collect()  # the pipeline's tensors go now, and CUDA's cache gives the memory back
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             log.info("base model %s unloaded (max_loaded_bases=%d)", old, self.settings.max_loaded_bases)
-        self.bases[name] = load_base(name, device=self.settings.device)
-        return self.bases[name]
+        base = load_base(self.settings.base_model_source(name), device=self.settings.device)
+        base.model_id = name  # adapters record the configured name, not where this worker found it
+        self.bases[name] = base
+        return base
 
     def training_base(self, name: str) -> BaseModel:
         """The base model as loaded, for a training job: the adapter a generation left merged

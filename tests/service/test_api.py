@@ -658,6 +658,47 @@ def test_base_models_come_from_the_allowed_list_normalised(api, tmp_path):
     app.state.runtime.queue.join()
 
 
+def test_base_models_are_configured_by_name_and_listed_with_their_defaults(
+    db_url, tmp_path, tiny_sd_path, tiny_sdxl_path
+):
+    """`B4M_BASE_MODELS=name=source,...`: GET /base-models lists each with its architecture and
+    the defaults a run gets (read from its files); uploads name it (or its source) and are
+    stored under the name; the worker loads it from the source; anything else is 422."""
+    from services.common.models import Adapter as AdapterRow
+
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url=db_url,
+        base_models=f"xl-test={tiny_sdxl_path}, {tiny_sd_path}",
+        base_model="xl-test",
+        device="cpu",
+    )
+    with TestClient(create_app(settings)) as client:
+        listed = {m["name"]: m for m in client.get("/base-models").json()["items"]}
+        assert set(listed) == {"xl-test", str(tiny_sd_path)}
+        xl, sd = listed["xl-test"], listed[str(tiny_sd_path)]
+        assert (xl["source"], xl["arch"], xl["default"]) == (str(tiny_sdxl_path), "sdxl", True)
+        # SDXL's architecture defaults under the folder's own b4m_defaults.json
+        assert xl["defaults"]["rank"] == 4 and xl["defaults"]["gradient_checkpointing"] is True
+        assert xl["defaults"]["mixed_precision"] == "auto" and xl["defaults"]["learning_rate"] == 1e-3
+        assert (sd["arch"], sd["default"], sd["defaults"]) == ("sd1", False, {"mixed_precision": "auto"})
+        files = [("images", ("a.png", png(0), "image/png"))]
+        for bad in ("micro", "/etc", "xl"):
+            r = client.post("/contents", files=files, data={"class_word": "d", "name": "n", "base_model": bad})
+            assert r.status_code == 422 and "xl-test" in r.json()["detail"], bad
+        assert client.get("/jobs").json()["total"] == 0
+        ids = []
+        for named in (None, str(tiny_sdxl_path) + "/."):  # the default, and the source's spelling
+            data = {"class_word": "d", "name": "n", "steps": "1"} | ({"base_model": named} if named else {})
+            r = client.post("/contents", files=files, data=data)
+            assert r.status_code == 202, r.text
+            assert client.get(f"/contents/{r.json()['id']}").json()["base_model"] == "xl-test"
+            assert wait_job(client, r.json()["job_id"])["status"] == "succeeded"
+            ids.append(client.get(f"/contents/{r.json()['id']}").json()["adapter_id"])
+        with client.app.state.runtime.sessions() as s:
+            assert {s.get(AdapterRow, i).meta["base_model"] for i in ids} == {"xl-test"}
+
+
 def test_the_worker_keeps_a_bounded_number_of_base_models(tmp_path, tiny_sd_path, tiny_sdxl_path):
     from services.worker.runner import WorkerContext
 

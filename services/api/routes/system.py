@@ -9,13 +9,28 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from b4m_contract.schemas import ReadyOut, WebhookSecretOut
+from b4m_contract.schemas import BaseModelList, BaseModelOut, ReadyOut, WebhookSecretOut
+from b4m_core.base_info import model_facts
 
 from ..deps import RuntimeDep, TenantId
 from ..openapi import errors
 from ..webhooks import tenant_secret
 
 router = APIRouter()
+
+
+@router.get("/base-models", tags=["base models"], response_model=BaseModelList, responses=errors(401))
+def list_base_models(tenant: TenantId, rt: RuntimeDep) -> BaseModelList:
+    """The base models uploads may name (`B4M_BASE_MODELS`), each with the training defaults
+    a run on it gets (read from its files; nothing is loaded)."""
+    settings = rt.settings
+    default = settings.allowed_base_model(settings.base_model)
+    return BaseModelList(
+        items=[
+            BaseModelOut(name=name, source=source, default=name == default, **model_facts(source))
+            for name, source in sorted(settings.base_model_table().items())
+        ]
+    )
 
 
 @router.get("/healthz", tags=["ops"])
