@@ -69,7 +69,6 @@ for _keys in TRAIN_DEFAULT_KEYS.values():  # memory and speed settings, the same
     _keys |= {"mixed_precision": ("mixed_precision",), "gradient_checkpointing": ("gradient_checkpointing",)}
 
 
-
 @dataclass
 class BaseModel:
     """A loaded pipeline plus the facts about it adapters are checked against."""

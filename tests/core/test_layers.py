@@ -194,3 +194,26 @@ def test_basis_scale_is_part_of_the_bases_and_is_checked():
     assert torch.allclose(a1 / a1.norm(), a2 / a2.norm(), atol=1e-6)
     with pytest.raises(ConfigError):
         PLPConfig(basis_scale="big")
+
+
+def test_bases_are_drawn_once_per_process_and_handed_out_as_copies():
+    """A second run on the same model skips the draws (same bits); a caller writing into its
+    bases (loading an adapter's) does not change what the next caller gets."""
+    from b4m_core.layers import _cached_bases
+
+    cfg = PLPConfig(rank=8, rho=0.5, basis_seed=123)
+    _cached_bases.cache_clear()
+    a1, c1 = make_bases(cfg, "layer.x", 40, 24)
+    a2, c2 = make_bases(cfg, "layer.x", 40, 24)
+    assert torch.equal(a1, a2) and torch.equal(c1, c2)
+    assert _cached_bases.cache_info().hits == 1 and _cached_bases.cache_info().misses == 1
+    a1.zero_()
+    a3, _ = make_bases(cfg, "layer.x", 40, 24)
+    assert torch.equal(a3, a2) and a3.abs().sum() > 0
+    # another seed or shape is another draw
+    assert not torch.equal(make_bases(PLPConfig(rank=8, rho=0.5, basis_seed=124), "layer.x", 40, 24)[0], a2)
+    # principal bases depend on the weights: drawn every time, never cached
+    w = torch.randn(40, 24)
+    before = _cached_bases.cache_info().currsize
+    make_bases(PLPConfig(rank=8, rho=0.5, basis_mode="principal"), "layer.x", 40, 24, w)
+    assert _cached_bases.cache_info().currsize == before
