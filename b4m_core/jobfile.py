@@ -50,8 +50,8 @@ seed = 0
 # aux_sets = 3                  # MCP sets from the model's bank when no aux folders (0: none)
 # aux = ["out/images/aux_pastel"]   # or your own auxiliary sets of the other kind
 # routing = "strict"            # or "released"
-# mixed_precision = "bf16"      # CUDA only
-# gradient_checkpointing = true
+# mixed_precision = "auto"      # CUDA only: bf16 where supported, else fp16 (default: the model's)
+# gradient_checkpointing = true # default: the model's (on for SDXL)
 # checkpoint_every = 100
 
 [data]
