@@ -134,9 +134,7 @@ def build(arch: str, device: torch.device, dtype: torch.dtype) -> BaseModel:
     """The pipeline from configs, random weights, as a loaded BaseModel."""
     toy, sdxl = arch.startswith("toy-"), arch.endswith("sdxl")
     torch.manual_seed(0)
-    unet_cfg = {("sdxl", False): SDXL_UNET, ("sdxl", True): TOY_SDXL_UNET}.get(
-        ("sdxl" if sdxl else "sd15", toy), TOY_SD15_UNET if toy else SD15_UNET
-    )
+    unet_cfg = {"sdxl": SDXL_UNET, "toy-sdxl": TOY_SDXL_UNET, "sd15": SD15_UNET, "toy-sd15": TOY_SD15_UNET}[arch]
     unet = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_cfg)
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1

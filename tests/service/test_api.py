@@ -44,6 +44,16 @@ def post_asset(client, kind, seed, **extra):
     return client.post(f"/{kind}s", files=files, data=data)
 
 
+def train_and_fuse(client) -> list[str]:
+    """A content and a style trained (2 steps) and fused (1 step): their three adapter ids."""
+    jobs = [post_asset(client, kind, seed).json() for kind, seed in (("content", 0), ("style", 5))]
+    assert all(wait_job(client, j["job_id"])["status"] == "succeeded" for j in jobs)
+    r = client.post("/fusions", json={"content_id": jobs[0]["id"], "style_id": jobs[1]["id"], "steps": 1})
+    assert wait_job(client, r.json()["job_id"])["status"] == "succeeded"
+    ids = [client.get(f"/{k}s/{j['id']}").json()["adapter_id"] for k, j in zip(("content", "style"), jobs)]
+    return ids + [client.get(f"/fusions/{r.json()['id']}").json()["adapter_id"]]
+
+
 def test_train_fuse_generate_over_http(api):
     client, app = api
     r = post_asset(client, "content", 0, captions=["a {content} on a lawn", ""])  # one captioned, one not
@@ -768,11 +778,7 @@ def test_the_worker_can_store_adapters_in_fp16(db_url, tmp_path, tiny_sd_path):
         data_dir=tmp_path, database_url=db_url, base_model=str(tiny_sd_path), device="cpu", adapter_dtype="fp16"
     )
     with TestClient(create_app(settings)) as client:
-        jobs = [post_asset(client, kind, seed).json() for kind, seed in (("content", 0), ("style", 5))]
-        assert all(wait_job(client, j["job_id"])["status"] == "succeeded" for j in jobs)
-        r = client.post("/fusions", json={"content_id": jobs[0]["id"], "style_id": jobs[1]["id"], "steps": 1})
-        assert wait_job(client, r.json()["job_id"])["status"] == "succeeded"
-        adapter_id = client.get(f"/fusions/{r.json()['id']}").json()["adapter_id"]
+        adapter_id = train_and_fuse(client)[-1]
         for dtype, want in (("fp16", "F16"), ("fp32", "F32")):
             data = client.get(f"/adapters/{adapter_id}/download", params={"format": "b4m", "dtype": dtype}).content
             path = tmp_path / f"{dtype}.safetensors"
@@ -804,12 +810,7 @@ def test_the_worker_trains_sdxl_with_its_memory_defaults(db_url, tmp_path, tiny_
         gradient_checkpointing=override,
     )
     with TestClient(create_app(settings)) as client:
-        jobs = [post_asset(client, kind, seed).json() for kind, seed in (("content", 0), ("style", 5))]
-        assert all(wait_job(client, j["job_id"])["status"] == "succeeded" for j in jobs)
-        r = client.post("/fusions", json={"content_id": jobs[0]["id"], "style_id": jobs[1]["id"], "steps": 1})
-        assert wait_job(client, r.json()["job_id"])["status"] == "succeeded"
-        ids = [client.get(f"/{k}s/{j['id']}").json()["adapter_id"] for k, j in zip(("content", "style"), jobs)]
-        ids.append(client.get(f"/fusions/{r.json()['id']}").json()["adapter_id"])
+        ids = train_and_fuse(client)
         with client.app.state.runtime.sessions() as s:
             facts = [s.get(AdapterRow, i).meta["extra"]["training"] for i in ids]
     expect = {"precision": "no", "gradient_checkpointing": override is None}
