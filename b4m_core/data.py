@@ -35,6 +35,10 @@ class Concept:
     token: str | None = None  # None: the default identifier; "" : none (a concept the model knows)
     captions: list[str | None] = field(default_factory=list)
     template: str = ""
+    # whether prompts name the concept with its word after the identifier ("sks dog", the
+    # DreamBooth convention) or with the identifier alone: a base model's choice
+    # (`phrase_with_word` in b4m_defaults.json), for models whose grammar has no such word
+    with_word: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("content", "style"):
@@ -53,7 +57,13 @@ class Concept:
 
     @property
     def phrase(self) -> str:
-        return concept_phrase(self.token, self.word)
+        return concept_phrase(self.token, self.phrase_word)
+
+    @property
+    def phrase_word(self) -> str:
+        """The word that follows the identifier in prompts ("" when the identifier stands alone);
+        an adapter records it, so that prompts expand the way it trained."""
+        return self.word if self.with_word else ""
 
     def texts(self) -> list[str]:
         """One training text per image with `{content}` / `{style}` where the concept goes: the

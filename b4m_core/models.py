@@ -101,7 +101,10 @@ class BaseModel:
     def describe(self, concept: Concept, use_captioner: bool = True) -> Concept:
         """The concept as this model trains on it: images that came without a caption get one
         from the model's captioner, or else the model's own prompt template for the kind
-        (`templates` in `b4m_defaults.json`: the phrasing its text encoder knows)."""
+        (`templates` in `b4m_defaults.json`: the phrasing its text encoder knows). A model
+        whose defaults say `"phrase_with_word": false` names the concept by its identifier alone."""
+        if self.recommended.get("phrase_with_word") is False:
+            concept = replace(concept, with_word=False)
         missing = [i for i, c in enumerate(concept.captions) if not c]
         if not missing:
             return concept

@@ -496,7 +496,7 @@ class BreakStage:
             alpha=self.plp.alpha,
             plp=self.plp,
             tokens={c.kind: c.token},
-            words={c.kind: c.word},
+            words={c.kind: c.phrase_word},
             steps=self.cfg.steps,
             seed=self.cfg.seed,
             extra={
@@ -601,15 +601,18 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
 
 
 def _concept_for(adapter: Adapter, concept: Concept) -> Concept:
-    """The reference set, named with the identifier and word the adapter learnt."""
+    """The reference set, named with the identifier and word the adapter learnt (an empty
+    word: the adapter learnt its identifier alone)."""
     kind = concept.kind
+    learnt = adapter.words.get(kind)
     return Concept(
         kind=kind,
         images=concept.images,
         captions=concept.captions,
         template=concept.template,
-        word=adapter.words.get(kind, concept.word),
+        word=learnt or concept.word,
         token=adapter.tokens.get(kind, concept.token),
+        with_word=concept.with_word if learnt is None else bool(learnt),
     )
 
 
@@ -725,7 +728,7 @@ class LoRAStage:
                 rank=self.rank,
                 alpha=self.alpha,
                 tokens={c.kind: c.token for c in self.concepts},
-                words={c.kind: c.word for c in self.concepts},
+                words={c.kind: c.phrase_word for c in self.concepts},
                 steps=self.cfg.steps,
                 seed=self.cfg.seed,
                 extra={"targets": self.targets},

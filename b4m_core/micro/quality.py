@@ -89,6 +89,9 @@ class Settings:
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
+    # the words each concept is named with beside its identifier ("fsv shape", "rbq pattern"):
+    # user (the class / style word a user would type) | none (the identifier alone)
+    concept_words: str = "user"
     lora_steps: int | None = None  # None: the break stage's steps (same budget)
     joint_steps: int | None = None
     ziplora_steps: int = 100
@@ -327,9 +330,12 @@ class QualityBench:
     def refs(self, s: Settings) -> dict:
         """The reference sets as this row trains on them: with the shipped hand-written
         captions, or with none (as an upload without captions reaches the service)."""
+        refs = self.sidecar
+        if s.concept_words == "none":
+            refs = {k: replace(c, with_word=False) for k, c in refs.items()}
         if s.captions == "sidecar":
-            return self.sidecar
-        return {k: replace(c, captions=[None] * len(c.images)) for k, c in self.sidecar.items()}
+            return refs
+        return {k: replace(c, captions=[None] * len(c.images)) for k, c in refs.items()}
 
     def _time(self, key: str, fn):
         t = time.perf_counter()
