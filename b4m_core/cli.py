@@ -440,7 +440,9 @@ def cmd_fuse(args) -> None:
     cset = load_concept(
         "content", args.content_images, content.words.get("content") or "thing", token=content.tokens.get("content")
     )
-    sset = load_concept("style", args.style_images, style.words.get("style") or "style", token=style.tokens.get("style"))
+    sset = load_concept(
+        "style", args.style_images, style.words.get("style") or "style", token=style.tokens.get("style")
+    )
     base = load_base(args.base or content.base_model, device=args.device)
     if args.method == "joint":  # one LoRA trained from scratch on both sets: a break stage's budget
         cfg = _train_config(args, base, "break", train_token_embedding=False)
