@@ -1,7 +1,7 @@
 """The ceiling of issue 12's fused pairs: one plain LoRA trained on renders of the answer.
 
     python bench/micro_oracle.py [--split dev] [--steps 250] [--batch 1] [--lr 5e-3] [--rank 16]
-        [--images 4] [--seed 1] [--out docs/quality/dev/oracle.json] [--grid grid.png]
+        [--images 4] [--seed 1] [--pairs N] [--out docs/quality/dev/oracle.json] [--grid grid.png]
 
 For every content x style pair of the split, the world renders the pair itself (the held-out
 shape painted in the held-out pattern, large and centred on random backgrounds, as the
@@ -47,7 +47,7 @@ def pair_concept(content: str, style: str, images: int, seed: int) -> tuple[Conc
     return concept, cphrase, sphrase
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="dev", choices=sorted(SPLITS))
     ap.add_argument("--steps", type=int, default=250)
@@ -56,10 +56,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--images", type=int, default=4, help="renders of each pair")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=0, help="only the first N pairs (0: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="one row per pair: its drawings")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     base = load_base("micro", device="cpu")
@@ -67,18 +68,18 @@ def main() -> None:
     bench = QualityBench(base, list(contents), list(styles), Settings(seed=args.seed))
     cfg = TrainConfig(steps=args.steps, learning_rate=args.lr, batch_size=args.batch, seed=args.seed)
     cells, rows, seconds = {}, [], []
-    for c in contents:
-        for s in styles:
-            concept, cphrase, sphrase = pair_concept(c, s, args.images, args.seed)
-            t = time.perf_counter()
-            adapter = train_concept(base, concept, "lora", plp=PLPConfig(rank=args.rank), cfg=cfg)
-            seconds.append(time.perf_counter() - t)
-            attrs = EVAL_ATTRIBUTES[: bench.s.images_per_pair]
-            prompts = [eval_prompt(*a).format(content=cphrase, style=sphrase) for a in attrs]
-            images = bench._draw(adapter, prompts, args.seed)
-            cells[f"{c}|{s}"] = bench.score(images, attrs, c, s)["probe"]
-            rows.append(images)
-            print(c, s, {k: round(v, 3) for k, v in cells[f"{c}|{s}"].items()}, f"{seconds[-1]:.0f} s", flush=True)
+    pairs = [(c, s) for c in contents for s in styles][: args.pairs or None]
+    for c, s in pairs:
+        concept, cphrase, sphrase = pair_concept(c, s, args.images, args.seed)
+        t = time.perf_counter()
+        adapter = train_concept(base, concept, "lora", plp=PLPConfig(rank=args.rank), cfg=cfg)
+        seconds.append(time.perf_counter() - t)
+        attrs = EVAL_ATTRIBUTES[: bench.s.images_per_pair]
+        prompts = [eval_prompt(*a).format(content=cphrase, style=sphrase) for a in attrs]
+        images = bench._draw(adapter, prompts, args.seed)
+        cells[f"{c}|{s}"] = bench.score(images, attrs, c, s)["probe"]
+        rows.append(images)
+        print(c, s, {k: round(v, 3) for k, v in cells[f"{c}|{s}"].items()}, f"{seconds[-1]:.0f} s", flush=True)
     summary = {}
     for k in ("content", "style", "prompt", "average"):
         vals = np.array([v[k] for v in cells.values()])
@@ -102,6 +103,7 @@ def main() -> None:
             for x, im in enumerate(row):
                 grid.paste(im, (x * w, y * h))
         grid.save(args.grid)
+    return report
 
 
 if __name__ == "__main__":
