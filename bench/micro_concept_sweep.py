@@ -26,7 +26,7 @@ import torch
 from b4m_core import training
 from b4m_core.layers import LoRALinear
 from b4m_core.micro.bank import aux_bank
-from b4m_core.micro.quality import QualityBench, Settings, bootstrap, setting_changes
+from b4m_core.micro.quality import QualityBench, Settings, bootstrap, save_rows, setting_changes
 from b4m_core.micro.world import SPLITS
 from b4m_core.models import load_base
 from b4m_core.training import train_concept
@@ -48,19 +48,6 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     method = [i.partition("=")[2] for i in items if i.startswith("method=")]
     out = setting_changes([i for i in items if not i.startswith("method=")])
     return name, out | ({"method": method[0]} if method else {})
-
-
-def save_strips(rows: list[list], path: Path) -> None:
-    """Each concept's drawings as one row of a grid (concepts in the order trained)."""
-    from PIL import Image
-
-    w, h = rows[0][0].size
-    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-    for y, row in enumerate(rows):
-        for x, im in enumerate(row):
-            grid.paste(im, (x * w, y * h))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
 
 
 def main() -> None:
@@ -132,7 +119,7 @@ def main() -> None:
             flush=True,
         )
         if args.strips:
-            save_strips(drawn, Path(args.strips) / f"{name}.png")
+            save_rows(drawn, Path(args.strips) / f"{name}.png")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)

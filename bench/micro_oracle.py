@@ -25,7 +25,7 @@ import torch
 
 from b4m_core.config import PLPConfig, TrainConfig
 from b4m_core.data import Concept, concept_phrase
-from b4m_core.micro.quality import EVAL_ATTRIBUTES, QualityBench, Settings, bootstrap, eval_prompt
+from b4m_core.micro.quality import EVAL_ATTRIBUTES, QualityBench, Settings, bootstrap, eval_prompt, save_rows
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD
 from b4m_core.micro.world import BACKGROUNDS, SPLITS, Scene, render
 from b4m_core.models import load_base
@@ -93,16 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.grid:
-        from PIL import Image
-
-        w, h = rows[0][0].size
-        grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
-        for y, row in enumerate(rows):
-            for x, im in enumerate(row):
-                grid.paste(im, (x * w, y * h))
-        grid.save(args.grid)
+        save_rows(rows, args.grid)
     return report
 
 

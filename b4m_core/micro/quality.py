@@ -691,6 +691,17 @@ def write_table(results: dict, path: Path) -> str:
     return text
 
 
+def save_rows(rows: list[list[Image.Image]], path: str | Path) -> None:
+    """Rows of drawings (one row per concept or pair) as one grid image."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im, (x * w, y * h))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
 def write_grid(cells: dict, pairs: list, path: Path) -> None:
     """Rows: pairs; columns: methods; each cell the pair's first two images side by side."""
     names = list(cells)

@@ -25,8 +25,12 @@ def test_oracle_trains_on_renders_of_the_pair_and_scores_them(tmp_path):
     reads = predict(load_probe()[0], concept.images)  # the renders are the answer itself
     assert sum(r["content"] == "fish" and r["style"] == "leopard" for r in reads) >= 3
 
-    out = tmp_path / "oracle.json"
-    report = oracle.main(["--pairs", "1", "--steps", "1", "--images", "2", "--out", str(out), "--threads", "1"])
+    out, grid = tmp_path / "new" / "oracle.json", tmp_path / "new" / "oracle.png"
+    argv = ["--pairs", "1", "--steps", "1", "--images", "2", "--out", str(out), "--grid", str(grid), "--threads", "1"]
+    report = oracle.main(argv)
+    from PIL import Image
+
+    assert Image.open(grid).size == (64 * 4, 64)  # one row: the pair's four drawings
     saved = json.loads(out.read_text())
     assert list(saved["pairs"]) == ["fish|rainbow"] and saved == json.loads(json.dumps(report))
     for k in ("content", "style", "prompt", "average"):
