@@ -47,6 +47,17 @@ class GenerationRequest:
     height: int | None = None
     num_images: int = 1
     scheduler: str = "default"  # a name in SCHEDULERS
+    # a B4M adapter's halves over the sampling steps, as fractions of them (like diffusers'
+    # control_guidance_start / _end): the content half is applied until `content_end`, the
+    # style half from `style_start`. Shape is settled in the early, noisy steps and texture in
+    # the late ones, so ending the content half early keeps it from painting its references'
+    # colours over the style.
+    content_end: float = 1.0
+    style_start: float = 0.0
+
+    @property
+    def scheduled(self) -> bool:
+        return (self.content_end, self.style_start) != (1.0, 0.0)
 
     def validate(self, base: BaseModel) -> None:
         if self.scheduler not in SCHEDULERS:
@@ -57,6 +68,9 @@ class GenerationRequest:
             raise ConfigError("num_images must be between 1 and 16")
         if not 0.0 <= self.guidance <= 50.0:
             raise ConfigError("guidance must be between 0 and 50")
+        for label, v in (("content_end", self.content_end), ("style_start", self.style_start)):
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"{label} must be between 0 and 1, got {v}")
         step = int(base.pipe.vae_scale_factor)
         for label, v in (("width", self.width), ("height", self.height)):
             if v is not None and (v < step or v > 4096 or v % 8):
@@ -71,6 +85,7 @@ class Generator:
         self.merged = MergedWeights(base.unet)
         self.adapter: Adapter | None = None
         self.fused = False
+        self.halves = (1.0, 1.0, 1.0)  # strength, content_scale, style_scale of the current adapter
         self.token_hooks = IdentifierEmbeddings(base.pipe, {})
         self.default_scheduler = base.pipe.scheduler
         self.schedulers: dict[str, object] = {}
@@ -126,6 +141,25 @@ class Generator:
             else:
                 self._apply_unfused(updates)
         self.adapter, self.fused = adapter, fuse and adapter is not None
+        self.halves = (strength, content_scale, style_scale)
+
+    def _set_halves(self, content_scale: float, style_scale: float) -> None:
+        """Re-apply the current adapter with its halves scaled (a schedule's step)."""
+        strength = self.halves[0]
+        parts = self.adapter.low_rank(content_scale, style_scale)
+        updates = {n: (up, down, scale * strength) for n, (up, down, scale) in parts.items()}
+        if self.fused:
+            self.merged.merge(updates)
+        else:
+            self._apply_unfused(updates)
+
+    def _half_schedule(self, req: GenerationRequest) -> list[tuple[float, float]]:
+        """Per sampling step, the (content, style) scales a scheduled request draws with."""
+        if self.adapter is None or self.adapter.method != "b4m":
+            raise ConfigError("content_end and style_start need a B4M (PLP) adapter")
+        _, content, style = self.halves
+        c_end, s_start = round(req.content_end * req.steps), round(req.style_start * req.steps)
+        return [(content if i < c_end else 0.0, style if i >= s_start else 0.0) for i in range(req.steps)]
 
     def _apply_unfused(self, updates: dict) -> None:
         unet = self.base.unet
@@ -168,6 +202,20 @@ class Generator:
                     f"scheduler {req.scheduler} gives repeated timesteps on this model's noise schedule at "
                     f"{req.steps} steps: use dpmpp_2m or another scheduler"
                 )
+        schedule = self._half_schedule(req) if req.scheduled else None
+        extra = {}
+        if schedule:
+            current = [schedule[0]]
+            self._set_halves(*current[0])
+
+            def on_step_end(_pipe, i, _t, kwargs):
+                nxt = schedule[min(i + 1, len(schedule) - 1)]
+                if nxt != current[0]:
+                    self._set_halves(*nxt)
+                    current[0] = nxt
+                return kwargs
+
+            extra["callback_on_step_end"] = on_step_end
         pipe.scheduler = sampler
         try:
             out = pipe(
@@ -179,9 +227,12 @@ class Generator:
                 height=req.height or res,
                 num_images_per_prompt=req.num_images,
                 generator=gen,
+                **extra,
             )
         finally:  # training and the next request start from the model's own
             pipe.scheduler = self.default_scheduler
+            if schedule:  # and the adapter as it was set
+                self._set_halves(*self.halves[1:])
         return list(out.images)
 
 

@@ -115,6 +115,9 @@ class Settings:
     # content_scale / style_scale; 1 = as made)
     content_scale: float = 1.0
     style_scale: float = 1.0
+    # ... and over the sampling steps (generation's content_end / style_start)
+    content_end: float = 1.0
+    style_start: float = 0.0
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -188,7 +191,7 @@ class Settings:
 
 # settings that change how adapters are drawn and scored, not how they are trained
 DRAW_ONLY = frozenset(
-    {"content_scale", "style_scale", "images_per_pair", "single_images", "sample_steps", "guidance", "seeds"}
+    {"content_scale", "style_scale", "content_end", "style_start", "images_per_pair", "single_images", "sample_steps", "guidance", "seeds"}
     | {"adapter_cache"}
 )
 
@@ -487,11 +490,20 @@ class QualityBench:
                     )
         return out, None
 
-    def _draw(self, adapter, prompts: list[str], seed: int, halves: tuple = (1.0, 1.0)) -> list[Image.Image]:
+    def _draw(
+        self, adapter, prompts: list[str], seed: int, halves: tuple = (1.0, 1.0), window: tuple = (1.0, 0.0)
+    ) -> list[Image.Image]:
         self.gen.set_adapter(adapter, fuse=True, content_scale=halves[0], style_scale=halves[1])
         images = []
         for i, prompt in enumerate(prompts):
-            req = GenerationRequest(prompt, seed=seed + i, steps=self.s.sample_steps, guidance=self.s.guidance)
+            req = GenerationRequest(
+                prompt,
+                seed=seed + i,
+                steps=self.s.sample_steps,
+                guidance=self.s.guidance,
+                content_end=window[0],
+                style_start=window[1],
+            )
             images += self._time("generate (per image)", lambda: self.gen.generate(req))
         self.gen.set_adapter(None)
         return images
@@ -499,8 +511,10 @@ class QualityBench:
     def draw(self, adapter, seed: int | None = None) -> tuple[list[Image.Image], list[tuple]]:
         attrs = EVAL_ATTRIBUTES[: self.s.images_per_pair]
         seed = self.s.seed if seed is None else seed
-        halves = (self.s.content_scale, self.s.style_scale) if adapter.method == "b4m" else (1.0, 1.0)
-        return self._draw(adapter, [eval_prompt(*a) for a in attrs], seed, halves), attrs
+        b4m = adapter.method == "b4m"
+        halves = (self.s.content_scale, self.s.style_scale) if b4m else (1.0, 1.0)
+        window = (self.s.content_end, self.s.style_start) if b4m else (1.0, 0.0)
+        return self._draw(adapter, [eval_prompt(*a) for a in attrs], seed, halves, window), attrs
 
     def score(self, images, attrs, content: str, style: str) -> dict:
         reads = predict(self.probe, images)

@@ -255,6 +255,40 @@ def test_content_and_style_scales_act_on_their_own_blocks(fused_adapters, sd):
     gen.set_adapter(None)
 
 
+def test_content_end_and_style_start_schedule_the_halves_over_the_sampling_steps(fused_adapters, sd):
+    """content_end = 0 draws what content_scale = 0 draws, the full window what the adapter
+    draws as made, a window in between something else; the adapter is as set afterwards,
+    merged or not; windows outside [0, 1] or on an adapter without halves are refused."""
+    adapter = fused_adapters["sd"]
+    gen = Generator(sd)
+    req = lambda **kw: GenerationRequest("a {content} in {style} style", seed=3, steps=6, guidance=3.0, **kw)
+    pixels = lambda r: list(gen.generate(r)[0].getdata())
+    weights = lambda: {k: v.clone() for k, v in sd.unet.state_dict().items()}
+    for merge in (True, False):
+        gen.set_adapter(adapter, fuse=merge, content_scale=0.0)
+        no_content = pixels(req())
+        gen.set_adapter(adapter, fuse=merge, style_scale=0.0)
+        no_style = pixels(req())
+        gen.set_adapter(adapter, fuse=merge)
+        as_set = weights()
+        full = pixels(req())
+        assert pixels(req(content_end=0.0)) == no_content
+        assert pixels(req(style_start=1.0)) == no_style
+        halfway = pixels(req(content_end=0.5))
+        assert halfway not in (full, no_content)
+        after = weights()
+        assert all(torch.equal(as_set[k], after[k]) for k in as_set)  # restored after the schedule
+        assert pixels(req()) == full
+    for bad in ({"content_end": 1.5}, {"style_start": -0.1}):
+        with pytest.raises(ConfigError, match="between 0 and 1"):
+            gen.generate(req(**bad))
+    plain = Adapter(kind="fused", method="joint", tensors={}, rank=1, alpha=1.0)
+    gen.set_adapter(plain)
+    with pytest.raises(ConfigError, match="B4M"):
+        gen.generate(GenerationRequest("a cat", content_end=0.5))
+    gen.set_adapter(None)
+
+
 def test_strength_grid_script_draws_a_content_by_style_grid(tmp_path, fused_adapters, tiny_sd_path):
     """bench/strength_grid.py (the README's content-strength x style-strength grid) runs on
     a fused adapter of a non-micro model: a PNG of len(scales)^2 cells, no probe reads."""
