@@ -191,8 +191,8 @@ class Settings:
 
 # settings that change how adapters are drawn and scored, not how they are trained
 DRAW_ONLY = frozenset(
-    {"content_scale", "style_scale", "content_end", "style_start", "images_per_pair", "single_images", "sample_steps", "guidance", "seeds"}
-    | {"adapter_cache"}
+    {"content_scale", "style_scale", "content_end", "style_start", "images_per_pair", "single_images"}
+    | {"sample_steps", "guidance", "seeds", "adapter_cache"}
 )
 
 
