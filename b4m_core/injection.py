@@ -24,6 +24,8 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
 
     `attn`: every attention's q, k, v and output projection (the released code);
     `cross`: cross-attention only (the paper's text);
+    `kv`: cross-attention's key and value projections only (Custom Diffusion's choice): they
+    read only the text, so an update acts per token rather than on every image feature;
     `transformer`: `attn` and the transformer blocks' feed-forward layers (twice the
     parameters of the attention projections in each block).
     """
@@ -36,9 +38,9 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
             continue
         if not isinstance(module, Attention):
             continue
-        if targets == "cross" and not getattr(module, "is_cross_attention", False):
+        if targets in ("cross", "kv") and not getattr(module, "is_cross_attention", False):
             continue
-        for proj in PROJECTIONS:
+        for proj in ("to_k", "to_v") if targets == "kv" else PROJECTIONS:
             layer = module.get_submodule(proj)
             if isinstance(layer, (nn.Linear, LowRankLinear)):
                 names.append(f"{name}.{proj}")

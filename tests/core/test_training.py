@@ -159,12 +159,16 @@ def test_gradient_checkpointing_gives_same_result(sd, concepts, clean):
         assert torch.allclose(a.tensors[k], b.tensors[k], atol=1e-5), k
 
 
-def test_cross_targets_cover_only_cross_attention(sd, concepts, clean):
+def test_cross_and_kv_targets_cover_only_cross_attention(sd, concepts, clean):
     content, *_ = concepts
     a = train_concept(sd, content, plp=PLPConfig(rank=4, targets="cross"), cfg=TrainConfig(steps=1))
     assert a.layer_names and all(".attn2." in n for n in a.layer_names)
     b = train_concept(sd, content, plp=PLPConfig(rank=4, targets="attn"), cfg=TrainConfig(steps=1))
     assert any(".attn1." in n for n in b.layer_names) and len(b.layer_names) == 2 * len(a.layer_names)
+    # kv: the cross-attention's key and value projections, the layers that read only the text
+    kv = train_concept(sd, content, plp=PLPConfig(rank=4, targets="kv"), cfg=TrainConfig(steps=1))
+    assert sorted(kv.layer_names) == sorted(n for n in a.layer_names if n.endswith((".to_k", ".to_v")))
+    assert len(kv.layer_names) == len(a.layer_names) // 2
 
 
 def test_transformer_targets_add_the_feed_forward_layers_and_compose(sd, concepts, clean):
