@@ -29,11 +29,13 @@ def _where(position: str) -> str:
 
 
 @torch.no_grad()
-def caption_images(kind: str, images: list[Image.Image]) -> list[str]:
+def caption_images(kind: str, images: list[Image.Image], style_form: str = "in_style") -> list[str]:
     """One caption per image with `{content}` or `{style}` where the new concept goes.
 
     The other concept is read among the pre-training ones only: a reference set shows the
-    new concept on things the model already knows."""
+    new concept on things the model already knows. A style's caption names it "in {style}
+    style" (`style_form="in_style"`) or as the pre-training captions name every style, an
+    adjective before the shape (`"adjective"`: "a large {style} circle ...")."""
     net = _probe()
     out = net(to_tensor(images))
     other, names = ("style", PRETRAIN_STYLES) if kind == "content" else ("content", PRETRAIN_CONTENTS)
@@ -46,6 +48,8 @@ def caption_images(kind: str, images: list[Image.Image]) -> list[str]:
         tail = f"{_where(read['position'])} on a {read['background']} background"
         if kind == "content":
             captions.append(f"a {read['size']} {thing} {{content}} {tail}")
+        elif style_form == "adjective":
+            captions.append(f"a {read['size']} {{style}} {thing} {tail}")
         else:
             captions.append(f"a {read['size']} {thing} in {{style}} style {tail}")
     return captions

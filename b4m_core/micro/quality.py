@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,16 @@ def _where(position: str) -> str:
     return "in the center" if position == "center" else f"in the {position} corner"
 
 
-def eval_prompt(size: str, position: str, background: str) -> str:
-    return f"a {size} {{content}} in {{style}} style {_where(position)} on a {background} background"
+# how a fused pair's prompt names its style: "in_style" ("a large {content} in {style} style
+# ..."), or "adjective", the micro world's own caption grammar ("a large {style} {content} ...")
+PROMPT_FORMS = ("in_style", "adjective")
+
+
+def eval_prompt(size: str, position: str, background: str, form: str = "in_style") -> str:
+    if form not in PROMPT_FORMS:
+        raise ConfigError(f"prompt_form must be one of {PROMPT_FORMS}, got {form!r}")
+    thing = "{style} {content}" if form == "adjective" else "{content} in {style} style"
+    return f"a {size} {thing} {_where(position)} on a {background} background"
 
 
 def single_prompt(kind: str, size: str, position: str, background: str, i: int = 0) -> str:
@@ -93,9 +102,14 @@ class Settings:
     # user (the class / style word a user would type) | none (the identifier alone)
     concept_words: str = "user"
     lora_steps: int | None = None  # None: the break stage's steps (same budget)
+    # the joint LoRA baseline trains as a plain LoRA learns well here (Session L, dev split: at
+    # the break stage's 5e-3 and batch 1 a plain LoRA breaks): 1.6x the break steps (400 at
+    # micro's 250), batch 2 of each reference set, lr 2e-3
     joint_steps: int | None = None
+    joint_batch_size: int = 2
+    joint_learning_rate: float = 2e-3
     ziplora_steps: int = 100
-    lora_learning_rate: float | None = None  # the LoRA baselines' rate (None: learning_rate)
+    lora_learning_rate: float | None = None  # the per-concept LoRA baselines' rate (None: learning_rate)
     rank: int | None = None
     targets: str | None = None  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
     # every training run's timestep bias (TrainConfig): none | later | earlier | range
@@ -118,6 +132,9 @@ class Settings:
     # ... and over the sampling steps (generation's content_end / style_start)
     content_end: float = 1.0
     style_start: float = 0.0
+    prompt_form: str = "in_style"  # PROMPT_FORMS: how the fused pairs' prompts name the style
+    # how the captioner names a style reference's new style (captioner.caption_images)
+    caption_form: str = "in_style"
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
@@ -173,7 +190,7 @@ class Settings:
             targets=plp.targets,
             aux_sets=self.aux_sets if self.aux_sets is not None else base.default("aux_sets", 0),
             lora_steps=self.lora_steps or brk.steps,
-            joint_steps=self.joint_steps or brk.steps,
+            joint_steps=self.joint_steps or round(1.6 * brk.steps),
             lora_learning_rate=self.lora_learning_rate or brk.learning_rate,
         )
 
@@ -191,7 +208,7 @@ class Settings:
 
 # settings that change how adapters are drawn and scored, not how they are trained
 DRAW_ONLY = frozenset(
-    {"content_scale", "style_scale", "content_end", "style_start", "images_per_pair", "single_images"}
+    {"content_scale", "style_scale", "content_end", "style_start", "prompt_form", "images_per_pair", "single_images"}
     | {"sample_steps", "guidance", "seeds", "adapter_cache"}
 )
 
@@ -199,7 +216,7 @@ DRAW_ONLY = frozenset(
 # settings a break-stage adapter does not depend on (the make stage's and the baselines')
 NOT_BREAK = frozenset(
     {"make_steps", "make_batch_size", "make_learning_rate", "lora_steps", "joint_steps", "ziplora_steps"}
-    | {"lora_learning_rate", "make_routing", "make_style_weight"}
+    | {"lora_learning_rate", "joint_batch_size", "joint_learning_rate", "make_routing", "make_style_weight"}
 )
 
 
@@ -260,7 +277,7 @@ class Method:
         if self.family == "b4m":
             return ("b4m", eff)
         if self.family == "joint":
-            return ("joint", eff.plp(), eff.joint_steps, eff.lora_learning_rate, eff.batch_size, eff.captions)
+            return ("joint", eff.plp(), eff.joint_steps, eff.joint_learning_rate, eff.joint_batch_size, eff.captions)
         return (self.family, eff.plp(), eff.lora_steps, eff.lora_learning_rate, eff.batch_size, eff.captions)
 
 
@@ -322,6 +339,8 @@ class QualityBench:
     ):
         self.base, self.contents, self.styles, self.log = base, contents, styles, log
         self.s = settings.resolved(base)
+        if self.s.caption_form != "in_style" and base.captioner is not None:
+            base.captioner = partial(base.captioner, style_form=self.s.caption_form)
         self.gen = Generator(base)
         self.probe, self.probe_acc = load_probe()
         rng = np.random.default_rng(7)
@@ -466,7 +485,7 @@ class QualityBench:
                             cref,
                             sref,
                             "joint",
-                            cfg=self._cfg(s, s.joint_steps, lr=s.lora_learning_rate),
+                            cfg=self._cfg(s, s.joint_steps, lr=s.joint_learning_rate, batch_size=s.joint_batch_size),
                             plp=s.plp(),
                         ),
                     )
@@ -514,7 +533,7 @@ class QualityBench:
         b4m = adapter.method == "b4m"
         halves = (self.s.content_scale, self.s.style_scale) if b4m else (1.0, 1.0)
         window = (self.s.content_end, self.s.style_start) if b4m else (1.0, 0.0)
-        return self._draw(adapter, [eval_prompt(*a) for a in attrs], seed, halves, window), attrs
+        return self._draw(adapter, [eval_prompt(*a, self.s.prompt_form) for a in attrs], seed, halves, window), attrs
 
     def score(self, images, attrs, content: str, style: str) -> dict:
         reads = predict(self.probe, images)
