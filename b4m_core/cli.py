@@ -232,6 +232,12 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=1.0, help="scale of the adapter's update, 0-2 (default 1)")
     p.add_argument("--content-scale", type=float, default=1.0, help="a B4M adapter's content half alone, 0-2")
     p.add_argument("--style-scale", type=float, default=1.0, help="a B4M adapter's style half alone, 0-2")
+    p.add_argument(
+        "--content-end", type=float, default=1.0, help="a B4M adapter's content half until this fraction of the steps"
+    )
+    p.add_argument(
+        "--style-start", type=float, default=0.0, help="a B4M adapter's style half from this fraction of the steps"
+    )
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default="default", help="sampler (default: the model's)")
     p.add_argument("--unfused", action="store_true", help="keep the adapter unmerged")
     p.add_argument("--device", default=None)
@@ -481,6 +487,8 @@ def cmd_generate(args) -> None:
         height=args.height,
         num_images=args.num_images,
         scheduler=args.scheduler,
+        content_end=args.content_end,
+        style_start=args.style_start,
     )
     images = gen.generate(req)
     out = Path(args.out)

@@ -141,6 +141,15 @@ def test_full_flow_on_local_files(tmp_path, tiny_sd_path):
     assert r.returncode == 0, r.stderr
     pngs = sorted((tmp_path / "imgs").glob("*.png"))
     assert len(pngs) == 2 and Image.open(pngs[0]).size == (32, 32)
+    # the halves over the sampling steps: a window draws another picture; one outside [0, 1] exits 2
+    args = ["generate", "--adapter", tmp_path / "f.safetensors", "--prompt", "a {content} in {style} style"]
+    args += ["--seed", 3, "--steps", 2]
+    r = b4m(*args, "--content-end", 0.5, "--out", tmp_path / "window")
+    assert r.returncode == 0, r.stderr
+    window = Image.open(next((tmp_path / "window").glob("*.png")))
+    assert list(window.getdata()) != list(Image.open(pngs[0]).getdata())
+    r = b4m(*args, "--style-start", 1.5, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "style_start" in r.stderr
     for fmt, key in (("diffusers", ".lora_A.weight"), ("kohya", ".alpha")):
         out = tmp_path / f"{fmt}.safetensors"
         r = b4m("export", "--adapter", tmp_path / "f.safetensors", "--format", fmt, "--out", out)
