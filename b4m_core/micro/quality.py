@@ -222,11 +222,12 @@ NOT_BREAK = frozenset(
 
 def training_spec(s: Settings, stage: str = "make") -> dict:
     """What trains an adapter of `stage` (break | make) under `s`: every setting but the
-    drawing-only ones (and for a break stage, the make stage's), and the prior's count and
-    weight only when the prior is on (so switching a setting off, or adding one that is off,
-    keeps the adapter cache's keys)."""
+    drawing-only ones (and for a break stage, the make stage's) and those left at their
+    default, and the prior's count and weight only when the prior is on (so adding a new
+    setting, or switching one off, keeps the adapter cache's keys)."""
     skip = DRAW_ONLY | (NOT_BREAK if stage == "break" else frozenset())
-    spec = {k: v for k, v in asdict(s).items() if k not in skip}
+    defaults = {f.name: f.default for f in fields(Settings)}
+    spec = {k: v for k, v in asdict(s).items() if k not in skip and v != defaults[k]}
     if not spec.get("prior_preservation"):
         for k in ("prior_preservation", "prior_images", "prior_loss_weight"):
             spec.pop(k, None)

@@ -344,6 +344,8 @@ def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
     assert training_spec(Settings(prior_images=4, prior_preservation=False)) == base  # the prior is off
     assert training_spec(Settings(prior_preservation=True)) != base
     assert training_spec(Settings(learning_rate=1e-2)) != base
+    # settings at their default are not in the key: adding a setting keeps every cached adapter
+    assert "caption_form" not in base and training_spec(Settings(caption_form="adjective")) != base
     # a break-stage adapter does not depend on the make stage's settings; a fused one does
     assert training_spec(Settings(make_steps=0), "break") == training_spec(Settings(), "break")
     assert training_spec(Settings(make_steps=0)) != base
