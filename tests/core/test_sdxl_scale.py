@@ -27,7 +27,15 @@ def test_sdxl_scale_bench_runs_every_row_at_toy_size(tmp_path, arch, rows):
     assert set(got["rows"]) == set(rows)
     assert all(r["s_per_step"] is not None for r in got["rows"].values())
     assert set(got["generation"]) == {"bare", "fused", "unfused", "switch_fused_s"}
-    assert got["ratios"]["plp_k0_over_lora_step"] is not None and got["ratios"]["plp_k3_over_k0_step"] is not None
+    # the ratios of the per-step slopes; at toy size on a busy machine a slope can come out
+    # <= 0 (timing noise), and then its ratio is None rather than a meaningless number
+    r = got["rows"]
+    for key, (a, b) in {
+        "plp_k0_over_lora_step": ("plp_k0", "lora"),
+        "plp_k3_over_k0_step": ("plp_k3", "plp_k0"),
+    }.items():
+        want = r[a]["s_per_step"] / r[b]["s_per_step"] if r[b]["s_per_step"] > 0 else None
+        assert got["ratios"][key] == pytest.approx(want) if want is not None else got["ratios"][key] is None
     # an fp16 file is about half the fp32 one
     assert got["adapter_file_MB"]["fp16"] < 0.6 * got["adapter_file_MB"]["fp32"]
     assert got["weights_dtype"] == "float32" and got["arch"] == arch
