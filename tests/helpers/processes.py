@@ -97,6 +97,26 @@ def stop(proc: subprocess.Popen, grace: float = 20) -> None:
     _signal_group(proc, signal.SIGKILL)  # whatever is left of the group
     if proc.poll() is None:
         proc.wait(timeout=10)
+    # a signal is delivered asynchronously: wait until no member of the group still runs
+    # (a condition, not a speed: the deadline is only there to never hang)
+    deadline = time.monotonic() + 30
+    while _group_running(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_running(pgid: int) -> bool:
+    """Does any process of group `pgid` still run (zombies, exited but not reaped, do not)?"""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 def stop_started(owner: str | None = None) -> int:
