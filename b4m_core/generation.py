@@ -49,9 +49,8 @@ class GenerationRequest:
     scheduler: str = "default"  # a name in SCHEDULERS
     # a B4M adapter's halves over the sampling steps, as fractions of them (like diffusers'
     # control_guidance_start / _end): the content half is applied until `content_end`, the
-    # style half from `style_start`. Shape is settled in the early, noisy steps and texture in
-    # the late ones, so ending the content half early keeps it from painting its references'
-    # colours over the style.
+    # style half from `style_start`. Meant for models that settle shape in the early, noisy
+    # steps and texture in the late ones; on micro the shape is still drawn late (Session M).
     content_end: float = 1.0
     style_start: float = 0.0
 
@@ -120,7 +119,7 @@ class Generator:
                 f"(hash {adapter.base_model_hash}), not on {self.base.model_id!r}"
             )
         # everything that can refuse does so before the current adapter is taken off
-        parts = adapter.low_rank(content_scale, style_scale) if adapter is not None else None
+        updates = _scaled_updates(adapter, strength, content_scale, style_scale) if adapter is not None else None
         if adapter is None and (content_scale, style_scale) != (1.0, 1.0):
             raise ConfigError("content_scale and style_scale need an adapter")
         unet = self.base.unet
@@ -131,7 +130,6 @@ class Generator:
         if adapter is None:
             remove_adapters(unet)
         else:
-            updates = {n: (up, down, scale * strength) for n, (up, down, scale) in parts.items()}
             missing = [n for n in updates if not _has_linear(unet, n)]
             if missing:
                 raise ConfigError(f"adapter targets layers this model lacks: {missing[:3]}")
@@ -145,9 +143,7 @@ class Generator:
 
     def _set_halves(self, content_scale: float, style_scale: float) -> None:
         """Re-apply the current adapter with its halves scaled (a schedule's step)."""
-        strength = self.halves[0]
-        parts = self.adapter.low_rank(content_scale, style_scale)
-        updates = {n: (up, down, scale * strength) for n, (up, down, scale) in parts.items()}
+        updates = _scaled_updates(self.adapter, self.halves[0], content_scale, style_scale)
         if self.fused:
             self.merged.merge(updates)
         else:
@@ -234,6 +230,12 @@ class Generator:
             if schedule:  # and the adapter as it was set
                 self._set_halves(*self.halves[1:])
         return list(out.images)
+
+
+def _scaled_updates(adapter: Adapter, strength: float, content_scale: float, style_scale: float) -> dict:
+    """Per layer (up, down, scale) of `adapter` with its halves and whole update scaled."""
+    parts = adapter.low_rank(content_scale, style_scale)
+    return {n: (up, down, scale * strength) for n, (up, down, scale) in parts.items()}
 
 
 def _has_linear(unet, name: str) -> bool:
