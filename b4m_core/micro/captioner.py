@@ -36,6 +36,8 @@ def caption_images(kind: str, images: list[Image.Image], style_form: str = "in_s
     new concept on things the model already knows. A style's caption names it "in {style}
     style" (`style_form="in_style"`) or as the pre-training captions name every style, an
     adjective before the shape (`"adjective"`: "a large {style} circle ...")."""
+    if style_form not in ("in_style", "adjective"):
+        raise ValueError(f"style_form must be in_style or adjective, got {style_form!r}")
     net = _probe()
     out = net(to_tensor(images))
     other, names = ("style", PRETRAIN_STYLES) if kind == "content" else ("content", PRETRAIN_CONTENTS)

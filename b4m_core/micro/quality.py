@@ -149,6 +149,10 @@ class Settings:
     def resolved(self, base: BaseModel) -> Settings:
         """Every `None` filled from the base model's measured defaults, through the same path
         the CLI, the worker and the demo take (BaseModel.plp_config / train_config)."""
+        # refused now, not after hours of training (or, for the captioner, never)
+        for label, v in (("prompt_form", self.prompt_form), ("caption_form", self.caption_form)):
+            if v not in PROMPT_FORMS:
+                raise ConfigError(f"{label} must be one of {PROMPT_FORMS}, got {v!r}")
         plp = base.plp_config(
             rank=self.rank,
             rho=self.rho,

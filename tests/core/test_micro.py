@@ -346,6 +346,16 @@ def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
     assert training_spec(Settings(learning_rate=1e-2)) != base
     # settings at their default are not in the key: adding a setting keeps every cached adapter
     assert "caption_form" not in base and training_spec(Settings(caption_form="adjective")) != base
+    from b4m_core.config import ConfigError
+    from b4m_core.micro.captioner import caption_images
+    from b4m_core.models import load_base
+
+    micro = load_base("micro")
+    for bad in ({"prompt_form": "question"}, {"caption_form": "suffix"}):
+        with pytest.raises(ConfigError, match="_form must be one of"):
+            Settings(**bad).resolved(micro)
+    with pytest.raises(ValueError, match="style_form"):
+        caption_images("style", [], style_form="suffix")
     # a break-stage adapter does not depend on the make stage's settings; a fused one does
     assert training_spec(Settings(make_steps=0), "break") == training_spec(Settings(), "break")
     assert training_spec(Settings(make_steps=0)) != base
