@@ -12,14 +12,14 @@ from typing import Literal
 BasisMode = Literal["exact", "paper", "random", "principal"]
 BasisScale = Literal["legacy", "balanced"]
 ContentHalf = Literal["up", "down"]
-TargetSet = Literal["attn", "cross", "kv", "transformer"]
+TargetSet = Literal["attn", "cross", "kv", "transformer", "attn+conv"]
 Routing = Literal["strict", "released"]
 Kind = Literal["content", "style", "fused"]
 
 BASIS_MODES = ("exact", "paper", "random", "principal")
 BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
-TARGET_SETS = ("attn", "cross", "kv", "transformer")
+TARGET_SETS = ("attn", "cross", "kv", "transformer", "attn+conv")
 ROUTINGS = ("strict", "released")
 MAKE_ROUTINGS = ("joint", "split")
 

@@ -87,14 +87,28 @@ def low_rank(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, tuple[np.n
     return out
 
 
+# a ResNet block's two convolutions (targets `attn+conv`); diffusers' `ResnetBlock2D` draws
+# both with 3x3 kernels in every UNet it builds
+_RESNET_CONV = re.compile(r"(.*resnets\.\d+)\.(conv1|conv2)")
+
+
+def as_kernels(name: str, up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A convolution's factors as the kernels LoCon files hold: down (r, in, 3, 3), up (out, r,
+    1, 1); a linear layer's unchanged."""
+    if not _RESNET_CONV.fullmatch(name):
+        return up, down
+    return up.reshape(up.shape[0], up.shape[1], 1, 1), down.reshape(down.shape[0], -1, 3, 3)
+
+
 def to_diffusers(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray]:
     """`unet.<layer>.lora_A.weight` (down) / `.lora_B.weight` (up, the scale baked in): the
     PEFT layout `save_lora_weights` writes and `load_lora_weights` of the SD and SDXL
     pipelines reads (it reads the older `.lora.down/.lora.up` files b4m wrote before too)."""
     out = {}
     for name, (up, down, scale) in low_rank(tensors, meta).items():
+        up, down = as_kernels(name, up * np.float32(scale), down)
         out[f"unet.{name}.lora_A.weight"] = np.ascontiguousarray(down)
-        out[f"unet.{name}.lora_B.weight"] = np.ascontiguousarray(up * np.float32(scale))
+        out[f"unet.{name}.lora_B.weight"] = np.ascontiguousarray(up)
     return out
 
 
@@ -110,6 +124,7 @@ def to_kohya(tensors: dict[str, np.ndarray], meta: dict) -> dict[str, np.ndarray
     out = {}
     for name, (up, down, scale) in parts.items():
         key = "lora_unet_" + rename(name).replace(".", "_")
+        up, down = as_kernels(name, up, down)
         out[f"{key}.lora_down.weight"] = np.ascontiguousarray(down)
         out[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
         out[f"{key}.alpha"] = np.array(scale * down.shape[0], dtype=np.float32)
@@ -122,6 +137,15 @@ _UP = re.compile(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)")
 _INPUT = re.compile(r"input_blocks\.(\d+)\.1\.(.+)")
 _MIDDLE = re.compile(r"middle_block\.1\.(.+)")
 _OUTPUT = re.compile(r"output_blocks\.(\d+)\.1\.(.+)")
+# ResNet blocks: diffusers' conv1 / conv2 are the original's in_layers.2 / out_layers.3
+_RES_DOWN = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(conv1|conv2)")
+_RES_MID = re.compile(r"mid_block\.resnets\.([01])\.(conv1|conv2)")
+_RES_UP = re.compile(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(conv1|conv2)")
+_RES_INPUT = re.compile(r"input_blocks\.(\d+)\.0\.(in_layers\.2|out_layers\.3)")
+_RES_MIDDLE = re.compile(r"middle_block\.([02])\.(in_layers\.2|out_layers\.3)")
+_RES_OUTPUT = re.compile(r"output_blocks\.(\d+)\.0\.(in_layers\.2|out_layers\.3)")
+_LDM_CONV = {"conv1": "in_layers.2", "conv2": "out_layers.3"}
+_DIFFUSERS_CONV = {v: k for k, v in _LDM_CONV.items()}
 
 
 def layers_per_block(layer_names) -> int:
@@ -134,7 +158,17 @@ def ldm_unet_name(name: str, per_block: int) -> str:
     """A diffusers UNet attention layer's name in the original UNet's numbering: down block i,
     layer j is `input_blocks.{i(L+1)+j+1}.1` (each down block: L layers and a downsampler
     after `conv_in`), up block i, layer j is `output_blocks.{i(L+1)+j}.1` (L+1 layers each),
-    the mid block's attention `middle_block.1`; inside an attention the names agree."""
+    the mid block's attention `middle_block.1`; inside an attention the names agree. A ResNet
+    block is layer `.0` of the same blocks (`middle_block.0` and `.2` in the middle), its
+    conv1 / conv2 the original's `in_layers.2` / `out_layers.3`."""
+    if m := _RES_DOWN.fullmatch(name):
+        i, j, conv = int(m.group(1)), int(m.group(2)), _LDM_CONV[m.group(3)]
+        return f"input_blocks.{i * (per_block + 1) + j + 1}.0.{conv}"
+    if m := _RES_MID.fullmatch(name):
+        return f"middle_block.{2 * int(m.group(1))}.{_LDM_CONV[m.group(2)]}"
+    if m := _RES_UP.fullmatch(name):
+        i, j, conv = int(m.group(1)), int(m.group(2)), _LDM_CONV[m.group(3)]
+        return f"output_blocks.{i * (per_block + 1) + j}.0.{conv}"
     if m := _DOWN.match(name):
         return f"input_blocks.{int(m.group(1)) * (per_block + 1) + int(m.group(2)) + 1}.1.{m.group(3)}"
     if m := _MID.match(name):
@@ -146,6 +180,14 @@ def ldm_unet_name(name: str, per_block: int) -> str:
 
 def diffusers_unet_name(name: str, per_block: int) -> str:
     """`ldm_unet_name` inverted."""
+    if m := _RES_INPUT.fullmatch(name):
+        i, j = divmod(int(m.group(1)) - 1, per_block + 1)
+        return f"down_blocks.{i}.resnets.{j}.{_DIFFUSERS_CONV[m.group(2)]}"
+    if m := _RES_MIDDLE.fullmatch(name):
+        return f"mid_block.resnets.{int(m.group(1)) // 2}.{_DIFFUSERS_CONV[m.group(2)]}"
+    if m := _RES_OUTPUT.fullmatch(name):
+        i, j = divmod(int(m.group(1)), per_block + 1)
+        return f"up_blocks.{i}.resnets.{j}.{_DIFFUSERS_CONV[m.group(2)]}"
     if m := _INPUT.match(name):
         i, j = divmod(int(m.group(1)) - 1, per_block + 1)
         return f"down_blocks.{i}.attentions.{j}.{m.group(2)}"
@@ -154,7 +196,7 @@ def diffusers_unet_name(name: str, per_block: int) -> str:
     if m := _OUTPUT.match(name):
         i, j = divmod(int(m.group(1)), per_block + 1)
         return f"up_blocks.{i}.attentions.{j}.{m.group(2)}"
-    raise FormatError(f"not an original-UNet attention layer: {name!r}")
+    raise FormatError(f"not an original-UNet attention or ResNet layer: {name!r}")
 
 
 def identifier_vectors(tensors: dict, tokens: dict[str, str]) -> dict[str, list]:

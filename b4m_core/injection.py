@@ -1,7 +1,8 @@
 """Putting adapter layers into a diffusers UNet, taking them out, merging them in.
 
 Works on any `UNet2DConditionModel` (SD 1.x/2.x and SDXL): targets are found by
-walking diffusers' `Attention` (and `FeedForward`) modules, not by hard-coded names.
+walking diffusers' `Attention` (and `FeedForward`, `ResnetBlock2D`) modules, not by
+hard-coded names.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from collections.abc import Callable, Iterable
 import torch
 from diffusers.models.attention import FeedForward
 from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from .config import TARGET_SETS, ConfigError, PLPConfig
-from .layers import LowRankLinear, PLPLinear
+from .layers import LowRankLinear, PLPLinear, adaptable
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -27,12 +29,17 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
     `kv`: cross-attention's key and value projections only (Custom Diffusion's choice): they
     read only the text, so an update acts per token rather than on every image feature;
     `transformer`: `attn` and the transformer blocks' feed-forward layers (twice the
-    parameters of the attention projections in each block).
+    parameters of the attention projections in each block);
+    `attn+conv`: `attn` and both 3x3 convolutions of every ResNet block (LoCon's layers):
+    textures are drawn by the convolutions, which attention-only adapters never touch.
     """
     if targets not in TARGET_SETS:
         raise ConfigError(f"targets must be one of {TARGET_SETS}, got {targets!r}")
     names = []
     for name, module in unet.named_modules():
+        if targets == "attn+conv" and isinstance(module, ResnetBlock2D):
+            names += [f"{name}.{c}" for c in ("conv1", "conv2") if _is_layer(module.get_submodule(c))]
+            continue
         if targets == "transformer" and isinstance(module, FeedForward):
             names += [f"{name}.{n}" for n in _linear_names(module)]
             continue
@@ -41,12 +48,16 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
         if targets in ("cross", "kv") and not getattr(module, "is_cross_attention", False):
             continue
         for proj in ("to_k", "to_v") if targets == "kv" else PROJECTIONS:
-            layer = module.get_submodule(proj)
-            if isinstance(layer, (nn.Linear, LowRankLinear)):
+            if _is_layer(module.get_submodule(proj)):
                 names.append(f"{name}.{proj}")
     if not names:
         raise ConfigError("the model has no attention layers to adapt")
     return names
+
+
+def _is_layer(module: nn.Module) -> bool:
+    """An adaptable layer, an injected adapter counting as its base."""
+    return isinstance(module, LowRankLinear) or adaptable(module)
 
 
 def _linear_names(module: nn.Module) -> list[str]:
@@ -70,15 +81,16 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject(
-    unet: nn.Module, names: Iterable[str], factory: Callable[[str, nn.Linear], LowRankLinear]
+    unet: nn.Module, names: Iterable[str], factory: Callable[[str, nn.Module], LowRankLinear]
 ) -> dict[str, LowRankLinear]:
-    """Replace each named `nn.Linear` with `factory(name, linear)`; returns the new layers."""
+    """Replace each named `nn.Linear` (or `nn.Conv2d`) with `factory(name, layer)`; returns
+    the new layers."""
     remove_adapters(unet)
     layers = {}
     for name in names:
         base = unet.get_submodule(name)
-        if not isinstance(base, nn.Linear):
-            raise ConfigError(f"{name} is not a linear layer")
+        if not adaptable(base):
+            raise ConfigError(f"{name} is not a linear layer or an ungrouped convolution")
         layer = factory(name, base)
         _set_submodule(unet, name, layer)
         layers[name] = layer
@@ -148,6 +160,8 @@ class MergedWeights:
                 linear = linear.base
             w = linear.weight
             delta = scale * (up.to(w.device, torch.float32) @ down.to(w.device, torch.float32))
+            if w.dim() == 4 and delta.shape == w.flatten(1).shape:  # a convolution: out x (in kh kw)
+                delta = delta.view(w.shape)
             if delta.shape != w.shape:
                 raise ConfigError(f"{name}: update {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
             self._saved[name] = w.detach().clone()

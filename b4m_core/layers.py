@@ -1,7 +1,10 @@
-"""Adapter layers wrapping an `nn.Linear`: PLP (the method), plain LoRA, ZipLoRA.
+"""Adapter layers wrapping an `nn.Linear` or `nn.Conv2d`: PLP (the method), plain LoRA, ZipLoRA.
 
 Every layer computes `base(x) + scale * up @ (down @ x)` through two small matmuls,
-never the full `m x n` update, so it costs what a LoRA of the same rank costs.
+never the full `m x n` update, so it costs what a LoRA of the same rank costs. A
+convolution's weight is read as the matrix `out x (in kh kw)` (LoCon's factorisation): `down`
+is a rank-channel convolution with the base's kernel, stride and padding, `up` a 1x1 one, so
+every update, basis, composition and merge is the same matrix algebra for both kinds.
 """
 
 from __future__ import annotations
@@ -155,15 +158,37 @@ def _linear(x: torch.Tensor, w: torch.Tensor, row_mask: torch.Tensor | None) -> 
     return _RoutedLinear.apply(x, w, row_mask)
 
 
+def _rows(full: torch.Tensor, frozen: torch.Tensor, row_mask: torch.Tensor) -> torch.Tensor:
+    """Per batch row, `full` where `row_mask` is set, else `frozen` (the same values computed
+    with the trainable part detached): the weight's gradient sums over the masked rows only."""
+    return torch.where(row_mask.view((-1,) + (1,) * (full.dim() - 1)), full, frozen)
+
+
+def adaptable(module: nn.Module) -> bool:
+    """A layer an adapter can wrap: a linear layer, or an ungrouped 2-D convolution."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
 # ------------------------------------------------------------------- layers
 class LowRankLinear(nn.Module):
-    """Base of all adapter layers: wraps a frozen `nn.Linear` and adds `scale * up @ down`."""
+    """Base of all adapter layers: wraps a frozen `nn.Linear` (or `nn.Conv2d`, its weight read
+    as `out x (in kh kw)`) and adds `scale * up @ down`."""
 
-    def __init__(self, base: nn.Linear, scale: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d, scale: float):
         super().__init__()
+        if not adaptable(base):
+            raise ConfigError(f"an adapter wraps a linear layer or an ungrouped convolution, not {base!r}")
         self.base = base
         self.scale = float(scale)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if isinstance(base, nn.Conv2d):
+            kh, kw = base.kernel_size
+            self.in_features, self.out_features = base.in_channels * kh * kw, base.out_channels
+            self.conv: dict | None = dict(stride=base.stride, padding=base.padding, dilation=base.dilation)
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.conv = None
         self.enabled = True
 
     def up_weight(self) -> torch.Tensor:  # m x R
@@ -172,8 +197,20 @@ class LowRankLinear(nn.Module):
     def down_weight(self) -> torch.Tensor:  # R x n
         raise NotImplementedError
 
+    def apply_down(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`w` (R x n) applied to the layer's input: a matmul, or a rank-R convolution."""
+        w = w.to(x.dtype)
+        if self.conv is None:
+            return F.linear(x, w)
+        return F.conv2d(x, w.view(w.shape[0], -1, *self.base.kernel_size), None, **self.conv)
+
+    def apply_up(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """`w` (m x R) applied to the rank-R features: a matmul, or a 1x1 convolution."""
+        w = w.to(h.dtype)
+        return F.linear(h, w) if self.conv is None else F.conv2d(h, w[:, :, None, None])
+
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.down_weight().to(x.dtype)), self.up_weight().to(x.dtype))
+        return self.apply_up(self.apply_down(x, self.down_weight()), self.up_weight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -197,11 +234,11 @@ class PLPLinear(LowRankLinear):
 
     def __init__(self, base: nn.Linear, config: PLPConfig, layer_name: str):
         super().__init__(base, config.scale)
-        m, n, r = base.out_features, base.in_features, config.rank
+        m, n, r = self.out_features, self.in_features, config.rank
         self.layer_name = layer_name
         self.rank = r
         self.dm, self.dn = math.floor(config.rho * m), math.floor(config.rho * n)
-        a, c = make_bases(config, layer_name, m, n, base.weight)
+        a, c = make_bases(config, layer_name, m, n, base.weight.flatten(1))
         dev = base.weight.device
         self.register_buffer("A", a.to(dev))
         self.register_buffer("C", c.to(dev))
@@ -235,6 +272,15 @@ class PLPLinear(LowRankLinear):
             return super().delta_forward(x)
         mask_up = self.route if self.primary == "up" else ~self.route
         mask_down = ~mask_up
+        if self.conv is not None:
+            # a convolution's input columns are (channel, kernel offset) pairs, not slices of
+            # x: both halves' products are computed twice, once with the trainable half
+            # detached, and each row takes the copy its route allows (the rank-R products
+            # are small next to the base convolution)
+            down = torch.cat([self.C, self.D], dim=1)
+            h = _rows(self.apply_down(x, down), self.apply_down(x, down.detach()), mask_down)
+            up = torch.cat([self.A, self.B], dim=0)
+            return _rows(self.apply_up(h, up), self.apply_up(h, up.detach()), mask_up)
         # h = C x[:dn] + D x[dn:]; out = [A h ; B h], each trainable matmul routed.
         h = F.linear(x[..., : self.dn], self.C.to(x.dtype)) + _linear(x[..., self.dn :], self.D, mask_down)
         return torch.cat([F.linear(h, self.A.to(x.dtype)), _linear(h, self.B, mask_up)], dim=-1)
@@ -258,15 +304,15 @@ class LoRALinear(LowRankLinear):
     ):
         super().__init__(base, alpha / rank)
         dev = base.weight.device
+        m, n = self.out_features, self.in_features
         if down is None:
-            down = torch.empty(rank, base.in_features)
+            down = torch.empty(rank, n)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         if up is None:
-            up = torch.zeros(base.out_features, rank)
-        if up.shape != (base.out_features, rank) or down.shape != (rank, base.in_features):
+            up = torch.zeros(m, rank)
+        if up.shape != (m, rank) or down.shape != (rank, n):
             raise ConfigError(
-                f"adapter shapes {tuple(up.shape)} / {tuple(down.shape)} do not fit a "
-                f"{base.out_features}x{base.in_features} layer at rank {rank}"
+                f"adapter shapes {tuple(up.shape)} / {tuple(down.shape)} do not fit a {m}x{n} layer at rank {rank}"
             )
         self.rank = rank
         self.up = nn.Parameter(up.float().to(dev), requires_grad=trainable)
@@ -293,18 +339,17 @@ class ZipLoRALinear(LowRankLinear):
         self.register_buffer("down1", down1.float().to(dev))
         self.register_buffer("up2", (up2.float() * scale2).to(dev))
         self.register_buffer("down2", down2.float().to(dev))
-        self.m1 = nn.Parameter(torch.ones(base.in_features, device=dev))
-        self.m2 = nn.Parameter(torch.ones(base.in_features, device=dev))
+        self.m1 = nn.Parameter(torch.ones(self.in_features, device=dev))
+        self.m2 = nn.Parameter(torch.ones(self.in_features, device=dev))
         self.mode = "merged"
 
     def delta_forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        one = lambda u, d, mvec: F.linear(F.linear(x * mvec.to(dt), d.to(dt)), u.to(dt))
         if self.mode == "first":
-            return F.linear(F.linear(x, self.down1.to(dt)), self.up1.to(dt))
+            return self.apply_up(self.apply_down(x, self.down1), self.up1)
         if self.mode == "second":
-            return F.linear(F.linear(x, self.down2.to(dt)), self.up2.to(dt))
-        return one(self.up1, self.down1, self.m1) + one(self.up2, self.down2, self.m2)
+            return self.apply_up(self.apply_down(x, self.down2), self.up2)
+        # diag(m) scales the down projection's columns (R x n: cheap, and right for convolutions)
+        return self.apply_up(self.apply_down(x, self.down1 * self.m1), self.up1) + self.apply_up(self.apply_down(x, self.down2 * self.m2), self.up2)
 
     def up_weight(self) -> torch.Tensor:
         return torch.cat([self.up1, self.up2], dim=1)

@@ -31,10 +31,10 @@ def fused_adapters(sd, sdxl):
     from ..helpers.images import random_images
 
     out = {}
-    for name, base in (("sd", sd), ("sdxl", sdxl)):
+    for name, base in (("sd", sd), ("sdxl", sdxl), ("sd_conv", sd), ("sdxl_conv", sdxl)):
         content = Concept("content", random_images(0, 2), "dog")
         style = Concept("style", random_images(1, 2), "ink")
-        plp = PLPConfig(rank=4)
+        plp = PLPConfig(rank=4, targets="attn+conv" if name.endswith("_conv") else "attn")
         cfg = TrainConfig(steps=2, learning_rate=5e-2)
         c = train_concept(base, content, plp=plp, cfg=cfg)
         s = train_concept(base, style, plp=plp, cfg=cfg)
@@ -42,11 +42,12 @@ def fused_adapters(sd, sdxl):
     return out
 
 
-@pytest.mark.parametrize("which", ["sd", "sdxl"])
+@pytest.mark.parametrize("which", ["sd", "sdxl", "sd_conv", "sdxl_conv"])
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_exported_lora_loads_in_diffusers_and_matches(request, tmp_path, fused_adapters, which, fmt):
-    base = request.getfixturevalue(which)
-    path = request.getfixturevalue(f"tiny_{which}_path")
+    """`_conv`: adapters on the ResNet convolutions too (LoCon layout: 3x3 down, 1x1 up)."""
+    base = request.getfixturevalue(which.removesuffix("_conv"))
+    path = request.getfixturevalue(f"tiny_{which.removesuffix('_conv')}_path")
     adapter = fused_adapters[which]
     gen = Generator(base)
     plain = _unet_out(base, base.is_sdxl)
@@ -156,9 +157,42 @@ def test_sdxl_kohya_exports_use_the_original_unet_names_and_map_back(fused_adapt
         assert torch.equal(keys[f"{key}.lora_up.weight"], up) and torch.equal(keys[f"{key}.lora_down.weight"], down)
 
 
-@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_conv_adapters_export_as_locon_kernels_under_kohyas_resnet_names(fused_adapters):
+    """ResNet convolutions (targets `attn+conv`) export as kohya's LoCon files name them: the
+    original UNet's `in_layers_2` / `out_layers_3` for SDXL, a 3x3 down and a 1x1 up kernel;
+    every key maps back to the adapter's own layer."""
+    from b4m_core.formats import diffusers_unet_name, layers_per_block, ldm_unet_name
+
+    for ours, theirs in {  # the real SDXL UNet (layers_per_block 2)
+        "down_blocks.0.resnets.0.conv1": "input_blocks.1.0.in_layers.2",
+        "down_blocks.1.resnets.1.conv2": "input_blocks.5.0.out_layers.3",
+        "mid_block.resnets.0.conv1": "middle_block.0.in_layers.2",
+        "mid_block.resnets.1.conv2": "middle_block.2.out_layers.3",
+        "up_blocks.0.resnets.2.conv1": "output_blocks.2.0.in_layers.2",
+        "up_blocks.2.resnets.0.conv2": "output_blocks.6.0.out_layers.3",
+    }.items():
+        assert ldm_unet_name(ours, 2) == theirs and diffusers_unet_name(theirs, 2) == ours
+    adapter = fused_adapters["sdxl_conv"]
+    convs = [n for n in adapter.layer_names if n.endswith(("conv1", "conv2"))]
+    assert convs and len(convs) < len(adapter.layer_names)  # attention layers and convolutions
+    per_block = layers_per_block(adapter.layer_names)
+    keys = adapter.to_kohya()
+    for name in adapter.layer_names:
+        key = "lora_unet_" + ldm_unet_name(name, per_block).replace(".", "_")
+        assert diffusers_unet_name(ldm_unet_name(name, per_block), per_block) == name
+        up, down, _ = adapter.low_rank()[name]
+        if name in convs:
+            assert keys[f"{key}.lora_down.weight"].shape == (down.shape[0], down.shape[1] // 9, 3, 3)
+            assert keys[f"{key}.lora_up.weight"].shape == (*up.shape, 1, 1)
+            assert torch.equal(keys[f"{key}.lora_down.weight"].flatten(1), down)
+        else:
+            assert torch.equal(keys[f"{key}.lora_down.weight"], down)
+    assert len({k.rsplit(".", 2)[0] for k in keys if k.endswith(".weight")}) == len(adapter.layer_names)
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl", "sd_conv", "sdxl_conv"])
 def test_fused_and_unfused_draw_the_same_and_switching_restores_base(request, fused_adapters, which):
-    base = request.getfixturevalue(which)
+    base = request.getfixturevalue(which.removesuffix("_conv"))
     adapter = fused_adapters[which]
     gen = Generator(base)
     weights_before = {k: v.clone() for k, v in base.unet.state_dict().items()}

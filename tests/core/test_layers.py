@@ -217,3 +217,59 @@ def test_bases_are_drawn_once_per_process_and_handed_out_as_copies():
     before = _cached_bases.cache_info().currsize
     make_bases(PLPConfig(rank=8, rho=0.5, basis_mode="principal"), "layer.x", 40, 24, w)
     assert _cached_bases.cache_info().currsize == before
+
+
+# ------------------------------------------------------------------ convolutions (LoCon-like)
+def _conv_layer(basis_mode="exact", stride=1):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=1)
+    layer = PLPLinear(conv, PLPConfig(rank=4, alpha=8, basis_mode=basis_mode), "blk.resnets.0.conv1")
+    with torch.no_grad():
+        layer.B.normal_()
+        layer.D.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("basis_mode", ["exact", "principal"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_convolutions_update_is_its_matrix_update_as_a_kernel(basis_mode, stride):
+    """A PLP convolution reads its weight as out x (in kh kw): its output is the base
+    convolution with `delta_weight` added to the kernel, whatever the stride."""
+    layer = _conv_layer(basis_mode, stride)
+    assert (layer.in_features, layer.out_features) == (6 * 9, 10)
+    x = torch.randn(2, 6, 8, 8)
+    kernel = layer.base.weight + layer.delta_weight().view_as(layer.base.weight)
+    expected = torch.nn.functional.conv2d(x, kernel, layer.base.bias, stride=stride, padding=1)
+    assert torch.allclose(layer(x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("primary", ["up", "down"])
+def test_conv_routing_matches_detached_reference(primary):
+    layer = _conv_layer()
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    route = torch.tensor([True, False, False, True])
+    w = torch.randn(4, 10, 5, 5)
+    layer.primary, layer.route = primary, route
+    (layer(x) * w).sum().backward()
+    g_b, g_d, g_x = layer.B.grad.clone(), layer.D.grad.clone(), x.grad.clone()
+    layer.route = None
+    layer.B.grad = layer.D.grad = None
+    x2 = x.detach().clone().requires_grad_(True)
+    total = 0
+    for i in range(4):
+        train_up = route[i].item() if primary == "up" else not route[i].item()
+        b = layer.B if train_up else layer.B.detach()
+        d = layer.D.detach() if train_up else layer.D
+        kernel = layer.scale * (torch.cat([layer.A, b]) @ torch.cat([layer.C, d], dim=1))
+        y = layer.base(x2[i : i + 1]) + torch.nn.functional.conv2d(x2[i : i + 1], kernel.view(10, 6, 3, 3), padding=1)
+        total = total + (y * w[i : i + 1]).sum()
+    total.backward()
+    assert layer.B.grad.abs().sum() > 0 and layer.D.grad.abs().sum() > 0
+    assert torch.allclose(g_b, layer.B.grad, atol=1e-4)
+    assert torch.allclose(g_d, layer.D.grad, atol=1e-4)
+    assert torch.allclose(g_x, x2.grad, atol=1e-4)
+
+
+def test_grouped_convolutions_are_refused():
+    with pytest.raises(ConfigError, match="ungrouped"):
+        PLPLinear(nn.Conv2d(4, 4, 3, groups=2), PLPConfig(rank=4), "x")

@@ -197,6 +197,36 @@ def test_transformer_targets_add_the_feed_forward_layers_and_compose(sd, concept
         assert np.abs(drawn - bare).max() > 0  # the feed-forward updates reach the picture
 
 
+def test_conv_targets_add_every_resnet_convolution_and_train_both_halves_under_mcp(sd, concepts, clean):
+    """`attn+conv`: attention and both convolutions of every ResNet block (LoCon's layers).
+    With MCP rows routed, the content's own half and its auxiliary half both learn in the
+    convolutions; content and style compose into their own blocks, with no interaction."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from b4m_core.training import block_norms, compose
+
+    content, style, aux_styles, _ = concepts
+    plp = PLPConfig(rank=4, targets="attn+conv", basis_mode="principal")
+    cfg = TrainConfig(steps=2, learning_rate=5e-2)
+    c = train_concept(sd, content, aux=aux_styles, plp=plp, cfg=cfg)
+    s = train_concept(sd, style, plp=plp, cfg=cfg)
+    resnets = [n for n, m in sd.unet.named_modules() if isinstance(m, ResnetBlock2D)]
+    convs = [n for n in c.layer_names if n.endswith((".conv1", ".conv2"))]
+    assert sorted(convs) == sorted(f"{r}.{k}" for r in resnets for k in ("conv1", "conv2"))
+    attn = train_concept(sd, content, plp=PLPConfig(rank=4), cfg=TrainConfig(steps=1))
+    assert sorted(set(c.layer_names) - set(convs)) == sorted(attn.layer_names)
+    # a 3x3 convolution's update is a matrix out x (in 3 3)
+    name = convs[0]
+    conv = sd.unet.get_submodule(name)
+    assert c.tensors[f"{name}.D"].shape[1] + c.tensors[f"{name}.C"].shape[1] == conv.in_channels * 9
+    half = c.plp.half_for("content")
+    own, aux = ("B", "D") if half == "up" else ("D", "B")
+    assert all(c.tensors[f"{n}.{own}"].abs().sum() > 0 for n in convs)
+    assert sum(c.tensors[f"{n}.{aux}"].abs().sum() for n in convs) > 0  # MCP reached the aux half
+    norms = block_norms(compose(c, s))
+    assert norms["content"] > 0 and norms["style"] > 0 and norms["interaction"] == 0
+
+
 def test_aux_must_be_the_opposite_kind(sd, concepts, clean):
     content, _, _, aux_contents = concepts
     from b4m_core.config import ConfigError
