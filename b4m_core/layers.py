@@ -349,7 +349,8 @@ class ZipLoRALinear(LowRankLinear):
         if self.mode == "second":
             return self.apply_up(self.apply_down(x, self.down2), self.up2)
         # diag(m) scales the down projection's columns (R x n: cheap, and right for convolutions)
-        return self.apply_up(self.apply_down(x, self.down1 * self.m1), self.up1) + self.apply_up(self.apply_down(x, self.down2 * self.m2), self.up2)
+        first = self.apply_up(self.apply_down(x, self.down1 * self.m1), self.up1)
+        return first + self.apply_up(self.apply_down(x, self.down2 * self.m2), self.up2)
 
     def up_weight(self) -> torch.Tensor:
         return torch.cat([self.up1, self.up2], dim=1)
