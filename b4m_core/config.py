@@ -209,6 +209,10 @@ class TrainConfig:
     # each draw mirrors a reference left-right with probability 1/2 (both versions are
     # encoded once at setup, so the latents are the VAE's own, not flipped latents)
     random_flip: bool = False
+    # `augment` zoomed-out, moved copies of every reference (data.augmented), shrunk to
+    # between `augment_min_scale` and 1 of the frame, captioned like any uncaptioned image
+    augment: int = 0
+    augment_min_scale: float = 0.5
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -220,6 +224,8 @@ class TrainConfig:
             raise ConfigError("aux_lr_factor must be >= 0")
         if self.batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
+        if self.augment < 0 or not 0 < self.augment_min_scale <= 1:
+            raise ConfigError("augment must be >= 0 and augment_min_scale in (0, 1]")
         if self.prior_images < 1 or self.prior_loss_weight < 0:
             raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
         if self.make_style_weight <= 0:

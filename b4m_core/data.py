@@ -6,7 +6,7 @@ word) or one style (with its style word), and the identifier token that names it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,39 @@ def load_concept(
 ) -> Concept:
     images, captions = load_image_folder(folder)
     return Concept(kind=kind, images=images, word=word, token=token, captions=captions, template=template)
+
+
+def zoomed_out(image: Image.Image, scale: float, cx: float, cy: float) -> Image.Image:
+    """`image` shrunk by `scale` and placed with its centre at (`cx`, `cy`) (fractions of the
+    free room: 0 left/top, 1 right/bottom), on a canvas of its own size filled with its border
+    colour (the median of its outermost pixels: the background, for a centred subject)."""
+    arr = np.asarray(image.convert("RGB"))
+    ring = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    fill = tuple(int(v) for v in np.median(ring, axis=0))
+    w, h = image.size
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = image.convert("RGB").resize((sw, sh), Image.Resampling.LANCZOS)
+    canvas = Image.new("RGB", (w, h), fill)
+    canvas.paste(small, (round(cx * (w - sw)), round(cy * (h - sh))))
+    return canvas
+
+
+def augmented(concept: Concept, copies: int, min_scale: float = 0.5, seed: int = 0) -> Concept:
+    """The references and `copies` zoomed-out, moved copies of each (DreamBooth trainers'
+    scale augmentation): references that all show a large, centred subject teach an adapter
+    "large and centred" along with the concept, and a prompt asking for it small in a corner
+    then loses. A copy keeps its reference's caption; uncaptioned copies are described by the
+    model's captioner like any image (which then reads their new size and place)."""
+    if copies <= 0:
+        return concept
+    rng = np.random.default_rng([seed, 0xA6])
+    images, captions = list(concept.images), list(concept.captions)
+    for image, caption in zip(concept.images, concept.captions):
+        for _ in range(copies):
+            scale = float(rng.uniform(min_scale, 1.0))
+            images.append(zoomed_out(image, scale, float(rng.uniform()), float(rng.uniform())))
+            captions.append(caption)
+    return replace(concept, images=images, captions=captions)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig, plp_mismatch
-from .data import Concept, preprocess
+from .data import Concept, augmented, preprocess
 from .injection import (
     adapter_layers,
     inject,
@@ -882,7 +882,7 @@ def train_concept(
 ) -> Adapter:
     """Break stage (`b4m`) or a plain LoRA (`lora`, the baselines' first stage)."""
     plp, cfg = plp or base.plp_config(), cfg or TrainConfig()
-    concept = base.describe(concept, cfg.captions == "auto")
+    concept = base.describe(augmented(concept, cfg.augment, cfg.augment_min_scale, cfg.seed), cfg.captions == "auto")
     aux = [base.describe(a, cfg.captions == "auto") for a in aux or []]
     if method == "b4m":
         return BreakStage(base, concept, list(aux or []), plp, cfg).train(hooks)
@@ -908,6 +908,10 @@ def fuse(
     on both sets; `merge`: direct sum; `ziplora`: learnt merger vectors (default 100).
     """
     auto = cfg is None or cfg.captions == "auto"
+    if cfg is not None:  # the make stage sees the references as the break stage did
+        content_set, style_set = (
+            augmented(c, cfg.augment, cfg.augment_min_scale, cfg.seed) for c in (content_set, style_set)
+        )
     content_set, style_set = base.describe(content_set, auto), base.describe(style_set, auto)
     if method == "b4m":
         cfg = cfg or TrainConfig(steps=50)

@@ -95,6 +95,8 @@ class Settings:
     make_routing: str = "joint"  # joint (the paper) | split (each reference set trains its own half)
     make_style_weight: float = 1.0  # the make stage's style-reference loss relative to the content's
     random_flip: bool = False  # every training run mirrors references left-right at random
+    augment: int = 0  # zoomed-out, moved copies of each reference in every training run (TrainConfig)
+    augment_min_scale: float = 0.5
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
@@ -388,6 +390,8 @@ class QualityBench:
             prior_images=s.prior_images,
             prior_loss_weight=s.prior_loss_weight,
             random_flip=s.random_flip,
+            augment=s.augment,
+            augment_min_scale=s.augment_min_scale,
         )
         return TrainConfig(**(given | extra))
 

@@ -216,6 +216,41 @@ def test_random_flip_draws_each_reference_and_its_mirror(sd):
     assert len(SampleSet(sd, concept, 32, True)) == 2  # no flip: the images alone
 
 
+def test_augment_adds_zoomed_out_moved_copies_captioned_by_the_captioner(sd):
+    """`augment`: copies of each reference shrunk into the frame on its border colour, the
+    reference's caption kept (None stays None, for the captioner); seeded; training takes them."""
+    import numpy as np
+    from PIL import Image
+
+    from b4m_core.config import ConfigError, TrainConfig
+    from b4m_core.data import Concept, augmented
+    from b4m_core.training import train_concept
+
+    red = Image.new("RGB", (32, 32), (10, 20, 200))
+    red.paste(Image.new("RGB", (16, 16), (250, 0, 0)), (8, 8))  # a red square, centred, on blue
+    concept = Concept("content", [red, red.copy()], "dog", captions=["a {content} on blue", None])
+    out = augmented(concept, 3, min_scale=0.5, seed=1)
+    assert (
+        len(out.images) == 8
+        and out.captions == ["a {content} on blue", None] + ["a {content} on blue"] * 3 + [None] * 3
+    )
+    assert all(im.size == (32, 32) for im in out.images)
+    for copy in out.images[2:]:
+        arr = np.asarray(copy).astype(int)
+        assert (np.abs(arr[0, 0] - [10, 20, 200]) <= 2).all()  # filled with the border colour
+        red_px = (arr[..., 0] > 150).sum()
+        assert 0 < red_px < 16 * 16  # the square, smaller
+    same = augmented(concept, 3, min_scale=0.5, seed=1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, same.images))
+    assert augmented(concept, 0) is concept
+    with pytest.raises(ConfigError, match="augment"):
+        TrainConfig(augment=-1)
+    with pytest.raises(ConfigError, match="augment"):
+        TrainConfig(augment_min_scale=0)
+    plain, more = (train_concept(sd, concept, cfg=TrainConfig(steps=2, augment=n)) for n in (0, 2))
+    assert any(not torch.equal(plain.tensors[k], more.tensors[k]) for k in plain.tensors)  # the copies trained
+
+
 def test_fp16_adapter_files_are_half_the_size_and_still_compose(tmp_path, pair, sd):
     """An adapter stored in fp16 is about half the bytes, loads as fp32 within fp16's rounding,
     and composes with an fp32 adapter trained on the same bases (the bases compare at the
