@@ -154,48 +154,61 @@ def layers_per_block(layer_names) -> int:
     return max(found) + 1 if found else 2
 
 
+def _input_block(i: int, j: int, per_block: int) -> int:
+    """The original UNet's `input_blocks` index of down block i, layer j (each down block: L
+    layers and a downsampler, after `conv_in`)."""
+    return i * (per_block + 1) + j + 1
+
+
+def _output_block(i: int, j: int, per_block: int) -> int:
+    """The original UNet's `output_blocks` index of up block i, layer j (L + 1 layers each)."""
+    return i * (per_block + 1) + j
+
+
 def ldm_unet_name(name: str, per_block: int) -> str:
-    """A diffusers UNet attention layer's name in the original UNet's numbering: down block i,
-    layer j is `input_blocks.{i(L+1)+j+1}.1` (each down block: L layers and a downsampler
-    after `conv_in`), up block i, layer j is `output_blocks.{i(L+1)+j}.1` (L+1 layers each),
-    the mid block's attention `middle_block.1`; inside an attention the names agree. A ResNet
-    block is layer `.0` of the same blocks (`middle_block.0` and `.2` in the middle), its
-    conv1 / conv2 the original's `in_layers.2` / `out_layers.3`."""
+    """A diffusers UNet layer's name in the original UNet's numbering: down block i, layer j is
+    `input_blocks.{i(L+1)+j+1}`, up block i, layer j `output_blocks.{i(L+1)+j}`; in each, the
+    ResNet block is `.0` (its conv1 / conv2 the original's `in_layers.2` / `out_layers.3`) and
+    the attention `.1` (inside it the names agree). The mid block is `middle_block.0`, `.1`
+    (its attention) and `.2`."""
     if m := _RES_DOWN.fullmatch(name):
-        i, j, conv = int(m.group(1)), int(m.group(2)), _LDM_CONV[m.group(3)]
-        return f"input_blocks.{i * (per_block + 1) + j + 1}.0.{conv}"
+        block = _input_block(int(m.group(1)), int(m.group(2)), per_block)
+        return f"input_blocks.{block}.0.{_LDM_CONV[m.group(3)]}"
     if m := _RES_MID.fullmatch(name):
         return f"middle_block.{2 * int(m.group(1))}.{_LDM_CONV[m.group(2)]}"
     if m := _RES_UP.fullmatch(name):
-        i, j, conv = int(m.group(1)), int(m.group(2)), _LDM_CONV[m.group(3)]
-        return f"output_blocks.{i * (per_block + 1) + j}.0.{conv}"
+        block = _output_block(int(m.group(1)), int(m.group(2)), per_block)
+        return f"output_blocks.{block}.0.{_LDM_CONV[m.group(3)]}"
     if m := _DOWN.match(name):
-        return f"input_blocks.{int(m.group(1)) * (per_block + 1) + int(m.group(2)) + 1}.1.{m.group(3)}"
+        return f"input_blocks.{_input_block(int(m.group(1)), int(m.group(2)), per_block)}.1.{m.group(3)}"
     if m := _MID.match(name):
         return f"middle_block.1.{m.group(1)}"
     if m := _UP.match(name):
-        return f"output_blocks.{int(m.group(1)) * (per_block + 1) + int(m.group(2))}.1.{m.group(3)}"
+        return f"output_blocks.{_output_block(int(m.group(1)), int(m.group(2)), per_block)}.1.{m.group(3)}"
     raise FormatError(f"no original-UNet name for layer {name!r}")
 
 
 def diffusers_unet_name(name: str, per_block: int) -> str:
     """`ldm_unet_name` inverted."""
+
+    def down(index: str) -> tuple[int, int]:  # (down block, layer) of an `input_blocks` index
+        return divmod(int(index) - 1, per_block + 1)
+
+    def up(index: str) -> tuple[int, int]:  # (up block, layer) of an `output_blocks` index
+        return divmod(int(index), per_block + 1)
+
     if m := _RES_INPUT.fullmatch(name):
-        i, j = divmod(int(m.group(1)) - 1, per_block + 1)
-        return f"down_blocks.{i}.resnets.{j}.{_DIFFUSERS_CONV[m.group(2)]}"
+        return "down_blocks.{}.resnets.{}.".format(*down(m.group(1))) + _DIFFUSERS_CONV[m.group(2)]
     if m := _RES_MIDDLE.fullmatch(name):
         return f"mid_block.resnets.{int(m.group(1)) // 2}.{_DIFFUSERS_CONV[m.group(2)]}"
     if m := _RES_OUTPUT.fullmatch(name):
-        i, j = divmod(int(m.group(1)), per_block + 1)
-        return f"up_blocks.{i}.resnets.{j}.{_DIFFUSERS_CONV[m.group(2)]}"
+        return "up_blocks.{}.resnets.{}.".format(*up(m.group(1))) + _DIFFUSERS_CONV[m.group(2)]
     if m := _INPUT.match(name):
-        i, j = divmod(int(m.group(1)) - 1, per_block + 1)
-        return f"down_blocks.{i}.attentions.{j}.{m.group(2)}"
+        return "down_blocks.{}.attentions.{}.".format(*down(m.group(1))) + m.group(2)
     if m := _MIDDLE.match(name):
         return f"mid_block.attentions.0.{m.group(1)}"
     if m := _OUTPUT.match(name):
-        i, j = divmod(int(m.group(1)), per_block + 1)
-        return f"up_blocks.{i}.attentions.{j}.{m.group(2)}"
+        return "up_blocks.{}.attentions.{}.".format(*up(m.group(1))) + m.group(2)
     raise FormatError(f"not an original-UNet attention or ResNet layer: {name!r}")
 
 

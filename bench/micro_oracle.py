@@ -30,10 +30,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from b4m_core.config import PLPConfig, TrainConfig
-from b4m_core.data import Concept, concept_phrase
+from b4m_core.data import Concept, concept_phrase, preprocess
 from b4m_core.generation import GenerationRequest
 from b4m_core.micro.quality import EVAL_ATTRIBUTES, QualityBench, Settings, bootstrap, eval_prompt, save_rows
 from b4m_core.micro.references import CONTENT_TOKEN, CONTENT_WORD, STYLE_TOKEN, STYLE_WORD
@@ -50,13 +49,10 @@ def vae_ceiling(base, bench, contents, styles, seed: int) -> dict:
         for s in styles:
             attrs = EVAL_ATTRIBUTES[: bench.s.images_per_pair]
             pics = [render(Scene(c, s, a[2], a[1], a[0]), seed=9000 + 17 * seed + i) for i, a in enumerate(attrs)]
-            x = torch.stack(
-                [torch.from_numpy(np.asarray(p, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1) for p in pics]
-            )
+            x = torch.stack([preprocess(p, p.width).pixels for p in pics])
             with torch.no_grad():
-                lat = vae.encode(x).latent_dist.mode()
-                y = vae.decode(lat).sample.clamp(-1, 1)
-            recon = [Image.fromarray(((t.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)) for t in y]
+                y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+            recon = base.pipe.image_processor.postprocess(y, output_type="pil")
             cells[f"{c}|{s}"] = {
                 "raw": bench.score(pics, attrs, c, s)["probe"],
                 "vae": bench.score(recon, attrs, c, s)["probe"],

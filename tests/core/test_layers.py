@@ -123,37 +123,6 @@ def test_a_c_are_buffers_b_d_parameters():
     assert {"A", "C"} <= {n for n, _ in layer.named_buffers()}
 
 
-@pytest.mark.parametrize("primary", ["up", "down"])
-def test_routing_matches_detached_reference(primary):
-    """One routed pass gives exactly the gradients of 'each row sees the other half detached'."""
-    layer = _layer()
-    with torch.no_grad():
-        layer.B.normal_()
-        layer.D.normal_()
-    x = torch.randn(4, 6, 20, requires_grad=True)
-    route = torch.tensor([True, False, False, True])
-    w = torch.randn(4, 6, 24)
-    layer.primary, layer.route = primary, route
-    (layer(x) * w).sum().backward()
-    g_b, g_d, g_x = layer.B.grad.clone(), layer.D.grad.clone(), x.grad.clone()
-    layer.route = None
-    layer.B.grad = layer.D.grad = None
-    x2 = x.detach().clone().requires_grad_(True)
-    total = 0
-    for i in range(4):
-        mine = route[i].item()
-        train_up = mine if primary == "up" else not mine
-        b = layer.B if train_up else layer.B.detach()
-        d = layer.D.detach() if train_up else layer.D
-        up, down = torch.cat([layer.A, b]), torch.cat([layer.C, d], dim=1)
-        y = layer.base(x2[i]) + layer.scale * (x2[i] @ down.T) @ up.T
-        total = total + (y * w[i]).sum()
-    total.backward()
-    assert torch.allclose(g_b, layer.B.grad, atol=1e-5)
-    assert torch.allclose(g_d, layer.D.grad, atol=1e-5)
-    assert torch.allclose(g_x, x2.grad, atol=1e-5)
-
-
 def _layer_change_per_adam_step(layer: PLPLinear, half: str) -> float:
     """|dW| after one Adam step on one half (the other frozen), from B = D = 0."""
     torch.manual_seed(1)
@@ -243,12 +212,38 @@ def test_a_convolutions_update_is_its_matrix_update_as_a_kernel(basis_mode, stri
     assert torch.allclose(layer(x), expected, atol=1e-4)
 
 
-@pytest.mark.parametrize("primary", ["up", "down"])
-def test_conv_routing_matches_detached_reference(primary):
+def _routing_case(kind: str):
+    """A PLP layer with both halves set, an input, and the layer's output for one row computed
+    from explicit (possibly detached) halves, for either kind of base layer."""
+    if kind == "linear":
+        layer = _layer()
+        with torch.no_grad():
+            layer.B.normal_()
+            layer.D.normal_()
+        x, w = torch.randn(4, 6, 20), torch.randn(4, 6, 24)
+
+        def row(xi, up, down):
+            return layer.base(xi) + layer.scale * (xi @ down.T) @ up.T
+
+        return layer, x, w, row
     layer = _conv_layer()
-    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    x, w = torch.randn(4, 6, 5, 5), torch.randn(4, 10, 5, 5)
+
+    def row(xi, up, down):
+        kernel = (layer.scale * up @ down).view(10, 6, 3, 3)
+        return layer.base(xi[None]) + torch.nn.functional.conv2d(xi[None], kernel, padding=1)
+
+    return layer, x, w, row
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("primary", ["up", "down"])
+def test_routing_matches_detached_reference(primary, kind):
+    """One routed pass gives exactly the gradients of 'each row sees the other half detached'
+    (a convolution's routed rows compute both copies and pick per row)."""
+    layer, x, w, row = _routing_case(kind)
+    x.requires_grad_(True)
     route = torch.tensor([True, False, False, True])
-    w = torch.randn(4, 10, 5, 5)
     layer.primary, layer.route = primary, route
     (layer(x) * w).sum().backward()
     g_b, g_d, g_x = layer.B.grad.clone(), layer.D.grad.clone(), x.grad.clone()
@@ -257,17 +252,18 @@ def test_conv_routing_matches_detached_reference(primary):
     x2 = x.detach().clone().requires_grad_(True)
     total = 0
     for i in range(4):
-        train_up = route[i].item() if primary == "up" else not route[i].item()
+        mine = route[i].item()
+        train_up = mine if primary == "up" else not mine
         b = layer.B if train_up else layer.B.detach()
         d = layer.D.detach() if train_up else layer.D
-        kernel = layer.scale * (torch.cat([layer.A, b]) @ torch.cat([layer.C, d], dim=1))
-        y = layer.base(x2[i : i + 1]) + torch.nn.functional.conv2d(x2[i : i + 1], kernel.view(10, 6, 3, 3), padding=1)
-        total = total + (y * w[i : i + 1]).sum()
+        up, down = torch.cat([layer.A, b]), torch.cat([layer.C, d], dim=1)
+        total = total + (row(x2[i], up, down) * w[i]).sum()
     total.backward()
     assert layer.B.grad.abs().sum() > 0 and layer.D.grad.abs().sum() > 0
-    assert torch.allclose(g_b, layer.B.grad, atol=1e-4)
-    assert torch.allclose(g_d, layer.D.grad, atol=1e-4)
-    assert torch.allclose(g_x, x2.grad, atol=1e-4)
+    tol = 1e-5 if kind == "linear" else 1e-4  # a convolution sums 9x more products per output
+    assert torch.allclose(g_b, layer.B.grad, atol=tol)
+    assert torch.allclose(g_d, layer.D.grad, atol=tol)
+    assert torch.allclose(g_x, x2.grad, atol=tol)
 
 
 def test_grouped_convolutions_are_refused():
