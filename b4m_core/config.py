@@ -12,14 +12,24 @@ from typing import Literal
 BasisMode = Literal["exact", "paper", "random", "principal"]
 BasisScale = Literal["legacy", "balanced"]
 ContentHalf = Literal["up", "down"]
-TargetSet = Literal["attn", "cross", "kv", "transformer", "attn+conv"]
+TargetSet = Literal["attn", "cross", "kv", "transformer", "attn+conv", "attn+fineconv"]
 Routing = Literal["strict", "released"]
 Kind = Literal["content", "style", "fused"]
 
 BASIS_MODES = ("exact", "paper", "random", "principal")
 BASIS_SCALES = ("legacy", "balanced")
 CONTENT_HALVES = ("up", "down")
-TARGET_SETS = ("attn", "cross", "kv", "transformer", "attn+conv")
+TARGET_SETS = ("attn", "cross", "kv", "transformer", "attn+conv", "attn+fineconv")
+# the target sets each one contains (its layers are a superset of theirs): a content and a
+# style adapter on nested sets compose, the half missing on a layer being zero there
+TARGET_SUBSETS: dict[str, frozenset[str]] = {
+    "kv": frozenset({"kv"}),
+    "cross": frozenset({"cross", "kv"}),
+    "attn": frozenset({"attn", "cross", "kv"}),
+    "transformer": frozenset({"transformer", "attn", "cross", "kv"}),
+    "attn+conv": frozenset({"attn+conv", "attn+fineconv", "attn", "cross", "kv"}),
+    "attn+fineconv": frozenset({"attn+fineconv", "attn", "cross", "kv"}),
+}
 ROUTINGS = ("strict", "released")
 MAKE_ROUTINGS = ("joint", "split")
 
@@ -136,9 +146,17 @@ COMPOSE_FIELDS = (
     ("rank", "rank"),
     ("rho", "rho"),
     ("content_half", "content_half"),
-    ("targets", "target set"),
     ("alpha", "alpha"),
 )
+
+
+def covering_targets(a: str, b: str) -> str | None:
+    """The larger of two nested target sets (None: neither contains the other)."""
+    if b in TARGET_SUBSETS[a]:
+        return a
+    if a in TARGET_SUBSETS[b]:
+        return b
+    return None
 
 
 def plp_mismatch(content: PLPConfig | dict, style: PLPConfig | dict) -> str | None:
@@ -150,6 +168,10 @@ def plp_mismatch(content: PLPConfig | dict, style: PLPConfig | dict) -> str | No
     for attr, label in COMPOSE_FIELDS:
         if getattr(c, attr) != getattr(s, attr):
             return f"adapters differ in {label}: {getattr(c, attr)!r} vs {getattr(s, attr)!r}"
+    # nested target sets compose (e.g. a content on attention + convolutions, a style on
+    # attention): the fused adapter covers the larger set
+    if covering_targets(c.targets, s.targets) is None:
+        return f"adapters cover target sets neither of which contains the other: {c.targets!r} vs {s.targets!r}"
     return None
 
 

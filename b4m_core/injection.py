@@ -31,12 +31,20 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
     `transformer`: `attn` and the transformer blocks' feed-forward layers (twice the
     parameters of the attention projections in each block);
     `attn+conv`: `attn` and both 3x3 convolutions of every ResNet block (LoCon's layers):
-    textures are drawn by the convolutions, which attention-only adapters never touch.
+    textures are drawn by the convolutions, which attention-only adapters never touch;
+    `attn+fineconv`: `attn` and the convolutions at the UNet's full latent resolution only
+    (the first down block and the last up block): fine texture and edges, not the coarse
+    levels where a scene's layout (size, place) is decided.
     """
     if targets not in TARGET_SETS:
         raise ConfigError(f"targets must be one of {TARGET_SETS}, got {targets!r}")
     names = []
+    fine = ("down_blocks.0.", f"up_blocks.{len(getattr(unet, 'up_blocks', [])) - 1}.")
     for name, module in unet.named_modules():
+        if targets == "attn+fineconv" and isinstance(module, ResnetBlock2D):
+            if name.startswith(fine):
+                names += [f"{name}.{c}" for c in ("conv1", "conv2") if _is_layer(module.get_submodule(c))]
+            continue
         if targets == "attn+conv" and isinstance(module, ResnetBlock2D):
             names += [f"{name}.{c}" for c in ("conv1", "conv2") if _is_layer(module.get_submodule(c))]
             continue

@@ -529,9 +529,10 @@ def check_composable(content: Adapter, style: Adapter) -> None:
         )
     if why := plp_mismatch(content.plp, style.plp):
         raise IncompatibleAdapters(why)
-    if content.layer_names != style.layer_names:
+    wide, narrow = (content, style) if len(content.layer_names) >= len(style.layer_names) else (style, content)
+    if not set(narrow.layer_names) <= set(wide.layer_names):
         raise IncompatibleAdapters("adapters cover different layers")
-    for name in content.layer_names:
+    for name in narrow.layer_names:
         for part in ("A", "C"):
             if not _same_basis(content.tensors[f"{name}.{part}"], style.tensors[f"{name}.{part}"]):
                 raise IncompatibleAdapters(f"frozen bases differ at {name}.{part}")
@@ -567,17 +568,23 @@ def block_norms(adapter: Adapter) -> dict[str, float]:
 
 
 def compose(content: Adapter, style: Adapter) -> Adapter:
-    """The bare composition: shared bases, content half from one, style half from the other."""
+    """The bare composition: shared bases, content half from one, style half from the other.
+    Adapters on nested target sets compose over the larger one; on a layer only one of them
+    covers, the other's half is zero (so it starts from that adapter's update alone)."""
     check_composable(content, style)
-    plp = content.plp
+    wide = content if len(content.layer_names) >= len(style.layer_names) else style
+    plp = wide.plp
     content_part = "B" if plp.content_half == "up" else "D"
     style_part = "D" if content_part == "B" else "B"
     tensors = {}
-    for name in content.layer_names:
-        tensors[f"{name}.A"] = content.tensors[f"{name}.A"].clone()
-        tensors[f"{name}.C"] = content.tensors[f"{name}.C"].clone()
-        tensors[f"{name}.{content_part}"] = content.tensors[f"{name}.{content_part}"].clone()
-        tensors[f"{name}.{style_part}"] = style.tensors[f"{name}.{style_part}"].clone()
+    for name in wide.layer_names:
+        for part in ("A", "C"):
+            tensors[f"{name}.{part}"] = wide.tensors[f"{name}.{part}"].clone()
+        for source, part in ((content, content_part), (style, style_part)):
+            own = source.tensors.get(f"{name}.{part}")
+            tensors[f"{name}.{part}"] = (
+                own.clone() if own is not None else torch.zeros_like(wide.tensors[f"{name}.{part}"])
+            )
     for source in (content, style):  # learnt identifier embeddings travel with their half
         tensors |= {k: v.clone() for k, v in source.tensors.items() if k.startswith(f"{TOKEN_PREFIX}{source.kind}.")}
     fused = Adapter(

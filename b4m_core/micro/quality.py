@@ -97,6 +97,7 @@ class Settings:
     random_flip: bool = False  # every training run mirrors references left-right at random
     augment: int = 0  # zoomed-out, moved copies of each reference in every training run (TrainConfig)
     augment_min_scale: float = 0.5
+    make_augment: int | None = None  # the make stage's copies (None: `augment`), e.g. only there
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
@@ -114,6 +115,9 @@ class Settings:
     lora_learning_rate: float | None = None  # the per-concept LoRA baselines' rate (None: learning_rate)
     rank: int | None = None
     targets: str | None = None  # layers an adapter covers: attn | cross | transformer (attn + feed-forward)
+    # the style adapters' layers when they differ (None: `targets`); nested sets compose, e.g.
+    # contents on attn+conv with styles on attn (the style half is zero on the convolutions)
+    style_targets: str | None = None
     # every training run's timestep bias (TrainConfig): none | later | earlier | range
     timestep_bias_strategy: str = "none"
     timestep_bias_multiplier: float = 1.0
@@ -200,7 +204,7 @@ class Settings:
             lora_learning_rate=self.lora_learning_rate or brk.learning_rate,
         )
 
-    def plp(self) -> PLPConfig:
+    def plp(self, kind: str = "content") -> PLPConfig:
         return PLPConfig(
             rank=self.rank,
             alpha=float(self.rank),
@@ -208,7 +212,7 @@ class Settings:
             content_half=self.content_half,
             basis_mode=self.basis_mode,
             basis_scale=self.basis_scale,
-            targets=self.targets,
+            targets=(self.style_targets or self.targets) if kind == "style" else self.targets,
         )
 
 
@@ -223,6 +227,7 @@ DRAW_ONLY = frozenset(
 NOT_BREAK = frozenset(
     {"make_steps", "make_batch_size", "make_learning_rate", "lora_steps", "joint_steps", "ziplora_steps"}
     | {"lora_learning_rate", "joint_batch_size", "joint_learning_rate", "make_routing", "make_style_weight"}
+    | {"make_augment"}
 )
 
 
@@ -425,7 +430,7 @@ class QualityBench:
                         refs[(kind, n)],
                         "b4m",
                         aux=aux,
-                        plp=s.plp(),
+                        plp=s.plp(kind),
                         cfg=self._cfg(s, s.break_steps, routing=s.routing),
                     ),
                 )
@@ -458,6 +463,7 @@ class QualityBench:
                                 batch_size=s.make_batch_size,
                                 make_routing=s.make_routing,
                                 make_style_weight=s.make_style_weight,
+                                **({} if s.make_augment is None else {"augment": s.make_augment}),
                             ),
                         ),
                     )

@@ -84,13 +84,33 @@ def _with(adapter, **plp_changes):
         ({"rank": 8}, "rank"),
         ({"rho": 0.25}, "rho"),
         ({"content_half": "down"}, "content_half"),
-        ({"targets": "cross"}, "target set"),
     ],
 )
 def test_every_mismatch_is_refused(pair, change, message):
     c, s, *_ = pair
     with pytest.raises(IncompatibleAdapters, match=message):
         compose(c, _with(s, **change))
+
+
+def test_nested_target_sets_compose_over_the_larger_one(pair, sd):
+    """A content on attention + convolutions and a style on attention compose: the fused
+    adapter covers the convolutions with the style half zero there (its attention layers as
+    the style made them), the make stage trains it; sets neither of which contains the other
+    are refused before any tensor is read."""
+    c_attn, s, content, style = pair
+    plp = dataclasses.replace(c_attn.plp, targets="attn+conv")
+    c = train_concept(sd, content, plp=plp, cfg=TrainConfig(steps=1, learning_rate=1e-2))
+    convs = sorted(set(c.layer_names) - set(s.layer_names))
+    assert convs and all(n.endswith((".conv1", ".conv2")) for n in convs)
+    style_part = "D" if plp.content_half == "up" else "B"
+    bare = compose(c, s)
+    assert bare.plp.targets == "attn+conv" and sorted(bare.layer_names) == sorted(c.layer_names)
+    assert all(not bare.tensors[f"{n}.{style_part}"].any() for n in convs)
+    assert all(torch.equal(bare.tensors[f"{n}.{style_part}"], s.tensors[f"{n}.{style_part}"]) for n in s.layer_names)
+    tuned = fuse(sd, c, s, content, style, cfg=TrainConfig(steps=2, learning_rate=1e-2))
+    assert any(tuned.tensors[f"{n}.{style_part}"].any() for n in convs)
+    with pytest.raises(IncompatibleAdapters, match="neither of which contains"):
+        compose(_with(c, targets="transformer"), _with(s, targets="attn+conv"))
 
 
 def test_other_base_model_and_same_kind_are_refused(pair, sd):

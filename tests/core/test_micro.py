@@ -359,6 +359,11 @@ def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
     # a break-stage adapter does not depend on the make stage's settings; a fused one does
     assert training_spec(Settings(make_steps=0), "break") == training_spec(Settings(), "break")
     assert training_spec(Settings(make_steps=0)) != base
+    assert training_spec(Settings(make_augment=2), "break") == training_spec(Settings(), "break")
+    assert training_spec(Settings(make_augment=2)) != base
+    # the style adapters may cover fewer layers than the contents (nested sets compose)
+    mixed = Settings(targets="attn+conv", style_targets="attn").resolved(micro)
+    assert (mixed.plp("content").targets, mixed.plp("style").targets) == ("attn+conv", "attn")
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_data():

@@ -227,6 +227,18 @@ def test_conv_targets_add_every_resnet_convolution_and_train_both_halves_under_m
     assert norms["content"] > 0 and norms["style"] > 0 and norms["interaction"] == 0
 
 
+def test_fineconv_targets_take_the_convolutions_of_the_full_resolution_blocks_only(sd):
+    from b4m_core.injection import target_layer_names
+
+    every = target_layer_names(sd.unet, "attn+conv")
+    fine = target_layer_names(sd.unet, "attn+fineconv")
+    attn = set(target_layer_names(sd.unet, "attn"))
+    last_up = f"up_blocks.{len(sd.unet.up_blocks) - 1}."
+    convs = [n for n in every if n not in attn]
+    assert set(fine) - attn == {n for n in convs if n.startswith(("down_blocks.0.", last_up))}
+    assert attn < set(fine) < set(every)
+
+
 def test_aux_must_be_the_opposite_kind(sd, concepts, clean):
     content, _, _, aux_contents = concepts
     from b4m_core.config import ConfigError
