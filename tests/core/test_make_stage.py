@@ -97,6 +97,8 @@ def test_nested_target_sets_compose_over_the_larger_one(pair, sd):
     adapter covers the convolutions with the style half zero there (its attention layers as
     the style made them), the make stage trains it; sets neither of which contains the other
     are refused before any tensor is read."""
+    from b4m_core.config import plp_mismatch
+
     c_attn, s, content, style = pair
     plp = dataclasses.replace(c_attn.plp, targets="attn+conv")
     c = train_concept(sd, content, plp=plp, cfg=TrainConfig(steps=1, learning_rate=1e-2))
@@ -109,6 +111,9 @@ def test_nested_target_sets_compose_over_the_larger_one(pair, sd):
     assert all(torch.equal(bare.tensors[f"{n}.{style_part}"], s.tensors[f"{n}.{style_part}"]) for n in s.layer_names)
     tuned = fuse(sd, c, s, content, style, cfg=TrainConfig(steps=2, learning_rate=1e-2))
     assert any(tuned.tensors[f"{n}.{style_part}"].any() for n in convs)
+    # the API checks the same from the adapters' metadata, without torch
+    assert plp_mismatch(c.plp.to_dict(), s.plp.to_dict()) is None
+    assert "neither of which" in plp_mismatch({"targets": "transformer"}, {"targets": "attn+fineconv"})
     with pytest.raises(IncompatibleAdapters, match="neither of which contains"):
         compose(_with(c, targets="transformer"), _with(s, targets="attn+conv"))
 
