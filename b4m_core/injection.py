@@ -41,12 +41,9 @@ def target_layer_names(unet: nn.Module, targets: str = "attn") -> list[str]:
     names = []
     fine = ("down_blocks.0.", f"up_blocks.{len(getattr(unet, 'up_blocks', [])) - 1}.")
     for name, module in unet.named_modules():
-        if targets == "attn+fineconv" and isinstance(module, ResnetBlock2D):
-            if name.startswith(fine):
+        if targets in ("attn+conv", "attn+fineconv") and isinstance(module, ResnetBlock2D):
+            if targets == "attn+conv" or name.startswith(fine):
                 names += [f"{name}.{c}" for c in ("conv1", "conv2") if _is_layer(module.get_submodule(c))]
-            continue
-        if targets == "attn+conv" and isinstance(module, ResnetBlock2D):
-            names += [f"{name}.{c}" for c in ("conv1", "conv2") if _is_layer(module.get_submodule(c))]
             continue
         if targets == "transformer" and isinstance(module, FeedForward):
             names += [f"{name}.{n}" for n in _linear_names(module)]

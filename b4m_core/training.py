@@ -21,7 +21,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from .adapter import Adapter
-from .config import ConfigError, PLPConfig, TrainConfig, plp_mismatch
+from .config import ConfigError, PLPConfig, TrainConfig, covering_targets, plp_mismatch
 from .data import Concept, augmented, preprocess
 from .injection import (
     adapter_layers,
@@ -529,13 +529,21 @@ def check_composable(content: Adapter, style: Adapter) -> None:
         )
     if why := plp_mismatch(content.plp, style.plp):
         raise IncompatibleAdapters(why)
-    wide, narrow = (content, style) if len(content.layer_names) >= len(style.layer_names) else (style, content)
+    wide, narrow = _wide_and_narrow(content, style)
     if not set(narrow.layer_names) <= set(wide.layer_names):
         raise IncompatibleAdapters("adapters cover different layers")
     for name in narrow.layer_names:
         for part in ("A", "C"):
             if not _same_basis(content.tensors[f"{name}.{part}"], style.tensors[f"{name}.{part}"]):
                 raise IncompatibleAdapters(f"frozen bases differ at {name}.{part}")
+
+
+def _wide_and_narrow(content: Adapter, style: Adapter) -> tuple[Adapter, Adapter]:
+    """The adapter on the larger of two nested target sets, then the other (content first
+    when they cover the same set)."""
+    if covering_targets(content.plp.targets, style.plp.targets) == style.plp.targets != content.plp.targets:
+        return style, content
+    return content, style
 
 
 def _same_basis(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -572,7 +580,7 @@ def compose(content: Adapter, style: Adapter) -> Adapter:
     Adapters on nested target sets compose over the larger one; on a layer only one of them
     covers, the other's half is zero (so it starts from that adapter's update alone)."""
     check_composable(content, style)
-    wide = content if len(content.layer_names) >= len(style.layer_names) else style
+    wide, _ = _wide_and_narrow(content, style)
     plp = wide.plp
     content_part = "B" if plp.content_half == "up" else "D"
     style_part = "D" if content_part == "B" else "B"
