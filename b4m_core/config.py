@@ -235,6 +235,10 @@ class TrainConfig:
     # between `augment_min_scale` and 1 of the frame, captioned like any uncaptioned image
     augment: int = 0
     augment_min_scale: float = 0.5
+    # `recombine` copies of every reference with the other factor swapped for a known one from
+    # the model's bank (data.recombined): a content refilled with known surfaces, a style cut
+    # to known shapes
+    recombine: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -248,6 +252,8 @@ class TrainConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.augment < 0 or not 0 < self.augment_min_scale <= 1:
             raise ConfigError("augment must be >= 0 and augment_min_scale in (0, 1]")
+        if self.recombine < 0:
+            raise ConfigError(f"recombine must be >= 0, got {self.recombine}")
         if self.prior_images < 1 or self.prior_loss_weight < 0:
             raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
         if self.make_style_weight <= 0:

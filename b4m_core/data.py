@@ -116,9 +116,7 @@ def zoomed_out(image: Image.Image, scale: float, cx: float, cy: float) -> Image.
     """`image` shrunk by `scale` and placed with its centre at (`cx`, `cy`) (fractions of the
     free room: 0 left/top, 1 right/bottom), on a canvas of its own size filled with its border
     colour (the median of its outermost pixels: the background, for a centred subject)."""
-    arr = np.asarray(image.convert("RGB"))
-    ring = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-    fill = tuple(int(v) for v in np.median(ring, axis=0))
+    fill = tuple(int(v) for v in _border_colour(np.asarray(image.convert("RGB"))))
     w, h = image.size
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
     small = image.convert("RGB").resize((sw, sh), Image.Resampling.LANCZOS)
@@ -142,6 +140,80 @@ def augmented(concept: Concept, copies: int, min_scale: float = 0.5, seed: int =
             scale = float(rng.uniform(min_scale, 1.0))
             images.append(zoomed_out(image, scale, float(rng.uniform()), float(rng.uniform())))
             captions.append(caption)
+    return replace(concept, images=images, captions=captions)
+
+
+def _border_colour(arr: np.ndarray) -> np.ndarray:
+    ring = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    return np.median(ring, axis=0)
+
+
+def foreground_mask(image: Image.Image, threshold: float = 40.0) -> np.ndarray:
+    """Where the subject is (H x W, 0 or 1): pixels away from the border colour (the
+    background, for a subject on a plain ground), closed and with its small holes filled, so
+    a pattern whose colours meet the background's still counts as the subject (a large hole,
+    such as a ring's, stays background)."""
+    from scipy import ndimage
+
+    arr = np.asarray(image.convert("RGB"), np.float32)
+    far = np.abs(arr - _border_colour(arr)).max(axis=2) > threshold
+    mask = ndimage.binary_closing(far, iterations=2, border_value=0) | far
+    holes, n = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if n:
+        sizes = ndimage.sum(np.ones_like(holes), holes, index=np.arange(1, n + 1))
+        mask |= np.isin(holes, 1 + np.flatnonzero(sizes <= max(8, mask.sum() // 20)))
+    return mask.astype(np.float32)
+
+
+def texture_field(image: Image.Image) -> np.ndarray:
+    """The subject's surface spread over the whole frame (H x W x 3): the largest square
+    inside its mask, mirrored outwards (no seams, the pattern at its own scale)."""
+    from scipy import ndimage
+
+    arr = np.asarray(image.convert("RGB"), np.float32)
+    mask = foreground_mask(image) > 0.5
+    if not mask.any():
+        return arr
+    depth = ndimage.distance_transform_cdt(mask, metric="chessboard")
+    cy, cx = np.unravel_index(int(depth.argmax()), depth.shape)
+    half = max(int(depth.max()) - 1, 1)
+    patch = arr[max(cy - half, 0) : cy + half + 1, max(cx - half, 0) : cx + half + 1]
+    h, w = arr.shape[:2]
+    reps = (-(-h // patch.shape[0]) + 1, -(-w // patch.shape[1]) + 1)
+    tiled = np.pad(patch, ((0, patch.shape[0] * reps[0]), (0, patch.shape[1] * reps[1]), (0, 0)), mode="symmetric")
+    return tiled[:h, :w]
+
+
+def recombined(concept: Concept, others: list[Image.Image], copies: int, seed: int = 0) -> Concept:
+    """The references and `copies` recombined copies of each: the concept kept, the other
+    factor taken from `others` (images of concepts the model knows, of the opposite kind:
+    its MCP bank). A content's shape is refilled with a known surface, a style's surface is
+    cut to a known shape (placed as in that image). Two to four references show a content
+    in a few surfaces and a style on a few shapes, and an adapter learns those along with
+    its concept; copies that vary the other factor leave only the concept in common. The
+    copies carry no caption: the model's captioner reads what they show."""
+    if copies <= 0:
+        return concept
+    if not others:
+        raise ConfigError("recombined copies need images of known concepts (this base model has no bank)")
+    rng = np.random.default_rng([seed, 0xC0])
+    images, captions = list(concept.images), list(concept.captions)
+    # each known concept once before any twice
+    order = np.concatenate([rng.permutation(len(others)) for _ in range(-(-copies * len(images) // len(others)))])
+    for i, image in enumerate(concept.images):
+        image = image.convert("RGB")
+        for j in range(copies):
+            other = others[int(order[i * copies + j])].convert("RGB").resize(image.size)
+            if concept.kind == "content":
+                mask, fill, ground = foreground_mask(image), texture_field(other), image
+            else:  # the style's own pixels where its subject was, its mirrored surface elsewhere
+                own = foreground_mask(image)[..., None]
+                fill = own * np.asarray(image, np.float32) + (1 - own) * texture_field(image)
+                mask, ground = foreground_mask(other), other
+            ground = np.asarray(ground, np.float32)
+            out = mask[..., None] * fill + (1 - mask[..., None]) * ground
+            images.append(Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)))
+            captions.append(None)
     return replace(concept, images=images, captions=captions)
 
 

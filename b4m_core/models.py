@@ -98,6 +98,15 @@ class BaseModel:
             return []
         return self.aux_bank(kind, k, seed=seed, token_bound=bool(self.recommended.get("aux_token_bound", False)))
 
+    def known_images(self, kind: str, seed: int = 0) -> list:
+        """Images of concepts the model knows, of the kind opposite to `kind` (every set of its
+        MCP bank): what recombined copies of a `kind` reference take their other factor from;
+        [] when the model ships no bank."""
+        if self.aux_bank is None:
+            return []
+        sets = self.aux_bank(kind, self.default("bank_sets", 12), seed=seed)
+        return [image for s in sets for image in s.images]
+
     def describe(self, concept: Concept, use_captioner: bool = True) -> Concept:
         """The concept as this model trains on it: images that came without a caption get one
         from the model's captioner, or else the model's own prompt template for the kind

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig, covering_targets, plp_mismatch
-from .data import Concept, augmented, preprocess
+from .data import Concept, augmented, preprocess, recombined
 from .injection import (
     adapter_layers,
     inject,
@@ -882,6 +882,14 @@ class ZipLoRAStage:
 
 
 # ------------------------------------------------------- one call shape for all
+def _expanded(base: BaseModel, concept: Concept, cfg: TrainConfig) -> Concept:
+    """The references with the copies `cfg` asks for: recombined with known concepts, then
+    zoomed out (every stage sees the same set)."""
+    if cfg.recombine:
+        concept = recombined(concept, base.known_images(concept.kind, cfg.seed), cfg.recombine, cfg.seed)
+    return augmented(concept, cfg.augment, cfg.augment_min_scale, cfg.seed)
+
+
 CONCEPT_METHODS = ("b4m", "lora")
 FUSION_METHODS = ("b4m", "joint", "merge", "ziplora")
 
@@ -897,7 +905,7 @@ def train_concept(
 ) -> Adapter:
     """Break stage (`b4m`) or a plain LoRA (`lora`, the baselines' first stage)."""
     plp, cfg = plp or base.plp_config(), cfg or TrainConfig()
-    concept = base.describe(augmented(concept, cfg.augment, cfg.augment_min_scale, cfg.seed), cfg.captions == "auto")
+    concept = base.describe(_expanded(base, concept, cfg), cfg.captions == "auto")
     aux = [base.describe(a, cfg.captions == "auto") for a in aux or []]
     if method == "b4m":
         return BreakStage(base, concept, list(aux or []), plp, cfg).train(hooks)
@@ -924,9 +932,7 @@ def fuse(
     """
     auto = cfg is None or cfg.captions == "auto"
     if cfg is not None:  # the make stage sees the references as the break stage did
-        content_set, style_set = (
-            augmented(c, cfg.augment, cfg.augment_min_scale, cfg.seed) for c in (content_set, style_set)
-        )
+        content_set, style_set = (_expanded(base, c, cfg) for c in (content_set, style_set))
     content_set, style_set = base.describe(content_set, auto), base.describe(style_set, auto)
     if method == "b4m":
         cfg = cfg or TrainConfig(steps=50)

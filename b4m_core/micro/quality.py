@@ -98,6 +98,7 @@ class Settings:
     augment: int = 0  # zoomed-out, moved copies of each reference in every training run (TrainConfig)
     augment_min_scale: float = 0.5
     make_augment: int | None = None  # the make stage's copies (None: `augment`), e.g. only there
+    recombine: int = 0  # copies of each reference recombined with the bank's known concepts (TrainConfig)
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
@@ -397,6 +398,7 @@ class QualityBench:
             random_flip=s.random_flip,
             augment=s.augment,
             augment_min_scale=s.augment_min_scale,
+            recombine=s.recombine,
         )
         return TrainConfig(**(given | extra))
 

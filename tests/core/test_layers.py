@@ -181,11 +181,33 @@ def test_bases_are_drawn_once_per_process_and_handed_out_as_copies():
     assert torch.equal(a3, a2) and a3.abs().sum() > 0
     # another seed or shape is another draw
     assert not torch.equal(make_bases(PLPConfig(rank=8, rho=0.5, basis_seed=124), "layer.x", 40, 24)[0], a2)
-    # principal bases depend on the weights: drawn every time, never cached
-    w = torch.randn(40, 24)
+    # principal bases depend on the weights: cached under their bytes, a changed weight
+    # (or another dtype of it) is another SVD, and the cache stays within its byte bound
+    from b4m_core import layers
+
+    layers._PRINCIPAL_CACHE.clear()
+    layers._principal_cached[0] = 0
+    w, pcfg = torch.randn(40, 24), PLPConfig(rank=8, rho=0.5, basis_mode="principal")
     before = _cached_bases.cache_info().currsize
-    make_bases(PLPConfig(rank=8, rho=0.5, basis_mode="principal"), "layer.x", 40, 24, w)
-    assert _cached_bases.cache_info().currsize == before
+    p1 = make_bases(pcfg, "layer.x", 40, 24, w)
+    assert _cached_bases.cache_info().currsize == before and len(layers._PRINCIPAL_CACHE) == 1
+    p1[0].zero_()  # a copy
+    p2 = make_bases(pcfg, "layer.x", 40, 24, w.clone())
+    assert len(layers._PRINCIPAL_CACHE) == 1 and p2[0].abs().sum() > 0
+    assert all(torch.equal(x, y) for x, y in zip(p2, layers._draw_bases(pcfg, "layer.x", 40, 24, w)))
+    w2 = w.clone()
+    w2[0, 0] += 1e-3
+    p3 = make_bases(pcfg, "layer.x", 40, 24, w2)
+    assert len(layers._PRINCIPAL_CACHE) == 2 and not torch.equal(p3[1], p2[1])
+    make_bases(pcfg, "layer.x", 40, 24, w.half())
+    assert len(layers._PRINCIPAL_CACHE) == 3
+    one = layers._nbytes(p2)
+    old_bound, layers.PRINCIPAL_CACHE_BYTES = layers.PRINCIPAL_CACHE_BYTES, 2 * one
+    try:
+        make_bases(pcfg, "layer.y", 40, 24, w)
+        assert len(layers._PRINCIPAL_CACHE) == 2 and layers._principal_cached[0] <= 2 * one
+    finally:
+        layers.PRINCIPAL_CACHE_BYTES = old_bound
 
 
 # ------------------------------------------------------------------ convolutions (LoCon-like)

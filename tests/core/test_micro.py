@@ -236,6 +236,48 @@ def test_uncaptioned_references_are_described_by_the_micro_captioner(micro):
     assert templated.captions == bare.captions and templated.prompts()[0] == "a hkx shape"
 
 
+def test_recombined_copies_keep_the_concept_and_swap_the_other_factor(micro):
+    """`recombine`: a content's shape refilled with the bank's known surfaces, a style's surface
+    cut to the bank's known shapes; the probe still reads the concept in each copy and the
+    captioner names the known factor it was given; seeded; training takes the copies."""
+    from dataclasses import replace
+
+    from b4m_core.config import ConfigError, TrainConfig
+    from b4m_core.data import foreground_mask, recombined
+
+    probe, _ = load_probe()
+    for kind, name in (("content", "fish"), ("style", "rainbow")):
+        refs = reference_concept(kind, name)
+        bare = replace(refs, captions=[None] * len(refs.images))
+        others = micro.known_images(kind, seed=1)
+        out = recombined(bare, others, 3, seed=1)
+        copies = out.images[len(refs.images) :]
+        assert len(copies) == 3 * len(refs.images) and out.captions[len(refs.images) :] == [None] * len(copies)
+        reads = predict(probe, copies)
+        assert sum(r[kind] == name for r in reads) >= len(copies) - 1, reads  # the concept kept
+        other = "style" if kind == "content" else "content"
+        assert len({r[other] for r in reads}) >= 3, reads  # the other factor varies
+        known = world.PRETRAIN_STYLES if kind == "content" else world.PRETRAIN_CONTENTS
+        assert sum(r[other] in known for r in reads) >= len(copies) - 1, reads
+        captions = micro.describe(out).captions[len(refs.images) :]
+        assert sum(f" {r[other]} " in f" {c} " for r, c in zip(reads, captions)) >= len(copies) - 1, captions
+        if kind == "content":  # the shape is the reference's own, pixel for pixel
+            for i, ref in enumerate(refs.images):
+                for copy in copies[3 * i : 3 * i + 3]:
+                    assert (foreground_mask(copy) != foreground_mask(ref)).mean() < 0.02
+        again = recombined(bare, others, 3, seed=1)
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(out.images, again.images))
+    assert recombined(bare, others, 0) is bare
+    with pytest.raises(ConfigError, match="bank"):
+        recombined(bare, [], 1)
+    with pytest.raises(ConfigError, match="recombine"):
+        TrainConfig(recombine=-1)
+    from b4m_core.training import train_concept
+
+    plain, more = (train_concept(micro, bare, cfg=TrainConfig(steps=3, recombine=n)) for n in (0, 3))
+    assert any(not torch.equal(plain.tensors[k], more.tensors[k]) for k in plain.tensors)  # the copies trained
+
+
 def test_mcp_is_the_default_with_the_models_bank(micro):
     sets = micro.auxiliary_sets("content", seed=0)
     assert len(sets) == micro.default("aux_sets", 0) >= 1
