@@ -239,6 +239,7 @@ class TrainConfig:
     # the model's bank (data.recombined): a content refilled with known surfaces, a style cut
     # to known shapes
     recombine: int = 0
+    recombine_kinds: str = "content+style"  # which reference sets get them: content | style | content+style
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -254,6 +255,8 @@ class TrainConfig:
             raise ConfigError("augment must be >= 0 and augment_min_scale in (0, 1]")
         if self.recombine < 0:
             raise ConfigError(f"recombine must be >= 0, got {self.recombine}")
+        if self.recombine_kinds not in ("content", "style", "content+style"):
+            raise ConfigError(f"recombine_kinds must be content, style or content+style, got {self.recombine_kinds!r}")
         if self.prior_images < 1 or self.prior_loss_weight < 0:
             raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
         if self.make_style_weight <= 0:

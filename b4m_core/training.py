@@ -885,7 +885,7 @@ class ZipLoRAStage:
 def _expanded(base: BaseModel, concept: Concept, cfg: TrainConfig) -> Concept:
     """The references with the copies `cfg` asks for: recombined with known concepts, then
     zoomed out (every stage sees the same set)."""
-    if cfg.recombine:
+    if cfg.recombine and concept.kind in cfg.recombine_kinds.split("+"):
         concept = recombined(concept, base.known_images(concept.kind, cfg.seed), cfg.recombine, cfg.seed)
     return augmented(concept, cfg.augment, cfg.augment_min_scale, cfg.seed)
 

@@ -99,6 +99,7 @@ class Settings:
     augment_min_scale: float = 0.5
     make_augment: int | None = None  # the make stage's copies (None: `augment`), e.g. only there
     recombine: int = 0  # copies of each reference recombined with the bank's known concepts (TrainConfig)
+    recombine_kinds: str = "content+style"  # the reference sets that get them
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
@@ -399,6 +400,7 @@ class QualityBench:
             augment=s.augment,
             augment_min_scale=s.augment_min_scale,
             recombine=s.recombine,
+            recombine_kinds=s.recombine_kinds,
         )
         return TrainConfig(**(given | extra))
 

@@ -272,10 +272,16 @@ def test_recombined_copies_keep_the_concept_and_swap_the_other_factor(micro):
         recombined(bare, [], 1)
     with pytest.raises(ConfigError, match="recombine"):
         TrainConfig(recombine=-1)
+    with pytest.raises(ConfigError, match="recombine_kinds"):
+        TrainConfig(recombine=1, recombine_kinds="shape")
     from b4m_core.training import train_concept
 
-    plain, more = (train_concept(micro, bare, cfg=TrainConfig(steps=3, recombine=n)) for n in (0, 3))
+    plain, more, other_kind = (
+        train_concept(micro, bare, cfg=TrainConfig(steps=3, recombine=n, recombine_kinds=k))
+        for n, k in ((0, "style"), (3, "style"), (3, "content"))
+    )
     assert any(not torch.equal(plain.tensors[k], more.tensors[k]) for k in plain.tensors)  # the copies trained
+    assert all(torch.equal(plain.tensors[k], other_kind.tensors[k]) for k in plain.tensors)  # a style gets none
 
 
 def test_mcp_is_the_default_with_the_models_bank(micro):
