@@ -234,6 +234,30 @@ def main() -> None:
         flush=True,
     )
 
+    # 5. Principal bases: a run's first injection (an SVD per layer) vs a later one ---------
+    from b4m_core import layers as layer_mod
+
+    principal = PLPConfig(rank=rank, alpha=rank, basis_mode="principal")
+
+    def inject_cold():
+        layer_mod._PRINCIPAL_CACHE.clear()
+        layer_mod._principal_cached[0] = 0
+        inject_plp(unet, principal)
+        remove_adapters(unet)
+
+    def inject_warm():
+        inject_plp(unet, principal)
+        remove_adapters(unet)
+
+    t = interleaved({"cold": inject_cold, "warm": inject_warm}, args.reps, device)
+    results["principal_inject_s"] = t
+    results["principal_cold_over_warm"] = t["cold"] / t["warm"]
+    print(
+        f"[5] principal bases: first injection {t['cold'] * 1e3:.0f} ms, later ones (bases cached under the "
+        f"weights' bytes) {t['warm'] * 1e3:.0f} ms -> {results['principal_cold_over_warm']:.1f}x",
+        flush=True,
+    )
+
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
