@@ -37,6 +37,7 @@ from .world import (
     SPLITS,
     Scene,
     generic_image,
+    rich_sample,
     training_sample,
 )
 
@@ -50,10 +51,19 @@ def _render(i: int):
     return np.asarray(im, dtype=np.uint8), cap
 
 
-def render_dataset(n: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+def _render_rich(i: int):
+    im, cap = rich_sample(i)
+    return np.asarray(im, dtype=np.uint8), cap
+
+
+def render_dataset(n: int, seed: int, workers: int, rich_fraction: float = 0.0) -> tuple[np.ndarray, list[str]]:
+    """`n` pre-training examples: the world's named concepts, and `rich_fraction` of them from
+    the rich world (shape and surface families named by their attributes)."""
     ids = [seed * 10_000_000 + i for i in range(n)]
+    n_rich = round(n * rich_fraction)
     with Pool(workers) as pool:
-        out = pool.map(_render, ids, chunksize=256)
+        named = pool.map(_render, ids[: n - n_rich], chunksize=256)
+        out = named + pool.map(_render_rich, ids[n - n_rich :], chunksize=256)
     return np.stack([o[0] for o in out]), [o[1] for o in out]
 
 
@@ -446,6 +456,12 @@ def main() -> None:
         help="fine-tune --vae-from on world + generic images for --vae-seconds, keeping its latent space",
     )
     ap.add_argument("--generic-images", type=int, default=0, help="generic VAE images (default: --images)")
+    ap.add_argument(
+        "--rich-fraction",
+        type=float,
+        default=0.0,
+        help="share of the UNet's examples from the rich world (world.rich_sample: shape and surface families)",
+    )
     ap.add_argument("--probe-images", type=int, default=40_000)
     ap.add_argument("--text-encoder", default=None, help="MiniLM folder (default: the installed package)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
@@ -486,7 +502,7 @@ def main() -> None:
     probe.to(dev)
 
     t = time.time()
-    arr, captions = render_dataset(args.images, args.seed, args.workers)
+    arr, captions = render_dataset(args.images, args.seed, args.workers, args.rich_fraction)
     images = torch.from_numpy(arr)
     report["render_s"] = time.time() - t
     log(f"rendered {len(captions)} images in {report['render_s']:.1f}s")
@@ -523,7 +539,7 @@ def main() -> None:
         }
         report["vae"]["heldout_recon_probe"] = vae_recon_probe(vae, probe, dev, scenes=held, by="heldout")
         log(f"after fine-tuning, held out: {report['vae']['heldout_recon_probe']}")
-    else:
+    elif not (args.vae_from and args.unet_from):  # a UNet continued on a kept VAE keeps its latents
         report["vae"].update(standardize_latents(vae, images, dev))
     report["vae"]["recon_probe"] = vae_recon_probe(vae, probe, dev)
     log(f"probe accuracy on VAE reconstructions: {report['vae']['recon_probe']}")

@@ -38,6 +38,34 @@ def test_captions_are_plain_english_and_pretraining_never_shows_heldout():
         assert not any(h in caption for h in held)
 
 
+def test_rich_world_names_families_never_a_heldout_or_named_concept():
+    """The rich world (UNet pre-training beside the named concepts): seeded, varied, captioned
+    in the world's grammar by attributes only: no dev or test concept's name, and none of the
+    named concepts' words, which keep their meaning."""
+    import re
+
+    from b4m_core.micro import pretrain
+
+    a, b = world.rich_sample(7), world.rich_sample(7)
+    assert a[1] == b[1] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    held = set(world.HELDOUT_CONTENTS) | set(world.HELDOUT_STYLES) | set(world.DEV_CONTENTS) | set(world.DEV_STYLES)
+    named = set(world.PRETRAIN_CONTENTS) | set(world.PRETRAIN_STYLES)
+    captions = [world.rich_sample(i)[1] for i in range(600)]
+    words = {w for c in captions for w in re.findall(r"[a-z-]+", c)}
+    assert not words & (held | named), words & (held | named)
+    assert 0.03 < captions.count("") / len(captions) < 0.2  # unconditional examples for guidance
+    families = {f for f in ("banded", "tiled", "rippled", "chevron", "dotted", "mottled", "speckled", "criss-cross")}
+    assert families <= words and {"blob", "polygon", "badge", "oval", "tile", "plus"} <= words
+    assert len(set(captions)) > 500  # hundreds of distinct families x colours x places
+    image, caption = world.rich_sample(3)
+    assert image.size == (world.SIZE, world.SIZE)
+    # the pre-training set mixes them in at the asked share
+    arr, caps = pretrain.render_dataset(10, seed=0, workers=1, rich_fraction=0.3)
+    assert arr.shape == (10, world.SIZE, world.SIZE, 3)
+    rich = [c for c in caps if c and not any(f" {n} " in f" {c} " for n in world.PRETRAIN_CONTENTS)]
+    assert caps[7:] == [world.rich_sample(i)[1] for i in range(7, 10)] and len(rich) >= 2
+
+
 def test_dev_and_test_splits_are_disjoint_and_out_of_pretraining():
     from b4m_core.micro import pretrain
 

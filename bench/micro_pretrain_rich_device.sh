@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Continue the shipped micro UNet on the rich world (issue 12's lever: shape and surface
+# families named by their attributes beside the 12 + 12 named concepts, so that held-out
+# shapes and patterns lie inside what the UNet can draw), on the lent GPU. The shipped VAE and
+# probe are kept (the VAE already codes generic images; its latent space is not re-standardised).
+#   prepare here: pip download --no-deps -d .whl diffusers importlib_metadata zipp
+#                 python bench/pack_minilm.py pack .minilm/minilm.npz
+#   device:       run(command="OUT=$OUT bash bench/micro_pretrain_rich_device.sh", carry=[".whl", ".minilm"])
+#   back here:    python bench/micro_install_run.py <files_at>  (then the dev bench on the CPU)
+# RICH: share of rich-world examples (default 0.5); UNET_S: seconds of UNet training.
+set -o pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 bench/pack_minilm.py unpack .minilm/minilm.npz /tmp/minilm 2>&1 | tail -1
+python3 -m b4m_core.micro.pretrain --out /tmp/m/model --images ${IMAGES:-300000} --rich-fraction ${RICH:-0.5} \
+  --vae-from b4m_core/micro/model/vae --unet-from b4m_core/micro/model/unet \
+  --unet-seconds ${UNET_S:-330} --unet-batch 2048 --unet-lr ${UNET_LR:-5e-4} \
+  --probe-steps 0 --text-encoder /tmp/minilm --workers 16 --eval-guidance 5 --report $OUT/report.json 2>&1 \
+  | grep -v "Loading\|^Key\|^pooler\|^Notes\|UNEXPECTED\|^---\|float32: \[\]\|^ \|^{\|^}" | tee $OUT/log
+python3 - <<PY
+from safetensors.torch import load_file, save_file
+import shutil
+sd = load_file("/tmp/m/model/unet/diffusion_pytorch_model.safetensors")
+keys = sorted(sd); half = len(keys) // 2
+save_file({k: sd[k] for k in keys[:half]}, "$OUT/unet_a.safetensors")
+save_file({k: sd[k] for k in keys[half:]}, "$OUT/unet_b.safetensors")
+shutil.copy("/tmp/m/model/unet/config.json", "$OUT/unet_config.json")
+shutil.copy("/tmp/m/model/vae/diffusion_pytorch_model.safetensors", "$OUT/vae.safetensors")
+shutil.copy("/tmp/m/model/vae/config.json", "$OUT/vae_config.json")
+shutil.copy("/tmp/m/pretrain_samples.png", "$OUT/samples.png")
+PY
+ls -la $OUT
