@@ -275,6 +275,12 @@ def build_parser(extensions=(), amend=()) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=None, help="seeds per row, for the intervals (default: 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda where there is one)")
     p.add_argument(
+        "--base",
+        default="micro",
+        help="the model: micro (shipped) or a micro-shaped folder, e.g. a pre-training run installed into a copy "
+        "(bench/micro_install_run.py RUN FOLDER)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -554,6 +560,7 @@ def cmd_bench(args) -> None:
     run_quality(
         args.out,
         quick=args.quick,
+        base=args.base,
         log=lambda m: print(m, file=sys.stderr),
         only=args.methods,
         settings=replace(settings, **changes),

@@ -6,7 +6,9 @@
 #   prepare here: pip download --no-deps -d .whl diffusers importlib_metadata zipp
 #                 python bench/pack_minilm.py pack .minilm/minilm.npz
 #   device:       run(command="OUT=$OUT bash bench/micro_pretrain_rich_device.sh", carry=[".whl", ".minilm"])
-#   back here:    python bench/micro_install_run.py <files_at>  (then the dev bench on the CPU)
+#   back here:    cp -r b4m_core/micro/model out/micro_rich && python bench/micro_install_run.py <files_at> out/micro_rich
+#                 b4m bench quality --split dev --base out/micro_rich --methods "B4M uncaptioned (auto captions)" \
+#                   --set seed=1 --out out/quality_rich_s1   (and seed 2; the shipped row's files are in docs/quality/dev)
 # RICH: share of rich-world examples (default 0.5); UNET_S: seconds of UNet training.
 set -o pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

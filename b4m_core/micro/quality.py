@@ -806,10 +806,13 @@ def run_quality(
     contents = list(contents or (split_contents[:2] if quick else split_contents))
     styles = list(styles or (split_styles[:2] if quick else split_styles))
     t0 = time.perf_counter()
-    bench = QualityBench(load_base(base, device=device), contents, styles, settings, log=log)
+    model = load_base(base, device=device)
+    if model.arch != "micro":  # the world's probe, captioner and bank read only micro's scenes
+        raise ConfigError(f"the quality bench needs a micro-shaped model folder, {base!r} is {model.arch}")
+    bench = QualityBench(model, contents, styles, settings, log=log)
     partial = lambda r: (out / "results.partial.json").write_text(json.dumps(r, indent=2))
     results, cells = bench.run(rows, on_method=partial)
-    results["settings"] = asdict(bench.s) | {"quick": quick, "split": split}
+    results["settings"] = asdict(bench.s) | {"quick": quick, "split": split, "base": base}
     results["time_to_new_pair"] = time_to_new_pair(results["timings_s"])
     results["total_s"] = time.perf_counter() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -501,13 +501,24 @@ def test_step_budget_fits_steps_to_time():
     assert 198 <= step <= 200 and abs(now[0] - 0.4) < 0.005, (step, now[0])
 
 
-def test_quality_bench_method_filter_refuses_unknown_rows(tmp_path):
+def test_quality_bench_method_filter_refuses_unknown_rows(tmp_path, tiny_sd_path):
     from b4m_core.config import ConfigError
     from b4m_core.micro.quality import methods, run_quality
 
     with pytest.raises(ConfigError, match="no method matches"):
         run_quality(tmp_path / "q", only=["no such row"])
     assert not (tmp_path / "q").exists()  # refused before writing anything
+    # `--base`: a micro-shaped folder (e.g. a pre-training run installed into a copy) is
+    # scored like the shipped one; any other model is refused before anything trains
+    import shutil
+
+    from b4m_core.micro.model import MODEL_DIR
+    from b4m_core.models import load_base
+
+    copy = shutil.copytree(MODEL_DIR, tmp_path / "micro_copy")
+    assert load_base(str(copy), device="cpu").arch == "micro"
+    with pytest.raises(ConfigError, match="micro-shaped"):
+        run_quality(tmp_path / "r", base=str(tiny_sd_path), only=["B4M"])
     from b4m_core.micro.quality import select_rows
 
     assert [m.name for m in select_rows(methods(16), ["b4m", "joint"])] == ["B4M", "Joint LoRA (DB+LoRA)"]
