@@ -240,6 +240,9 @@ class TrainConfig:
     # to known shapes
     recombine: int = 0
     recombine_kinds: str = "content+style"  # which reference sets get them: content | style | content+style
+    # the make stage also trains on `make_pairs` pictures per content reference of the content
+    # in the style, made from the references (data.synthesized_pairs), captioned with both
+    make_pairs: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -253,6 +256,8 @@ class TrainConfig:
             raise ConfigError("batch_size must be >= 1")
         if self.augment < 0 or not 0 < self.augment_min_scale <= 1:
             raise ConfigError("augment must be >= 0 and augment_min_scale in (0, 1]")
+        if self.make_pairs < 0:
+            raise ConfigError(f"make_pairs must be >= 0, got {self.make_pairs}")
         if self.recombine < 0:
             raise ConfigError(f"recombine must be >= 0, got {self.recombine}")
         if self.recombine_kinds not in ("content", "style", "content+style"):

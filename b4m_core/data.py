@@ -184,6 +184,29 @@ def texture_field(image: Image.Image) -> np.ndarray:
     return tiled[:h, :w]
 
 
+def surface(image: Image.Image) -> np.ndarray:
+    """A style reference's surface over the whole frame: its own pixels where its subject is,
+    mirrored outwards elsewhere (texture_field)."""
+    own = foreground_mask(image)[..., None]
+    return own * np.asarray(image.convert("RGB"), np.float32) + (1 - own) * texture_field(image)
+
+
+def synthesized_pairs(content: Concept, style: Concept, copies: int, seed: int = 0) -> list[Image.Image]:
+    """Pictures of the content in the style made from the references alone: each content
+    reference's subject refilled with a style reference's surface, `copies` per content
+    reference (the style references taken in turn from a seeded start)."""
+    start = int(np.random.default_rng([seed, 0xFA]).integers(len(style.images)))
+    out = []
+    for i, image in enumerate(content.images):
+        image = image.convert("RGB")
+        mask = foreground_mask(image)[..., None]
+        for j in range(copies):
+            other = style.images[(start + i * copies + j) % len(style.images)].convert("RGB").resize(image.size)
+            pixels = mask * surface(other) + (1 - mask) * np.asarray(image, np.float32)
+            out.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+    return out
+
+
 def recombined(concept: Concept, others: list[Image.Image], copies: int, seed: int = 0) -> Concept:
     """The references and `copies` recombined copies of each: the concept kept, the other
     factor taken from `others` (images of concepts the model knows, of the opposite kind:
@@ -206,10 +229,8 @@ def recombined(concept: Concept, others: list[Image.Image], copies: int, seed: i
             other = others[int(order[i * copies + j])].convert("RGB").resize(image.size)
             if concept.kind == "content":
                 mask, fill, ground = foreground_mask(image), texture_field(other), image
-            else:  # the style's own pixels where its subject was, its mirrored surface elsewhere
-                own = foreground_mask(image)[..., None]
-                fill = own * np.asarray(image, np.float32) + (1 - own) * texture_field(image)
-                mask, ground = foreground_mask(other), other
+            else:
+                mask, fill, ground = foreground_mask(other), surface(image), other
             ground = np.asarray(ground, np.float32)
             out = mask[..., None] * fill + (1 - mask[..., None]) * ground
             images.append(Image.fromarray(np.clip(out, 0, 255).astype(np.uint8)))

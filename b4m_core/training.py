@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig, covering_targets, plp_mismatch
-from .data import Concept, augmented, preprocess, recombined
+from .data import Concept, augmented, preprocess, recombined, synthesized_pairs
 from .injection import (
     adapter_layers,
     inject,
@@ -639,6 +639,19 @@ def _check_base(base: BaseModel, *adapters: Adapter) -> None:
             )
 
 
+def _pair_set(base: BaseModel, content: Concept, style: Concept, cfg: TrainConfig) -> Concept:
+    """The content in the style, pictured from the references (data.synthesized_pairs), as a
+    content set whose captions name the style too: read by the model's captioner where it has
+    one (`"pair"`: the scene only), else "{content} in {style} style"."""
+    images = synthesized_pairs(content, style, cfg.make_pairs, cfg.seed)
+    if base.captioner is not None and cfg.captions == "auto":
+        texts = base.captioner("pair", images)
+    else:
+        texts = ["a {content} in {style} style"] * len(images)
+    captions = [t.replace("{style}", style.phrase) for t in texts]
+    return replace(content, images=images, captions=captions)
+
+
 class MakeStage:
     """Compose, then fine-tune both halves on both reference sets (no routing)."""
 
@@ -680,6 +693,9 @@ class MakeStage:
             RowGroup(_samples(base, self.content_set, res, cfg), cfg.batch_size, 1.0, True),
             RowGroup(_samples(base, self.style_set, res, cfg), cfg.batch_size, cfg.make_style_weight, False),
         ]
+        if cfg.make_pairs:
+            pairs = _pair_set(base, self.content_set, self.style_set, cfg)
+            groups.append(RowGroup(_samples(base, pairs, res, cfg), cfg.batch_size, 1.0, True))
         params = [{"params": [p for l in self.layers.values() for p in (l.B, l.D)]}]
         self.session = TrainingSession(
             base, params, groups, cfg, route_layers=list(self.layers.values()) if split else None

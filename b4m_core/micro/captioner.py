@@ -30,7 +30,8 @@ def _where(position: str) -> str:
 
 @torch.no_grad()
 def caption_images(kind: str, images: list[Image.Image], style_form: str = "in_style") -> list[str]:
-    """One caption per image with `{content}` or `{style}` where the new concept goes.
+    """One caption per image with `{content}` or `{style}` where the new concept goes
+    (`kind="pair"`: both, for a picture of a new content in a new style).
 
     The other concept is read among the pre-training ones only: a reference set shows the
     new concept on things the model already knows. A style's caption names it "in {style}
@@ -40,6 +41,15 @@ def caption_images(kind: str, images: list[Image.Image], style_form: str = "in_s
         raise ValueError(f"style_form must be in_style or adjective, got {style_form!r}")
     net = _probe()
     out = net(to_tensor(images))
+    if kind == "pair":  # both concepts new: only the scene is read
+        reads = [
+            {k: HEADS[k][int(out[k][i].argmax())] for k in ("size", "position", "background")}
+            for i in range(len(images))
+        ]
+        return [
+            f"a {r['size']} {{content}} in {{style}} style {_where(r['position'])} on a {r['background']} background"
+            for r in reads
+        ]
     other, names = ("style", PRETRAIN_STYLES) if kind == "content" else ("content", PRETRAIN_CONTENTS)
     known = torch.tensor([HEADS[other].index(n) for n in names])
     picks = known[out[other][:, known].argmax(dim=1)]

@@ -100,6 +100,7 @@ class Settings:
     make_augment: int | None = None  # the make stage's copies (None: `augment`), e.g. only there
     recombine: int = 0  # copies of each reference recombined with the bank's known concepts (TrainConfig)
     recombine_kinds: str = "content+style"  # the reference sets that get them
+    make_pairs: int = 0  # the make stage's pictures of the pair per content reference (TrainConfig)
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
@@ -229,7 +230,7 @@ DRAW_ONLY = frozenset(
 NOT_BREAK = frozenset(
     {"make_steps", "make_batch_size", "make_learning_rate", "lora_steps", "joint_steps", "ziplora_steps"}
     | {"lora_learning_rate", "joint_batch_size", "joint_learning_rate", "make_routing", "make_style_weight"}
-    | {"make_augment"}
+    | {"make_augment", "make_pairs"}
 )
 
 
@@ -467,6 +468,7 @@ class QualityBench:
                                 batch_size=s.make_batch_size,
                                 make_routing=s.make_routing,
                                 make_style_weight=s.make_style_weight,
+                                make_pairs=s.make_pairs,
                                 **({} if s.make_augment is None else {"augment": s.make_augment}),
                             ),
                         ),

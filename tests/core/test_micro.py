@@ -312,6 +312,37 @@ def test_recombined_copies_keep_the_concept_and_swap_the_other_factor(micro):
     assert all(torch.equal(plain.tensors[k], other_kind.tensors[k]) for k in plain.tensors)  # a style gets none
 
 
+def test_make_stage_trains_on_pictures_of_the_pair_made_from_the_references(micro):
+    """`make_pairs`: each content reference's subject refilled with the style references'
+    surface is a picture of the content in the style (the probe reads both), captioned by the
+    captioner's scene reading with both identifiers; the make stage trains on them."""
+    from b4m_core.config import ConfigError, PLPConfig, TrainConfig
+    from b4m_core.data import synthesized_pairs
+    from b4m_core.training import _pair_set, fuse, train_concept
+
+    c, s = reference_concept("content", "fish"), reference_concept("style", "rainbow")
+    pics = synthesized_pairs(c, s, 2, seed=0)
+    assert len(pics) == 2 * len(c.images)
+    reads = predict(load_probe()[0], pics)
+    assert sum(r["content"] == "fish" for r in reads) >= len(pics) - 1, reads
+    assert sum(r["style"] == "rainbow" for r in reads) >= len(pics) - 2, reads
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(pics, synthesized_pairs(c, s, 2, seed=0)))
+    pairs = _pair_set(micro, c, s, TrainConfig(make_pairs=2))
+    scenes = reference_scenes("content", "fish")
+    for i, prompt in enumerate(pairs.prompts()):
+        assert f"{c.phrase} in {s.phrase} style" in prompt, prompt
+        assert f"on a {scenes[i // 2].background} background" in prompt, prompt
+    assert _pair_set(micro, c, s, TrainConfig(make_pairs=1, captions="template")).prompts()[0] == (
+        f"a {c.phrase} in {s.phrase} style"
+    )
+    with pytest.raises(ConfigError, match="make_pairs"):
+        TrainConfig(make_pairs=-1)
+    plp = PLPConfig(rank=4)
+    ca, sa = (train_concept(micro, x, plp=plp, cfg=TrainConfig(steps=1)) for x in (c, s))
+    plain, more = (fuse(micro, ca, sa, c, s, cfg=TrainConfig(steps=3, make_pairs=n)) for n in (0, 2))
+    assert any(not torch.equal(plain.tensors[k], more.tensors[k]) for k in plain.tensors)
+
+
 def test_mcp_is_the_default_with_the_models_bank(micro):
     sets = micro.auxiliary_sets("content", seed=0)
     assert len(sets) == micro.default("aux_sets", 0) >= 1
