@@ -14,16 +14,5 @@ python3 -m b4m_core.micro.pretrain --out /tmp/m/model --images ${IMAGES:-300000}
   --vae-seconds ${VAE_S:-90} --vae-batch 512 --unet-seconds ${UNET_S:-330} --unet-batch 2048 --unet-lr 1e-3 \
   --probe-steps 0 --text-encoder /tmp/minilm --workers 16 --report $OUT/report.json 2>&1 \
   | grep -v "Loading\|^Key\|^pooler\|^Notes\|UNEXPECTED\|^---\|float32: \[\]" | tee $OUT/log
-python3 - <<PY
-from safetensors.torch import load_file, save_file
-import shutil
-sd = load_file("/tmp/m/model/unet/diffusion_pytorch_model.safetensors")
-keys = sorted(sd); half = len(keys) // 2
-save_file({k: sd[k] for k in keys[:half]}, "$OUT/unet_a.safetensors")
-save_file({k: sd[k] for k in keys[half:]}, "$OUT/unet_b.safetensors")
-shutil.copy("/tmp/m/model/unet/config.json", "$OUT/unet_config.json")
-shutil.copy("/tmp/m/model/vae/diffusion_pytorch_model.safetensors", "$OUT/vae.safetensors")
-shutil.copy("/tmp/m/model/vae/config.json", "$OUT/vae_config.json")
-shutil.copy("/tmp/m/pretrain_samples.png", "$OUT/samples.png")
-PY
+python3 bench/micro_pack_run.py /tmp/m/model $OUT
 ls -la $OUT
