@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae-ceiling", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="one row per pair: its drawings")
+    ap.add_argument("--base", default="micro", help="micro (shipped) or a micro-shaped folder (b4m bench quality --base)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    base = load_base("micro", device="cpu")
+    base = load_base(args.base, device="cpu")
     contents, styles = SPLITS[args.split]
     bench = QualityBench(base, list(contents), list(styles), Settings(seed=args.seed))
     if args.vae_ceiling:
