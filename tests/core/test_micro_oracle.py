@@ -40,10 +40,22 @@ def test_oracle_trains_on_renders_of_the_pair_and_scores_them(tmp_path):
 def test_oracle_with_conv_adapters_and_the_vae_ceiling(tmp_path):
     """`--adapt attn+conv` trains a LoRA on the ResNet convolutions too; `--vae-ceiling` reads
     the evaluation scenes through the VAE (clean renders read near 1 on content)."""
+    import shutil
+
+    import pytest
+
+    from b4m_core.config import ConfigError
+    from b4m_core.micro.model import MODEL_DIR
+
     oracle = _oracle()
     out = tmp_path / "conv.json"
-    oracle.main(["--pairs", "1", "--steps", "1", "--images", "2", "--adapt", "attn+conv", "--out", str(out)])
+    copy = shutil.copytree(MODEL_DIR, tmp_path / "micro_copy")  # `--base`: another micro-shaped folder
+    argv = ["--pairs", "1", "--steps", "1", "--images", "2", "--adapt", "attn+conv", "--base", str(copy)]
+    oracle.main(argv + ["--out", str(out)])
     assert json.loads(out.read_text())["args"]["adapt"] == "attn+conv"
+    assert json.loads(out.read_text())["args"]["base"] == str(copy)
+    with pytest.raises(ConfigError):  # the folder named is the one loaded: a missing one fails
+        oracle.main(["--vae-ceiling", "--base", str(tmp_path / "missing")])
     vae = oracle.main(["--vae-ceiling", "--out", str(tmp_path / "vae.json")])
     assert vae["raw"]["content"] >= 0.9 and 0.0 <= vae["vae"]["style"] <= 1.0
 
