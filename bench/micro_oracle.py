@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vae-ceiling", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="one row per pair: its drawings")
-    ap.add_argument("--base", default="micro", help="micro (shipped) or a micro-shaped folder (b4m bench quality --base)")
+    ap.add_argument(
+        "--base", default="micro", help="micro (shipped) or a micro-shaped folder (b4m bench quality --base)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
