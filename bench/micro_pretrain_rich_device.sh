@@ -11,11 +11,7 @@
 #                   --set seed=1 --out out/quality_rich_s1   (and seed 2; the shipped row's files are in docs/quality/dev)
 # RICH: share of rich-world examples (default 0.5); UNET_S: seconds of UNet training.
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 bench/pack_minilm.py unpack .minilm/minilm.npz /tmp/minilm 2>&1 | tail -1
+source bench/device_env.sh  # carried wheels, offline env, GPU name, MiniLM in /tmp/minilm
 python3 -m b4m_core.micro.pretrain --out /tmp/m/model --images ${IMAGES:-300000} --rich-fraction ${RICH:-0.5} \
   --vae-from b4m_core/micro/model/vae --unet-from b4m_core/micro/model/unet \
   --unet-seconds ${UNET_S:-330} --unet-batch 2048 --unet-lr ${UNET_LR:-5e-4} \

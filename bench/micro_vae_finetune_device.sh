@@ -3,10 +3,7 @@
 # score the shipped UNet through it, on the lent GPU:
 #   carry .whl and .minilm (see micro_pretrain_device.sh), then OUT=<folder> bash bench/micro_vae_finetune_device.sh
 set -o pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python3 bench/pack_minilm.py unpack .minilm/minilm.npz /tmp/minilm 2>&1 | tail -1
+source bench/device_env.sh  # carried wheels, offline env, GPU name, MiniLM in /tmp/minilm
 python3 -m b4m_core.micro.pretrain --out /tmp/m/model --images ${IMAGES:-150000} --vae-from b4m_core/micro/model/vae \
   --vae-finetune --vae-seconds ${VAE_S:-120} --vae-batch 512 --unet-seconds 0 --unet-from b4m_core/micro/model/unet \
   --probe-steps 0 --text-encoder /tmp/minilm --workers 16 --eval-guidance 5 --report $OUT/report.json 2>&1 \
