@@ -1,0 +1,56 @@
+"""bench/merge_quality.py: rows of side-by-side bench runs joined into one paired table."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEV = ROOT / "docs" / "quality" / "dev"
+
+
+def _merge_tool():
+    spec = importlib.util.spec_from_file_location("merge_quality", ROOT / "bench" / "merge_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_of_two_runs_become_one_table_paired_against_the_first(tmp_path):
+    tool = _merge_tool()
+    mcp, joint = DEV / "results_k_mcp_3seeds.json", DEV / "results_k_joint_3seeds.json"
+    tool.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--row",
+            f"k=1={mcp}::B4M w/o MCP (k=1)",
+            "--row",
+            f"joint={joint}::Joint LoRA (DB+LoRA)",
+        ]
+    )
+    merged = json.loads((tmp_path / "results.json").read_text())
+    assert list(merged["methods"]) == ["k=1", "joint"]
+    assert merged["seeds"] == [0, 1, 2] and len(merged["pairs"]) == 16
+    # each row is the run's own row, with where it came from and that run's settings
+    source = json.loads(joint.read_text())["methods"]["Joint LoRA (DB+LoRA)"]
+    assert merged["methods"]["joint"]["aggregate"] == source["aggregate"]
+    assert merged["runs"][str(joint)]["settings"]["seeds"] == 3
+    diff = merged["differences"]["joint - k=1"]["average"]
+    a, b = (merged["methods"][n]["aggregate"]["probe"]["average"] for n in ("joint", "k=1"))
+    assert diff["mean"] == pytest.approx(a - b) and diff["beyond_noise"] == (diff["lo"] > 0 or diff["hi"] < 0)
+    table = (tmp_path / "table.md").read_text()
+    assert "| k=1 |" in table and "- joint - k=1:" in table
+
+
+def test_runs_over_other_seeds_or_unknown_rows_are_refused(tmp_path):
+    tool = _merge_tool()
+    three, one = DEV / "results_k_mcp_3seeds.json", DEV / "results_n_shipped_s1.json"
+    with pytest.raises(SystemExit, match="other seeds"):
+        tool.merge([("a", three, "B4M w/o MCP (k=1)"), ("b", one, "B4M uncaptioned (auto captions)")])
+    with pytest.raises(SystemExit, match="has no row"):
+        tool.merge([("a", three, "B4M rho=0.25")])
+    with pytest.raises(SystemExit, match="LABEL=PATH::ROW"):
+        tool.parse_row("no separator")
+    assert not list(tmp_path.iterdir())
