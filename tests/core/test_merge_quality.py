@@ -54,3 +54,20 @@ def test_runs_over_other_seeds_or_unknown_rows_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="LABEL=PATH::ROW"):
         tool.parse_row("no separator")
     assert not list(tmp_path.iterdir())
+
+
+def test_one_row_run_over_seeds_apart_is_joined_and_its_means_taken_again():
+    tool = _merge_tool()
+    row = "B4M uncaptioned (auto captions)"
+    s1, s2 = DEV / "results_n_shipped_s1.json", DEV / "results_n_shipped_s2.json"
+    merged = tool.merge([("shipped", s1, row), ("shipped", s2, row)])
+    assert merged["seeds"] == [1, 2] and len(merged["pairs"]) == 16
+    joined = merged["methods"]["shipped"]
+    parts = [json.loads(p.read_text())["methods"][row] for p in (s1, s2)]
+    for k in ("content", "style", "prompt", "average"):
+        expected = sum(p["aggregate"]["probe"][k] for p in parts) / 2  # same pairs in each seed
+        assert joined["aggregate"]["probe"][k] == pytest.approx(expected)
+    assert joined["single"]["style"]["mean"] == pytest.approx(sum(p["single"]["style"]["mean"] for p in parts) / 2)
+    assert [src["seeds"] for src in joined["sources"]] == [[1], [2]]
+    with pytest.raises(SystemExit, match="repeat seeds"):
+        tool.merge([("shipped", s1, row), ("shipped", s1, row)])
