@@ -571,7 +571,11 @@ class QualityBench:
         paper = self.metrics.score(
             images, self.sidecar[("content", content)].images, self.sidecar[("style", style)].images
         )
-        return {"probe": probe, "paper": paper}
+        # what the probe read, not only whether it was right: a label read for far more than its
+        # share of the images (an attractor, e.g. blurry colour read as "rainbow") inflates that
+        # concept's score for every method (read_summary)
+        labels = {k: [r[k] for r in reads] for k in ("content", "style")}
+        return {"probe": probe, "paper": paper, "reads": labels}
 
     def score_single(
         self, kind: str, name: str, adapter, seed: int, keep: list | None = None, asked: list | None = None
@@ -634,6 +638,8 @@ class QualityBench:
                     }
                     for stage in next(p["blocks"] for p in per_pair.values() if "blocks" in p)
                 }
+            if reads := read_summary(per_pair):
+                row["reads"] = reads
             if singles["content"]:
                 row["single"] = {k: _mean_ci(v, seeds) | {"cells": v} for k, v in singles.items()}
             results["methods"][m.name] = row
@@ -674,6 +680,31 @@ def _aggregate(per_pair: dict, seeds: list[int]) -> dict:
             m = _mean_ci({name: p[grp][k] for name, p in per_pair.items()}, seeds)
             agg[grp][k], agg[grp][k + "_ci"] = m["mean"], m["ci"]
     return agg
+
+
+def read_summary(per_pair: dict, top: int = 3) -> dict | None:
+    """Per concept kind: the probe's accuracy on each asked concept, and the labels it read
+    most with their share of all images (None for rows scored before reads were kept). A
+    label read far above its share of the asked concepts is an attractor: its concept's
+    accuracy there is partly the probe's default, not the method's drawing."""
+    if not per_pair or not all("reads" in p for p in per_pair.values()):
+        return None
+    out = {}
+    for i, kind in enumerate(("content", "style")):
+        hits: dict[str, list[bool]] = {}
+        counts: dict[str, int] = {}
+        for key, p in per_pair.items():
+            asked = key.split("|")[i]
+            for label in p["reads"][kind]:
+                hits.setdefault(asked, []).append(label == asked)
+                counts[label] = counts.get(label, 0) + 1
+        n = sum(counts.values())
+        most = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+        out[kind] = {
+            "accuracy": {c: float(np.mean(h)) for c, h in hits.items()},
+            "most_read": [[label, c / n] for label, c in most],
+        }
+    return out
 
 
 def _differences(results: dict) -> dict:
@@ -740,6 +771,21 @@ def write_table(results: dict, path: Path) -> str:
             a = d["average"]
             star = " *" if a["beyond_noise"] else ""
             lines.append(f"- {name}: {a['mean']:+.3f} [{a['lo']:+.3f}, {a['hi']:+.3f}]{star}")
+    summaries = {n: read_summary(r["pairs"]) for n, r in results["methods"].items() if "same_as" not in r}
+    if any(summaries.values()):
+        lines += [
+            "",
+            "What the probe read in the fused images: accuracy per asked style, and the styles it read "
+            "most (share of all images; a share far above 1 / the number of styles asked is an attractor "
+            "that inflates its style's accuracy):",
+            "",
+        ]
+        for name, summary in summaries.items():
+            if summary:
+                st = summary["style"]
+                acc = ", ".join(f"{c} {a:.2f}" for c, a in st["accuracy"].items())
+                most = ", ".join(f"{label} {share:.0%}" for label, share in st["most_read"])
+                lines.append(f"- {name}: {acc}; read most: {most}")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

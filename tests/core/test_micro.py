@@ -413,6 +413,31 @@ def test_quality_bench_smoke(tmp_path):
     assert (tmp_path / "grid.png").is_file() and "| Method |" in (tmp_path / "table.md").read_text()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["time_to_new_pair"]["b4m_compose_and_finetune_s"] > 0 and saved["seeds"] == [0, 1]
+    # what the probe read is kept per pair and summed per row, and the table says it
+    reads = b4m["reads"]["style"]
+    assert set(reads["accuracy"]) == {"lava"}
+    assert reads["accuracy"]["lava"] == b4m["aggregate"]["probe"]["style"]  # one pair: the same mean
+    assert abs(sum(share for _, share in reads["most_read"]) - 1.0) < 1e-9  # 2 images: at most 2 labels
+    assert "read most:" in (tmp_path / "table.md").read_text()
+
+
+def test_read_summary_names_the_probes_attractor():
+    """A label the probe reads for far more than its share shows at the top of `most_read`,
+    and each asked concept's accuracy counts only its own images."""
+    from b4m_core.micro.quality import read_summary
+
+    def pair(asked_style, read_styles):
+        return {"probe": {}, "reads": {"content": ["fish"] * len(read_styles), "style": read_styles}}
+
+    per_pair = {
+        "fish|rainbow|0": pair("rainbow", ["rainbow", "rainbow"]),
+        "fish|lava|0": pair("lava", ["rainbow", "lava"]),
+        "fish|leopard|0": pair("leopard", ["rainbow", "rainbow"]),
+    }
+    s = read_summary(per_pair)["style"]
+    assert s["accuracy"] == {"rainbow": 1.0, "lava": 0.5, "leopard": 0.0}
+    assert s["most_read"][0] == ["rainbow", 5 / 6] and s["most_read"][1] == ["lava", 1 / 6]
+    assert read_summary({"fish|lava|0": {"probe": {}}}) is None  # rows scored before reads were kept
 
 
 def test_quality_bench_adapter_cache_trains_once_and_drawing_settings_reuse_it(tmp_path):
