@@ -703,6 +703,9 @@ def read_summary(per_pair: dict, top: int = 3) -> dict | None:
         out[kind] = {
             "accuracy": {c: float(np.mean(h)) for c, h in hits.items()},
             "most_read": [[label, c / n] for label, c in most],
+            # the accuracy of drawings read with these shares whatever was asked: the part of
+            # the score the probe's reading habits give for free
+            "chance_from_reads": sum(len(h) / n * counts.get(c, 0) / n for c, h in hits.items()),
         }
     return out
 
@@ -785,7 +788,10 @@ def write_table(results: dict, path: Path) -> str:
                 st = summary["style"]
                 acc = ", ".join(f"{c} {a:.2f}" for c, a in st["accuracy"].items())
                 most = ", ".join(f"{label} {share:.0%}" for label, share in st["most_read"])
-                lines.append(f"- {name}: {acc}; read most: {most}")
+                lines.append(
+                    f"- {name}: {acc}; read most: {most}; "
+                    f"the same reads whatever was asked would score {st['chance_from_reads']:.2f}"
+                )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

@@ -437,6 +437,8 @@ def test_read_summary_names_the_probes_attractor():
     s = read_summary(per_pair)["style"]
     assert s["accuracy"] == {"rainbow": 1.0, "lava": 0.5, "leopard": 0.0}
     assert s["most_read"][0] == ["rainbow", 5 / 6] and s["most_read"][1] == ["lava", 1 / 6]
+    # reads in these shares whatever was asked: 1/3 x 5/6 (rainbow) + 1/3 x 1/6 (lava) + 1/3 x 0
+    assert abs(s["chance_from_reads"] - 1 / 3) < 1e-12
     assert read_summary({"fish|lava|0": {"probe": {}}}) is None  # rows scored before reads were kept
 
 
