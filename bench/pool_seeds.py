@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from b4m_core.micro.quality import bootstrap, paired_difference
+from b4m_core.micro.quality import bootstrap, paired_difference, read_summary
 
 METRICS = ("content", "style", "prompt", "average")
 
@@ -44,6 +44,16 @@ def singles(files_rows: list[tuple[str, str]]) -> dict[str, float | None]:
     return {k: round(float(np.mean(v)), 3) if v else None for k, v in vals.items()}
 
 
+def chance_from_reads(files_rows: list[tuple[str, str]]) -> float | None:
+    """The style score the probe's reads give whatever was asked, over every seed (None
+    when a file predates kept reads)."""
+    pairs = {}
+    for path, row in files_rows:
+        pairs |= json.load(open(path))["methods"][row]["pairs"]
+    summary = read_summary(pairs)
+    return None if summary is None else round(summary["style"]["chance_from_reads"], 3)
+
+
 def main() -> None:
     spec = {name: [tuple(x) for x in rows] for name, rows in json.loads(sys.argv[1]).items()}
     arrays = {}
@@ -53,7 +63,13 @@ def main() -> None:
         for k in METRICS:
             lo, hi = bootstrap(a[k])
             parts.append(f"{k} {a[k].mean():.3f} [{lo:.2f}, {hi:.2f}]")
-        print(f"{name} ({a['average'].shape[1]} seeds): " + "; ".join(parts) + f" | single {singles(rows)}")
+        chance = chance_from_reads(rows)
+        print(
+            f"{name} ({a['average'].shape[1]} seeds): "
+            + "; ".join(parts)
+            + f" | single {singles(rows)}"
+            + ("" if chance is None else f" | style chance_from_reads {chance}")
+        )
     first, *rest = list(arrays)
     for name in rest:
         for k in METRICS:

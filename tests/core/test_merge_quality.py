@@ -71,3 +71,27 @@ def test_one_row_run_over_seeds_apart_is_joined_and_its_means_taken_again():
     assert [src["seeds"] for src in joined["sources"]] == [[1], [2]]
     with pytest.raises(SystemExit, match="repeat seeds"):
         tool.merge([("shipped", s1, row), ("shipped", s1, row)])
+
+
+def _bench_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rows_with_kept_reads_say_what_the_probe_read(tmp_path, capsys, monkeypatch):
+    """Runs that kept the probe's reads (Session S) carry them through a merge into table.md
+    and through bench/pool_seeds.py; the numbers are the committed runs' own."""
+    R = "B4M uncaptioned (auto captions)"
+    shipped, conv = DEV / "results_s_shipped_reads_s1.json", DEV / "results_s_convmake100_reads_s1.json"
+    _merge_tool().main(["--out", str(tmp_path), "--row", f"shipped={shipped}::{R}", "--row", f"conv={conv}::{R}"])
+    table = (tmp_path / "table.md").read_text()
+    assert "- shipped: rainbow 0.25, camouflage 0.00, lava 0.25, leopard 0.31; read most: leopard 20%" in table
+    assert "whatever was asked would score 0.11" in table  # the conv row: rainbow read for 27 %
+    monkeypatch.setattr(
+        "sys.argv", ["pool_seeds", json.dumps({"shipped": [[str(shipped), R]], "conv": [[str(conv), R]]})]
+    )
+    _bench_tool("pool_seeds").main()
+    out = capsys.readouterr().out
+    assert "style chance_from_reads 0.125" in out and "style chance_from_reads 0.109" in out
