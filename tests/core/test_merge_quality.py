@@ -10,11 +10,15 @@ ROOT = Path(__file__).resolve().parents[2]
 DEV = ROOT / "docs" / "quality" / "dev"
 
 
-def _merge_tool():
-    spec = importlib.util.spec_from_file_location("merge_quality", ROOT / "bench" / "merge_quality.py")
+def _bench_tool(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _merge_tool():
+    return _bench_tool("merge_quality")
 
 
 def test_rows_of_two_runs_become_one_table_paired_against_the_first(tmp_path):
@@ -71,13 +75,6 @@ def test_one_row_run_over_seeds_apart_is_joined_and_its_means_taken_again():
     assert [src["seeds"] for src in joined["sources"]] == [[1], [2]]
     with pytest.raises(SystemExit, match="repeat seeds"):
         tool.merge([("shipped", s1, row), ("shipped", s1, row)])
-
-
-def _bench_tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_rows_with_kept_reads_say_what_the_probe_read(tmp_path, capsys, monkeypatch):

@@ -426,13 +426,13 @@ def test_read_summary_names_the_probes_attractor():
     and each asked concept's accuracy counts only its own images."""
     from b4m_core.micro.quality import read_summary
 
-    def pair(asked_style, read_styles):
+    def pair(read_styles):
         return {"probe": {}, "reads": {"content": ["fish"] * len(read_styles), "style": read_styles}}
 
     per_pair = {
-        "fish|rainbow|0": pair("rainbow", ["rainbow", "rainbow"]),
-        "fish|lava|0": pair("lava", ["rainbow", "lava"]),
-        "fish|leopard|0": pair("leopard", ["rainbow", "rainbow"]),
+        "fish|rainbow|0": pair(["rainbow", "rainbow"]),
+        "fish|lava|0": pair(["rainbow", "lava"]),
+        "fish|leopard|0": pair(["rainbow", "rainbow"]),
     }
     s = read_summary(per_pair)["style"]
     assert s["accuracy"] == {"rainbow": 1.0, "lava": 0.5, "leopard": 0.0}
