@@ -103,6 +103,9 @@ class Settings:
     make_pairs: int = 0  # the make stage's pictures of the pair per content reference (TrainConfig)
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
+    # the auxiliary half's rate relative to the concept's in the break stage (TrainConfig; 0.1 as
+    # the released code): with `strict` routing the only thing MCP's auxiliary rows train
+    aux_lr_factor: float = 0.1
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
     # the words each concept is named with beside its identifier ("fsv shape", "rbq pattern"):
     # user (the class / style word a user would type) | none (the identifier alone)
@@ -436,7 +439,7 @@ class QualityBench:
                         "b4m",
                         aux=aux,
                         plp=s.plp(kind),
-                        cfg=self._cfg(s, s.break_steps, routing=s.routing),
+                        cfg=self._cfg(s, s.break_steps, routing=s.routing, aux_lr_factor=s.aux_lr_factor),
                     ),
                 )
         return out

@@ -468,6 +468,16 @@ def test_quality_bench_adapter_cache_trains_once_and_drawing_settings_reuse_it(t
     assert len(list(cache.iterdir())) == 3
     run("c", replace(tiny, break_steps=2))  # a training setting: new adapters
     assert len(list(cache.iterdir())) == 6
+    # MCP's ablation settings reach the break stage (the adapter records what trained it)
+    from b4m_core.adapter import Adapter
+
+    before = set(cache.iterdir())
+    run("d", replace(tiny, aux_sets=1, aux_lr_factor=1.0, routing="released"))
+    made = {p.name.split("_")[0]: Adapter.load(p) for p in set(cache.iterdir()) - before}
+    assert sorted(made) == ["content", "fused", "style"]
+    for kind in ("content", "style"):
+        assert (made[kind].extra["aux_lr_factor"], made[kind].extra["routing"]) == (1.0, "released")
+        assert len(made[kind].extra["aux"]) == 1
 
 
 def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
