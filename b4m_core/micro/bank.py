@@ -17,12 +17,14 @@ from .world import BACKGROUNDS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, Scene, rende
 AUX_TOKENS = ("vqz", "jwk", "xqv", "zjq", "kvx", "qzw", "wvj", "zkq")
 
 
-def aux_bank(kind: str, k: int, seed: int = 0, token_bound: bool = False) -> list[Concept]:
+def aux_bank(kind: str, k: int, seed: int = 0, token_bound: bool = False, generic_word: bool = False) -> list[Concept]:
     """MCP auxiliary sets of the opposite kind: known concepts rendered by the world.
 
     The model knows them; `token_bound` gives each its own identifier token anyway, as the
-    paper's auxiliary styles have ("w@z sticker style"), so the token, not the known word,
-    is what the auxiliary half learns to answer."""
+    paper's auxiliary styles have ("w@z sticker style"). With the known word beside it
+    ("vqz brick") the word still names the set; `generic_word` names it as a user's concept is
+    named ("vqz pattern", "vqz shape"), so only the token tells the sets apart, as the paper's
+    new auxiliary styles are told apart."""
     rng = np.random.default_rng([seed, 4242])
     bgs = tuple(BACKGROUNDS)
     # a content learns beside known styles (each shown on 2 known contents), a style beside
@@ -45,7 +47,7 @@ def aux_bank(kind: str, k: int, seed: int = 0, token_bound: bool = False) -> lis
             Concept(
                 aux_kind,
                 [render(s, (50 if aux_kind == "style" else 60) + i) for i, s in enumerate(scenes)],
-                word=str(name),
+                word=("pattern" if aux_kind == "style" else "shape") if generic_word else str(name),
                 token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
                 captions=captions,
             )

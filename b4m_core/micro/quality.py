@@ -103,6 +103,9 @@ class Settings:
     make_pairs: int = 0  # the make stage's pictures of the pair per content reference (TrainConfig)
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
+    # auxiliary sets named by their own known word ("vqz brick") or by the generic word a
+    # user's concept gets ("vqz pattern": only the token tells them apart, as the paper's are)
+    aux_generic_word: bool = False
     # the auxiliary half's rate relative to the concept's in the break stage (TrainConfig; 0.1 as
     # the released code): with `strict` routing the only thing MCP's auxiliary rows train
     aux_lr_factor: float = 0.1
@@ -428,7 +431,9 @@ class QualityBench:
         refs, out = self.refs(s), {}
         for kind, names in (("content", self.contents), ("style", self.styles)):
             for n in names:
-                aux = aux_bank(kind, s.aux_sets, seed=s.seed, token_bound=s.token_bound_aux)
+                aux = aux_bank(
+                    kind, s.aux_sets, seed=s.seed, token_bound=s.token_bound_aux, generic_word=s.aux_generic_word
+                )
                 out[(kind, n)] = self._trained(
                     s,
                     (kind, n),

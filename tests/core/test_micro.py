@@ -350,6 +350,22 @@ def test_mcp_is_the_default_with_the_models_bank(micro):
     assert micro.auxiliary_sets("style", 2)[0].kind == "content" and micro.auxiliary_sets("style", 0) == []
 
 
+def test_token_bound_auxiliary_sets_are_named_by_their_token():
+    """The paper's auxiliary sets are new concepts told apart by their identifiers: with
+    `generic_word` the bank names each as a user's concept is named ("vqz pattern"), so the
+    same pictures and captions differ only in the token; without, the known word stays."""
+    from b4m_core.micro.bank import AUX_TOKENS, aux_bank
+
+    for kind, generic in (("content", "pattern"), ("style", "shape")):
+        known = aux_bank(kind, 3, seed=1, token_bound=True)
+        named = aux_bank(kind, 3, seed=1, token_bound=True, generic_word=True)
+        assert [a.phrase for a in named] == [f"{t} {generic}" for t in AUX_TOKENS[:3]]
+        assert [a.phrase.split()[1] for a in known] == [a.word for a in known] != [generic] * 3
+        for a, b in zip(known, named):  # the same sets, only the name differs
+            assert a.captions == b.captions and all(x.tobytes() == y.tobytes() for x, y in zip(a.images, b.images))
+        assert [a.phrase for a in aux_bank(kind, 3, seed=1)] == [a.word for a in known]  # no token: the word
+
+
 def test_micro_weights_are_small():
     from b4m_core.micro.model import MODEL_DIR
 
