@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import Concept
+from .references import CLASS_WORD
 from .world import BACKGROUNDS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, Scene, render
 
 # identifier tokens for token-bound auxiliary sets (rare letter triples, like the concepts')
@@ -47,7 +48,7 @@ def aux_bank(kind: str, k: int, seed: int = 0, token_bound: bool = False, generi
             Concept(
                 aux_kind,
                 [render(s, (50 if aux_kind == "style" else 60) + i) for i, s in enumerate(scenes)],
-                word=("pattern" if aux_kind == "style" else "shape") if generic_word else str(name),
+                word=CLASS_WORD[aux_kind] if generic_word else str(name),
                 token=AUX_TOKENS[j % len(AUX_TOKENS)] if token_bound else "",
                 captions=captions,
             )

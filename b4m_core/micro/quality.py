@@ -106,9 +106,9 @@ class Settings:
     # auxiliary sets named by their own known word ("vqz brick") or by the generic word a
     # user's concept gets ("vqz pattern": only the token tells them apart, as the paper's are)
     aux_generic_word: bool = False
-    # the auxiliary half's rate relative to the concept's in the break stage (TrainConfig; 0.1 as
-    # the released code): with `strict` routing the only thing MCP's auxiliary rows train
-    aux_lr_factor: float = 0.1
+    # the auxiliary half's rate relative to the concept's in the break stage (TrainConfig's own
+    # default, as the released code): with `strict` routing the only thing the auxiliary rows train
+    aux_lr_factor: float = TrainConfig.aux_lr_factor
     captions: str = "sidecar"  # sidecar (hand-written, shipped) | auto (the model's captioner) | template
     # the words each concept is named with beside its identifier ("fsv shape", "rbq pattern"):
     # user (the class / style word a user would type) | none (the identifier alone)

@@ -17,8 +17,9 @@ from .world import BACKGROUNDS, PRETRAIN_CONTENTS, PRETRAIN_STYLES, SPLITS, Scen
 REFERENCE_DIR = Path(__file__).resolve().parent / "references"
 CONTENT_IMAGES, STYLE_IMAGES = 4, 2
 # The class / style word a user would type for each held-out concept.
-CONTENT_WORD = dict.fromkeys(SPLITS["test"][0] + SPLITS["dev"][0], "shape")
-STYLE_WORD = dict.fromkeys(SPLITS["test"][1] + SPLITS["dev"][1], "pattern")
+CLASS_WORD = {"content": "shape", "style": "pattern"}
+CONTENT_WORD = dict.fromkeys(SPLITS["test"][0] + SPLITS["dev"][0], CLASS_WORD["content"])
+STYLE_WORD = dict.fromkeys(SPLITS["test"][1] + SPLITS["dev"][1], CLASS_WORD["style"])
 # Distinct identifier tokens, so any content and any style can share one prompt.
 CONTENT_TOKEN = {"hexagon": "hkx", "hourglass": "hgv", "flower": "flq", "mushroom": "mrz"}
 CONTENT_TOKEN |= {"fish": "fsv", "cloud": "cdq", "bell": "blz", "lightning": "lgx"}
