@@ -243,6 +243,12 @@ class TrainConfig:
     # the make stage also trains on `make_pairs` pictures per content reference of the content
     # in the style, made from the references (data.synthesized_pairs), captioned with both
     make_pairs: int = 0
+    # The diffusion loss weighted to where the subject is (kohya's `masked_loss`, with the
+    # subject found as the pixels away from the plain border colour, data.foreground_mask):
+    # which reference sets get it (none | content | style | content+style, by the set's kind,
+    # in every stage) and the weight left on the background (0: none of the loss)
+    loss_mask: str = "none"
+    loss_mask_background: float = 0.1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -262,6 +268,10 @@ class TrainConfig:
             raise ConfigError(f"recombine must be >= 0, got {self.recombine}")
         if self.recombine_kinds not in ("content", "style", "content+style"):
             raise ConfigError(f"recombine_kinds must be content, style or content+style, got {self.recombine_kinds!r}")
+        if self.loss_mask not in ("none", "content", "style", "content+style"):
+            raise ConfigError(f"loss_mask must be none, content, style or content+style, got {self.loss_mask!r}")
+        if not 0 <= self.loss_mask_background <= 1:
+            raise ConfigError(f"loss_mask_background must be in [0, 1], got {self.loss_mask_background}")
         if self.prior_images < 1 or self.prior_loss_weight < 0:
             raise ConfigError("prior_images must be >= 1 and prior_loss_weight >= 0")
         if self.make_style_weight <= 0:

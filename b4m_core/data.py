@@ -165,6 +165,14 @@ def foreground_mask(image: Image.Image, threshold: float = 40.0) -> np.ndarray:
     return mask.astype(np.float32)
 
 
+def loss_weights(image: Image.Image, size: tuple[int, int], background: float) -> torch.Tensor:
+    """Per-pixel loss weights at latent `size` (1 x h x w): 1 on the subject, `background` on
+    the rest, each latent pixel the mean over the image pixels it covers."""
+    mask = torch.from_numpy(foreground_mask(image))[None, None]
+    cover = torch.nn.functional.adaptive_avg_pool2d(mask, size)[0]
+    return background + (1.0 - background) * cover
+
+
 def texture_field(image: Image.Image) -> np.ndarray:
     """The subject's surface spread over the whole frame (H x W x 3): the largest square
     inside its mask, mirrored outwards (no seams, the pattern at its own scale)."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .config import ConfigError, PLPConfig, TrainConfig, covering_targets, plp_mismatch
-from .data import Concept, augmented, preprocess, recombined, synthesized_pairs
+from .data import Concept, augmented, loss_weights, preprocess, recombined, synthesized_pairs
 from .injection import (
     adapter_layers,
     inject,
@@ -77,7 +77,17 @@ class Hooks:
 class SampleSet:
     """One concept's images as cached latent distributions and text conditioning."""
 
-    def __init__(self, base: BaseModel, concept: Concept, resolution: int, center_crop: bool, flip: bool = False):
+    def __init__(
+        self,
+        base: BaseModel,
+        concept: Concept,
+        resolution: int,
+        center_crop: bool,
+        flip: bool = False,
+        mask_background: float | None = None,
+    ):
+        """`mask_background`: weigh each row's loss to its subject (data.loss_weights), the
+        background at this weight; None: a plain mean over the latent."""
         self.concept, self.base, self.flip = concept, base, flip
         self.prompts = concept.prompts()
         # live: each draw encodes its prompts anew, with gradients (a learnt identifier embedding)
@@ -91,6 +101,13 @@ class SampleSet:
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
         self.mean, self.std = dist.mean.float(), dist.std.float()
+        self.loss_weights = None
+        if mask_background is not None:
+            size = tuple(self.mean.shape[-2:])
+            weights = torch.stack([loss_weights(_pixels_image(p.pixels), size, mask_background) for p in prepared])
+            if flip:
+                weights = torch.cat([weights, weights.flip(-1)])
+            self.loss_weights = weights.to(self.mean.device)
         self.scaling = float(vae.config.scaling_factor)
         self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.embeds, self.pooled = base.encode_prompts(self.prompts)
@@ -115,6 +132,8 @@ class SampleSet:
         if self.live:
             embeds, pooled = self.base.encode_prompts_differentiable([self.prompts[i] for i in idx.tolist()])
         out = {"latents": latents, "embeds": embeds}
+        if self.loss_weights is not None:
+            out["loss_weights"] = self.loss_weights[rows]
         if pooled is not None:
             out["pooled"], out["time_ids"] = pooled, self.time_ids[idx]
         return out
@@ -135,11 +154,23 @@ def training_facts(session: TrainingSession) -> dict:
     return {"precision": session.precision, "gradient_checkpointing": session.cfg.gradient_checkpointing}
 
 
+def _pixels_image(pixels: torch.Tensor) -> Image.Image:
+    """A preprocessed image (3 x H x W in [-1, 1]) back as a picture."""
+    arr = ((pixels.permute(1, 2, 0).float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(arr)
+
+
 def _samples(base: BaseModel, concept: Concept, resolution: int, cfg: TrainConfig) -> SampleSet:
-    return SampleSet(base, concept, resolution, cfg.center_crop, cfg.random_flip)
+    masked = cfg.loss_mask != "none" and concept.kind in cfg.loss_mask.split("+")
+    mask_background = cfg.loss_mask_background if masked else None
+    return SampleSet(base, concept, resolution, cfg.center_crop, cfg.random_flip, mask_background)
 
 
 def _cat(parts: list[dict]) -> dict:
+    if any("loss_weights" in p for p in parts):  # rows of unmasked sets weigh every pixel alike
+        for p in parts:
+            if "loss_weights" not in p:
+                p["loss_weights"] = torch.ones_like(p["latents"][:, :1])
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -242,7 +273,11 @@ class TrainingSession:
             self.base.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.use_autocast
         ):
             pred = self.predict(batch, noisy, t)
-        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if "loss_weights" not in batch:
+            return err.mean(dim=(1, 2, 3))
+        w = batch["loss_weights"].to(err.device)  # B x 1 x h x w: a weighted mean per row
+        return (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
 
     def predict(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         dt = self.base.dtype

@@ -101,6 +101,8 @@ class Settings:
     recombine: int = 0  # copies of each reference recombined with the bank's known concepts (TrainConfig)
     recombine_kinds: str = "content+style"  # the reference sets that get them
     make_pairs: int = 0  # the make stage's pictures of the pair per content reference (TrainConfig)
+    loss_mask: str = "none"  # reference sets whose loss is weighted to the subject (TrainConfig)
+    loss_mask_background: float = 0.1  # the background's weight in those
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     # auxiliary sets named by their own known word ("vqz brick") or by the generic word a
@@ -408,6 +410,8 @@ class QualityBench:
             augment_min_scale=s.augment_min_scale,
             recombine=s.recombine,
             recombine_kinds=s.recombine_kinds,
+            loss_mask=s.loss_mask,
+            loss_mask_background=s.loss_mask_background,
         )
         return TrainConfig(**(given | extra))
 

@@ -306,3 +306,61 @@ def test_fp16_adapter_files_are_half_the_size_and_still_compose(tmp_path, pair, 
         compose(back, other)
     with pytest.raises(ConfigError, match="adapter dtype"):
         c.to_bytes("bf16")
+
+
+def test_loss_mask_weighs_the_loss_to_the_subject(sd):
+    """`loss_mask`: the references of the kinds named get per-pixel loss weights at latent
+    size (1 on the subject found against the border colour, `loss_mask_background` elsewhere,
+    mirrored with the image); an error where the weight is 0 costs nothing; unmasked sets in
+    the same batch weigh every pixel alike; the unmasked path is the plain mean."""
+    from PIL import Image
+
+    from b4m_core.config import ConfigError, TrainConfig
+    from b4m_core.data import Concept, loss_weights
+    from b4m_core.training import RowGroup, TrainingSession, _samples, train_concept
+
+    from ..helpers.images import random_images
+
+    # a red square in the left half of a blue frame
+    image = Image.new("RGB", (32, 32), (10, 20, 200))
+    image.paste(Image.new("RGB", (12, 12), (250, 0, 0)), (2, 10))
+    w = loss_weights(image, (8, 8), 0.25)
+    assert w.shape == (1, 8, 8)
+    assert w[0, 4, 1] == 1.0 and w[0, 0, 7] == 0.25 and w[0, 4, 6] == 0.25
+
+    style = Concept("style", [image, image.copy()], "ink")
+    content = Concept("content", random_images(0, 2), "dog")
+    cfg = TrainConfig(steps=1, loss_mask="style", loss_mask_background=0.0, random_flip=True)
+    masked, plain = _samples(sd, style, 32, cfg), _samples(sd, content, 32, cfg)
+    assert plain.loss_weights is None and masked.loss_weights.shape[0] == 4  # the mirrors too
+    assert torch.equal(masked.loss_weights[2], masked.loss_weights[0].flip(-1))
+    assert masked.loss_weights.shape[-2:] == masked.mean.shape[-2:]
+
+    def session(target_fn=None):
+        knob = torch.nn.Parameter(torch.zeros(1))
+        groups = [RowGroup(plain, 1, 1.0), RowGroup(masked, 2, 1.0, False)]
+        return TrainingSession(sd, [{"params": [knob]}], groups, cfg, target_fn=target_fn)
+
+    def off_by_100_on_the_background(batch, noisy, t, noise):
+        with torch.no_grad():
+            pred = run.predict(batch, noisy, t)
+        return pred + 100.0 * background
+
+    run = session(off_by_100_on_the_background)
+    batch, _, route = run.draw()
+    weights = batch["loss_weights"]
+    background = (weights == 0).float()
+    assert torch.equal(weights[0], torch.ones_like(weights[0]))  # the content row: every pixel
+    assert background[1:].any() and (weights[1:] == 1).any()
+    assert run.row_losses(batch, route).abs().max() < 1e-6  # an error on the background is free
+    unweighted = run.row_losses(dict(batch, loss_weights=torch.ones_like(weights)), route)
+    assert unweighted[0] < 1e-6 and unweighted[1:].min() > 1000  # ... and costs where it is weighed
+
+    bare = TrainingSession(sd, [{"params": [torch.nn.Parameter(torch.zeros(1))]}], [RowGroup(plain, 1, 1.0)], cfg)
+    assert "loss_weights" not in bare.draw()[0]
+
+    for bad in ({"loss_mask": "shape"}, {"loss_mask_background": 1.5}):
+        with pytest.raises(ConfigError, match="loss_mask"):
+            TrainConfig(**bad)
+    a, b = (train_concept(sd, style, cfg=TrainConfig(steps=2, loss_mask=m)) for m in ("none", "style"))
+    assert any(not torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
