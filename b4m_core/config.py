@@ -213,6 +213,10 @@ class TrainConfig:
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
+    # Min-SNR loss weighting (Hang et al. 2023; diffusers' `--snr_gamma`, kohya's
+    # `min_snr_gamma`): each row's loss scaled by min(SNR, gamma) / SNR (epsilon targets) or
+    # / (SNR + 1) (v targets), so the nearly clean timesteps stop dominating; None: off
+    snr_gamma: float | None = None
     # Pivotal tuning: the concept's identifier token gets its own input embedding, learnt
     # with the adapter (b4m_core/tokens.py) at `token_learning_rate` (None: learning_rate).
     train_token_embedding: bool = False
@@ -288,6 +292,8 @@ class TrainConfig:
             raise ConfigError(
                 f"timestep_bias_strategy must be one of {TIMESTEP_BIASES}, got {self.timestep_bias_strategy!r}"
             )
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"snr_gamma must be > 0 (or None: off), got {self.snr_gamma}")
         if self.token_learning_rate is not None and self.token_learning_rate <= 0:
             raise ConfigError("token_learning_rate must be > 0")
         if self.timestep_bias_multiplier <= 0:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
 from PIL import Image
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -192,6 +193,15 @@ def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | Non
     return weights
 
 
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights for timesteps `t` (diffusers' training scripts' form)."""
+    snr = compute_snr(scheduler, t)
+    capped = torch.minimum(snr, torch.full_like(snr, gamma))
+    denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    # a zero-SNR last timestep (zero terminal SNR schedules) keeps weight 1
+    return torch.where(snr > 0, capped / denom.clamp_min(1e-12), torch.ones_like(snr))
+
+
 # ---------------------------------------------------------------- the loop
 @dataclass
 class RowGroup:
@@ -275,9 +285,13 @@ class TrainingSession:
             pred = self.predict(batch, noisy, t)
         err = F.mse_loss(pred.float(), target.float(), reduction="none")
         if "loss_weights" not in batch:
-            return err.mean(dim=(1, 2, 3))
-        w = batch["loss_weights"].to(err.device)  # B x 1 x h x w: a weighted mean per row
-        return (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+            rows = err.mean(dim=(1, 2, 3))
+        else:
+            w = batch["loss_weights"].to(err.device)  # B x 1 x h x w: a weighted mean per row
+            rows = (err * w).sum(dim=(1, 2, 3)) / (w.sum(dim=(1, 2, 3)) * err.shape[1]).clamp_min(1e-8)
+        if self.cfg.snr_gamma is not None:
+            rows = rows * min_snr_weights(self.scheduler, t, self.cfg.snr_gamma)
+        return rows
 
     def predict(self, batch: dict, noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         dt = self.base.dtype

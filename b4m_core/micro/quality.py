@@ -103,6 +103,7 @@ class Settings:
     make_pairs: int = 0  # the make stage's pictures of the pair per content reference (TrainConfig)
     loss_mask: str = "none"  # reference sets whose loss is weighted to the subject (TrainConfig)
     loss_mask_background: float = 0.1  # the background's weight in those
+    snr_gamma: float | None = None  # Min-SNR loss weighting (TrainConfig); None: off
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     # auxiliary sets named by their own known word ("vqz brick") or by the generic word a
@@ -412,6 +413,7 @@ class QualityBench:
             recombine_kinds=s.recombine_kinds,
             loss_mask=s.loss_mask,
             loss_mask_background=s.loss_mask_background,
+            snr_gamma=s.snr_gamma,
         )
         return TrainConfig(**(given | extra))
 

@@ -358,6 +358,37 @@ def test_timestep_bias_follows_diffusers_strategies():
             TrainConfig(**bad)
 
 
+def test_min_snr_weighting_caps_the_clean_timesteps(sd, concepts, clean):
+    """`snr_gamma` (diffusers' `--snr_gamma`): rows on noisy timesteps (SNR <= gamma) keep
+    their loss, nearly clean ones get gamma / SNR (epsilon) or gamma / (SNR + 1) (v); a run
+    with it trains differently from one without; the setting is checked."""
+    from diffusers import DDPMScheduler
+
+    from b4m_core.config import ConfigError
+    from b4m_core.training import min_snr_weights
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    t = torch.tensor([0, 100, 500, 900, 999])
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    w = min_snr_weights(sched, t, 5.0)
+    assert snr[0] > 5 and snr[-1] < 5  # the schedule spans both sides of gamma
+    assert torch.allclose(w, torch.where(snr > 5, 5 / snr, torch.ones_like(snr)).float(), rtol=1e-4)
+    assert w[0] < 0.01 and w[-1] == 1.0
+    v = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    assert torch.allclose(min_snr_weights(v, t, 5.0), (snr.clamp(max=5) / (snr + 1)).float(), rtol=1e-4)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="snr_gamma"):
+            TrainConfig(snr_gamma=bad)
+
+    content, _, _, _ = concepts
+    runs = [
+        train_concept(sd, content, aux=[], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=2, learning_rate=1e-2, **kw))
+        for kw in ({}, {"snr_gamma": 5.0})
+    ]
+    bs = [n for n in runs[0].tensors if n.endswith(".B")]
+    assert any(not torch.equal(runs[0].tensors[n], runs[1].tensors[n]) for n in bs)
+
+
 def test_a_range_bias_trains_only_on_its_timesteps(sd, concepts, clean):
     """The steps draw their timesteps from the range, and the run stays repeatable."""
     from b4m_core.training import BreakStage
