@@ -76,6 +76,8 @@ ARCH_DEFAULTS: dict[str, dict] = {
 }
 
 TIMESTEP_BIASES = ("none", "earlier", "later", "range")  # diffusers' training scripts' names
+# diffusers.optimization's schedules that need nothing but warmup and the step count
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 class ConfigError(ValueError):
@@ -230,6 +232,11 @@ class TrainConfig:
     prior_images: int = 8
     prior_loss_weight: float = 1.0
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    # The learning rate over the run, as diffusers' training scripts name it (`--lr_scheduler`,
+    # `--lr_warmup_steps`; diffusers.optimization.get_scheduler): constant, constant_with_warmup,
+    # linear, cosine, cosine_with_restarts or polynomial (to 0 at `steps`)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     center_crop: bool = True
     # each draw mirrors a reference left-right with probability 1/2 (both versions are
@@ -292,6 +299,10 @@ class TrainConfig:
             raise ConfigError(
                 f"timestep_bias_strategy must be one of {TIMESTEP_BIASES}, got {self.timestep_bias_strategy!r}"
             )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"snr_gamma must be > 0 (or None: off), got {self.snr_gamma}")
         if self.token_learning_rate is not None and self.token_learning_rate <= 0:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from PIL import Image
 from safetensors.torch import load as st_load
@@ -235,6 +236,7 @@ class TrainingSession:
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **({"fused": True} if fused else {})
         )
+        self.lr_schedule = self._lr_schedule(0)
         self.scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
         self.gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.t_weights = timestep_weights(cfg, self.scheduler.config.num_train_timesteps)
@@ -248,6 +250,22 @@ class TrainingSession:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.use_autocast = self.autocast_dtype is not None
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+    def _lr_schedule(self, step: int):
+        """The rate schedule placed at `step` (None: the constant rate, nothing to schedule); a
+        pure function of the step, so a resumed run needs only its step count."""
+        cfg = self.cfg
+        if cfg.lr_scheduler == "constant" and not cfg.lr_warmup_steps:
+            return None
+        for group in self.optimizer.param_groups:  # what each group's schedule scales
+            group.setdefault("initial_lr", group["lr"])
+        return get_scheduler(
+            cfg.lr_scheduler,
+            self.optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps,
+            num_training_steps=cfg.steps,
+            last_epoch=step - 1,
+        )
 
     # one batch: rows of every group, drawn from the session's generator
     def draw(self) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -320,6 +338,8 @@ class TrainingSession:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_schedule is not None:
+            self.lr_schedule.step()
         self.step += 1
         return float(loss.detach())
 
@@ -420,6 +440,7 @@ class TrainingSession:
         self.optimizer.load_state_dict(sd)
         self.gen.set_state(tensors["rng"])
         self.step = int(meta["step"])
+        self.lr_schedule = self._lr_schedule(self.step)
 
 
 def _resolution(base: BaseModel, cfg: TrainConfig) -> int:

@@ -104,6 +104,8 @@ class Settings:
     loss_mask: str = "none"  # reference sets whose loss is weighted to the subject (TrainConfig)
     loss_mask_background: float = 0.1  # the background's weight in those
     snr_gamma: float | None = None  # Min-SNR loss weighting (TrainConfig); None: off
+    lr_scheduler: str = "constant"  # every stage's rate schedule (TrainConfig, diffusers' names)
+    lr_warmup_steps: int = 0
     aux_sets: int | None = None  # MCP auxiliary sets (None: the model's `aux_sets`)
     token_bound_aux: bool = False  # each auxiliary set gets its own identifier token (the paper's)
     # auxiliary sets named by their own known word ("vqz brick") or by the generic word a
@@ -414,6 +416,8 @@ class QualityBench:
             loss_mask=s.loss_mask,
             loss_mask_background=s.loss_mask_background,
             snr_gamma=s.snr_gamma,
+            lr_scheduler=s.lr_scheduler,
+            lr_warmup_steps=s.lr_warmup_steps,
         )
         return TrainConfig(**(given | extra))
 

@@ -389,6 +389,45 @@ def test_min_snr_weighting_caps_the_clean_timesteps(sd, concepts, clean):
     assert any(not torch.equal(runs[0].tensors[n], runs[1].tensors[n]) for n in bs)
 
 
+def test_lr_scheduler_follows_diffusers_and_resumes_at_its_step(sd, concepts, clean):
+    """`lr_scheduler` / `lr_warmup_steps` (diffusers' names): each step's rate is the schedule's
+    at that step for every parameter group; a run resumed from a checkpoint continues the
+    schedule where it stopped (same adapter as unbroken); constant is the untouched path."""
+    import math
+
+    from b4m_core.config import ConfigError
+
+    content, _, aux_styles, _ = concepts
+    cfg = TrainConfig(steps=6, seed=3, learning_rate=1e-2, lr_scheduler="cosine", lr_warmup_steps=2)
+    stage = BreakStage(sd, content, aux_styles[:1], PLPConfig(rank=4), cfg)
+    base_rates = [g["initial_lr"] for g in stage.session.optimizer.param_groups]  # the rates asked
+    seen = []
+    for _ in range(cfg.steps):
+        seen.append([g["lr"] for g in stage.session.optimizer.param_groups])
+        stage.session.train_step()
+    remove_adapters(sd.unet)
+    want = [0.0, 0.5] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
+    assert base_rates == pytest.approx([1e-2, 1e-3])  # the auxiliary half at its factor
+    for rates, factor in zip(seen, want):
+        assert rates == pytest.approx([factor * r for r in base_rates]), (rates, factor)
+    assert BreakStage(sd, content, [], PLPConfig(rank=4), TrainConfig(steps=2)).session.lr_schedule is None
+    remove_adapters(sd.unet)
+
+    cfg = TrainConfig(steps=6, seed=3, lr_scheduler="linear", lr_warmup_steps=1, checkpoint_every=2)
+    saved = {}
+    unbroken = train_concept(
+        sd, content, aux=[], plp=PLPConfig(rank=4), cfg=cfg, hooks=Hooks(checkpoint=lambda s, st: saved.update({s: st}))
+    )
+    resumed = train_concept(sd, content, aux=[], plp=PLPConfig(rank=4), cfg=cfg, hooks=Hooks(resume=saved[4]))
+    for k in unbroken.tensors:
+        assert torch.allclose(unbroken.tensors[k], resumed.tensors[k], atol=1e-6), k
+    constant = train_concept(sd, content, aux=[], plp=PLPConfig(rank=4), cfg=TrainConfig(steps=6, seed=3))
+    assert any(not torch.equal(unbroken.tensors[k], constant.tensors[k]) for k in unbroken.tensors if k.endswith(".B"))
+    for bad in ({"lr_scheduler": "step"}, {"lr_scheduler": "piecewise_constant"}, {"lr_warmup_steps": -1}):
+        with pytest.raises(ConfigError, match="lr_"):
+            TrainConfig(**bad)
+
+
 def test_a_range_bias_trains_only_on_its_timesteps(sd, concepts, clean):
     """The steps draw their timesteps from the range, and the run stays repeatable."""
     from b4m_core.training import BreakStage
