@@ -133,8 +133,8 @@ class Settings:
     # contents on attn+conv with styles on attn (the style half is zero on the convolutions)
     style_targets: str | None = None
     # every training run's timestep bias (TrainConfig): none | later | earlier | range
-    timestep_bias_strategy: str = "none"
-    timestep_bias_multiplier: float = 1.0
+    timestep_bias_strategy: str | None = None  # None: the model's (b4m_defaults.json), else none
+    timestep_bias_multiplier: float | None = None
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
@@ -191,6 +191,8 @@ class Settings:
             prior_preservation=self.prior_preservation,
             prior_images=self.prior_images,
             prior_loss_weight=self.prior_loss_weight,
+            timestep_bias_strategy=self.timestep_bias_strategy,
+            timestep_bias_multiplier=self.timestep_bias_multiplier,
         )
         make = base.train_config("make", steps=self.make_steps, learning_rate=self.make_learning_rate)
         return replace(
@@ -206,6 +208,8 @@ class Settings:
             prior_preservation=brk.prior_preservation,
             prior_images=brk.prior_images,
             prior_loss_weight=brk.prior_loss_weight,
+            timestep_bias_strategy=brk.timestep_bias_strategy,
+            timestep_bias_multiplier=brk.timestep_bias_multiplier,
             rank=plp.rank,
             rho=plp.rho,
             content_half=plp.content_half,

@@ -207,6 +207,14 @@ def test_one_defaults_path_fills_every_caller_from_the_models_file(micro):
     assert other.plp_config(rank=8).alpha == 8.0 and other.plp_config(rank=8, alpha=4.0).alpha == 4.0
     cfg = other.train_config("break")
     assert cfg.batch_size == 4 and cfg.train_token_embedding and other.train_config("make").steps == 9
+    # the noise levels a model trains best on hold for both stages, and a caller's choice wins
+    later = replace(micro, recommended=rec | {"timestep_bias_strategy": "later", "timestep_bias_multiplier": 3.0})
+    for stage in ("break", "make"):
+        got = later.train_config(stage)
+        assert (got.timestep_bias_strategy, got.timestep_bias_multiplier) == ("later", 3.0)
+    assert later.train_config("break", timestep_bias_strategy="none").timestep_bias_strategy == "none"
+    assert Settings().resolved(later).timestep_bias_multiplier == 3.0
+    assert Settings(timestep_bias_strategy="none").resolved(later).timestep_bias_strategy == "none"
     assert not other.train_config("break", train_token_embedding=False).train_token_embedding
     # the bench resolves its settings through the same path
     s = Settings().resolved(other)
