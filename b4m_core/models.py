@@ -66,9 +66,10 @@ TRAIN_DEFAULT_KEYS = {
     },
 }
 for _keys in TRAIN_DEFAULT_KEYS.values():  # settings the same for both stages: memory, speed, noise levels
-    _keys |= {"mixed_precision": ("mixed_precision",), "gradient_checkpointing": ("gradient_checkpointing",)}
-    _keys |= {"timestep_bias_strategy": ("timestep_bias_strategy",)}
-    _keys |= {"timestep_bias_multiplier": ("timestep_bias_multiplier",)}
+    _keys |= {
+        name: (name,)
+        for name in ("mixed_precision", "gradient_checkpointing", "timestep_bias_strategy", "timestep_bias_multiplier")
+    }
 
 
 @dataclass

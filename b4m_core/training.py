@@ -197,10 +197,9 @@ def timestep_weights(cfg: TrainConfig, num_timesteps: int) -> torch.Tensor | Non
 def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weights for timesteps `t` (diffusers' training scripts' form)."""
     snr = compute_snr(scheduler, t)
-    capped = torch.minimum(snr, torch.full_like(snr, gamma))
     denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
     # a zero-SNR last timestep (zero terminal SNR schedules) keeps weight 1
-    return torch.where(snr > 0, capped / denom.clamp_min(1e-12), torch.ones_like(snr))
+    return torch.where(snr > 0, snr.clamp(max=gamma) / denom.clamp_min(1e-12), torch.ones_like(snr))
 
 
 # ---------------------------------------------------------------- the loop
