@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..adapter import Adapter
-from ..config import ConfigError, PLPConfig, TrainConfig
+from ..config import SCHEDULERS, ConfigError, PLPConfig, TrainConfig
 from ..generation import GenerationRequest, Generator
 from ..models import BaseModel, load_base
 from ..training import fuse, train_concept
@@ -158,6 +158,7 @@ class Settings:
     images_per_pair: int = 4
     single_images: int = 4  # images per break-stage adapter scored alone (0: skip)
     sample_steps: int = 20
+    sampler: str = "default"  # the drawing scheduler (config.SCHEDULERS; default: the model's own)
     guidance: float = 5.0
     seed: int = 0
     seeds: int = 1  # seeds seed, seed + 1, ...: training and sampling both change
@@ -165,6 +166,11 @@ class Settings:
     # run with the same training settings loads it instead (drawing-only settings such as
     # style_scale then cost no training). Valid for one code state: clear it after a change.
     adapter_cache: str | None = None
+
+    def __post_init__(self):
+        # a drawing setting is only used after every adapter is trained: refuse it before
+        if self.sampler not in SCHEDULERS:
+            raise ConfigError(f"sampler must be one of {', '.join(SCHEDULERS)}, got {self.sampler!r}")
 
     def resolved(self, base: BaseModel) -> Settings:
         """Every `None` filled from the base model's measured defaults, through the same path
@@ -237,7 +243,7 @@ class Settings:
 # settings that change how adapters are drawn and scored, not how they are trained
 DRAW_ONLY = frozenset(
     {"content_scale", "style_scale", "content_end", "style_start", "prompt_form", "images_per_pair", "single_images"}
-    | {"sample_steps", "guidance", "seeds", "adapter_cache"}
+    | {"sample_steps", "sampler", "guidance", "seeds", "adapter_cache"}
 )
 
 
@@ -563,6 +569,7 @@ class QualityBench:
                 seed=seed + i,
                 steps=self.s.sample_steps,
                 guidance=self.s.guidance,
+                scheduler=self.s.sampler,
                 content_end=window[0],
                 style_start=window[1],
             )

@@ -483,7 +483,7 @@ def test_quality_bench_adapter_cache_trains_once_and_drawing_settings_reuse_it(t
     files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 3 and [f.split("_")[0] for f in files] == ["content", "fused", "style"]
     assert {"b4m break (per concept)", "b4m make (per pair)"} <= set(first["timings_s"])
-    again = run("b", replace(tiny, style_scale=0.0))  # drawing only: loaded, not trained
+    again = run("b", replace(tiny, style_scale=0.0, sampler="euler"))  # drawing only: loaded, not trained
     assert "b4m break (per concept)" not in again["timings_s"] and "b4m make (per pair)" not in again["timings_s"]
     assert (
         again["methods"]["B4M"]["pairs"]["fish|lava|0"]["blocks"]
@@ -508,7 +508,7 @@ def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
     from b4m_core.micro.quality import Settings, training_spec
 
     base = training_spec(Settings())
-    assert training_spec(Settings(style_scale=1.5, guidance=7.0, seeds=3)) == base  # drawing only
+    assert training_spec(Settings(style_scale=1.5, guidance=7.0, seeds=3, sampler="euler_a")) == base  # drawing only
     assert training_spec(Settings(prior_images=4, prior_preservation=False)) == base  # the prior is off
     assert training_spec(Settings(prior_preservation=True)) != base
     assert training_spec(Settings(learning_rate=1e-2)) != base
@@ -522,6 +522,8 @@ def test_adapter_cache_keys_ignore_drawing_and_switched_off_settings():
     for bad in ({"prompt_form": "question"}, {"caption_form": "suffix"}):
         with pytest.raises(ConfigError, match="_form must be one of"):
             Settings(**bad).resolved(micro)
+    with pytest.raises(ConfigError, match="sampler must be one of"):  # refused before any training
+        Settings(sampler="plms")
     with pytest.raises(ValueError, match="style_form"):
         caption_images("style", [], style_form="suffix")
     # a break-stage adapter does not depend on the make stage's settings; a fused one does
