@@ -97,7 +97,12 @@ class Generator:
             import diffusers
 
             cls_name, overrides = SCHEDULERS[name]
-            self.schedulers[name] = getattr(diffusers, cls_name).from_config(self.default_scheduler.config, **overrides)
+            config = dict(self.default_scheduler.config)
+            # DDIM's and DDPM's own default (clip x0 to [-1, 1]) is for pixel models; a latent
+            # model whose config does not name it (micro's DPM-Solver config) would draw washed-out
+            # specks. Stable Diffusion's configs say false, as this does.
+            config.setdefault("clip_sample", False)
+            self.schedulers[name] = getattr(diffusers, cls_name).from_config(config, **overrides)
         return self.schedulers[name]
 
     def set_adapter(
