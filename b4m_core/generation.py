@@ -98,9 +98,9 @@ class Generator:
 
             cls_name, overrides = SCHEDULERS[name]
             config = dict(self.default_scheduler.config)
-            # DDIM's and DDPM's own default (clip x0 to [-1, 1]) is for pixel models; a latent
-            # model whose config does not name it (micro's DPM-Solver config) would draw washed-out
-            # specks. Stable Diffusion's configs say false, as this does.
+            # Only DDIM and DDPM read clip_sample (the others ignore it). Their own default, clip
+            # x0 to [-1, 1], is for pixel models: with a latent model whose config is silent
+            # (micro's DPM-Solver) they drew washed-out specks. Stable Diffusion's configs say false.
             config.setdefault("clip_sample", False)
             self.schedulers[name] = getattr(diffusers, cls_name).from_config(config, **overrides)
         return self.schedulers[name]
